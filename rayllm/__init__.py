@@ -1,0 +1,1 @@
+"""rayllm: an LLM runtime on Ray, from raw text to an autoscaled endpoint."""

@@ -1,0 +1,78 @@
+"""Typed configs: one pydantic model per stage, loaded from YAML and overridden from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rayllm.errors import RayllmError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class StageConfig(BaseModel):
+    """Base of every rayllm config: unknown keys are errors, every knob has a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RayllmError(f"override {text!r} is not KEY=VALUE; write e.g. --set train.steps=200")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RayllmError(f"override {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> C:
+    """Build ``cls`` from an optional YAML file, then ``key=value`` overrides on top."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RayllmError(f"config file {path} does not exist; pass the path of a YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RayllmError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise RayllmError(f"config file {path} must hold a mapping of settings")
+        data = loaded
+    for text in overrides:
+        key_path, value = parse_override(text)
+        _apply_override(data, key_path, value)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise RayllmError(describe_validation_error(err, source=str(path or "settings"))) from None
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """One readable line per problem, naming the key and, for unknown keys, the known ones."""
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r} in {source}; check the spelling")
+        else:
+            lines.append(f"config key {key!r} in {source}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The config as YAML, the same shape ``load_config`` reads."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

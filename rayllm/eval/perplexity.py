@@ -1,0 +1,41 @@
+"""Held-out perplexity of a Hugging Face-format model on the validation shards.
+
+It loads the model with ``transformers`` rather than rayllm's own class, so it also proves
+the exported folder is a working Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import ray
+import torch
+
+from rayllm.data.packing import read_shard
+
+
+def perplexity(model_dir: str, data: str, files: list[dict], batch_size: int = 16, max_rows: int = 512) -> dict:
+    """Mean next-token loss over up to ``max_rows`` validation rows, and its exponential."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = np.concatenate([read_shard(f"{data}/{f['path']}") for f in files])[:max_rows]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = torch.from_numpy(rows[start : start + batch_size].astype(np.int64))
+            logits = model(chunk[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"
+            )
+            total += loss.item()
+            count += chunk[:, 1:].numel()
+    mean = total / count
+    return {"val_loss": mean, "perplexity": math.exp(mean), "tokens": count}
+
+
+def run_remote(model_dir: str, data: str, files: list[dict]) -> dict:
+    """Run :func:`perplexity` as a Ray task, off the driver."""
+    task = ray.remote(num_cpus=1)(perplexity)
+    return ray.get(task.remote(model_dir, data, files))
