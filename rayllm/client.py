@@ -26,11 +26,20 @@ class Client:
     def models(self) -> list[str]:
         return [m["id"] for m in self._post_or_get("GET", "/models")["data"]]
 
-    def complete(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any) -> str:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+    def complete(
+        self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
+    ) -> str:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
         return self._post_or_get("POST", "/completions", body | extra)["choices"][0]["text"]
 
-    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
+    ) -> Iterator[str]:
         """Yield the completion piece by piece as the server streams it (server-sent events)."""
         body = {
             "model": self.model,
@@ -52,13 +61,17 @@ class Client:
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any) -> str:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens} | extra
-        return self._post_or_get("POST", "/chat/completions", body)["choices"][0]["message"]["content"]
+        return self._post_or_get("POST", "/chat/completions", body)["choices"][0]["message"][
+            "content"
+        ]
 
     def _post_or_get(self, method: str, path: str, body: dict | None = None) -> dict:
         try:
             response = self.http.request(method, path, json=body)
         except httpx.HTTPError as err:
-            raise RayllmError(f"cannot reach the endpoint {self.base_url}: {err}; is it serving?") from None
+            raise RayllmError(
+                f"cannot reach the endpoint {self.base_url}: {err}; is it serving?"
+            ) from None
         if response.status_code != 200:
             self._raise(response)
         return response.json()

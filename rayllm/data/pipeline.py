@@ -69,15 +69,16 @@ def _curate(batch: pa.Table, quality: QualityConfig) -> pa.Table:
     texts, reasons, hashes = [], [], []
     for raw in batch.column("text").to_pylist():
         text = normalise(raw)
-        reason = next(
-            (f"{f.name}.{r}" for f in filters if (r := f.filter(text)) is not None), ""
-        )
+        reason = next((f"{f.name}.{r}" for f in filters if (r := f.filter(text)) is not None), "")
         texts.append(text)
         reasons.append(reason)
         hashes.append(content_hash(text))
-    return batch.drop_columns(["text"]).append_column("text", pa.array(texts, pa.string())).append_column(
-        "drop", pa.array(reasons, pa.string())
-    ).append_column("hash", pa.array(hashes, pa.string()))
+    return (
+        batch.drop_columns(["text"])
+        .append_column("text", pa.array(texts, pa.string()))
+        .append_column("drop", pa.array(reasons, pa.string()))
+        .append_column("hash", pa.array(hashes, pa.string()))
+    )
 
 
 def _first_of_group(group: pa.Table) -> pa.Table:
@@ -101,7 +102,9 @@ class _Tokenise:
     def __call__(self, batch: pa.Table) -> pa.Table:
         encoded = self.tokenizer.encode_batch(batch.column("text").to_pylist())
         tokens = [e.ids + [self.eos] for e in encoded]
-        is_val = [int(h[:8], 16) % 10_000 < self.val_cutoff for h in batch.column("hash").to_pylist()]
+        is_val = [
+            int(h[:8], 16) % 10_000 < self.val_cutoff for h in batch.column("hash").to_pylist()
+        ]
         return pa.table(
             {
                 "tokens": pa.array(tokens, pa.list_(pa.int32())),
@@ -223,7 +226,9 @@ def _count_drops(curated: ray.data.Dataset) -> dict[str, Any]:
     for batch in curated.select_columns(["text", "drop", "bad_bytes"]).iter_batches(
         batch_format="pyarrow", batch_size=4096
     ):
-        for text, drop, bad in zip(*(batch.column(c).to_pylist() for c in batch.column_names), strict=True):
+        for text, drop, bad in zip(
+            *(batch.column(c).to_pylist() for c in batch.column_names), strict=True
+        ):
             documents += 1
             size = len(text.encode())
             bytes_in += size

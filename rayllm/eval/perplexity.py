@@ -15,7 +15,9 @@ import torch
 from rayllm.data.packing import read_shard
 
 
-def perplexity(model_dir: str, data: str, files: list[dict], batch_size: int = 16, max_rows: int = 512) -> dict:
+def perplexity(
+    model_dir: str, data: str, files: list[dict], batch_size: int = 16, max_rows: int = 512
+) -> dict:
     """Mean next-token loss over up to ``max_rows`` validation rows, and its exponential."""
     from transformers import AutoModelForCausalLM
 

@@ -152,7 +152,11 @@ class Transformer(nn.Module):
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue
-            scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+            scale = (
+                1 / math.sqrt(2 * self.config.n_layers)
+                if name.endswith(("o_proj.weight", "down_proj.weight"))
+                else 1
+            )
             nn.init.normal_(param, mean=0.0, std=std * scale)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -77,16 +77,16 @@ class Registry:
     def models(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
-        return sorted(
-            Path(p).name for p in self.fs.ls(self.root, detail=False) if self.fs.isdir(p)
-        )
+        return sorted(Path(p).name for p in self.fs.ls(self.root, detail=False) if self.fs.isdir(p))
 
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name``, oldest first (those with a manifest only)."""
         folder = f"{self.root}/{check_name(name)}/versions"
         if not self.fs.exists(folder):
             return []
-        numbers = [int(Path(p).name) for p in self.fs.ls(folder, detail=False) if Path(p).name.isdigit()]
+        numbers = [
+            int(Path(p).name) for p in self.fs.ls(folder, detail=False) if Path(p).name.isdigit()
+        ]
         return sorted(n for n in numbers if self.fs.exists(f"{folder}/{n}/{MANIFEST}"))
 
     def aliases(self, name: str) -> dict[str, int]:
@@ -132,14 +132,20 @@ class Registry:
             with self.fs.open(path) as handle:
                 return json.load(handle)
         except json.JSONDecodeError as err:
-            raise RayllmError(f"the registry manifest {path} does not parse ({err}); the version is damaged") from None
+            raise RayllmError(
+                f"the registry manifest {path} does not parse ({err}); the version is damaged"
+            ) from None
 
     def verify(self, version: Version) -> None:
         """Check every file's size and sha256 against the manifest."""
         folder = self._version_dir(version.name, version.version)
         for entry in version.manifest["files"]:
             path = f"{folder}/{entry['path']}"
-            if not self.fs.exists(path) or self.fs.size(path) != entry["size"] or _sha256(self.fs, path) != entry["sha256"]:
+            if (
+                not self.fs.exists(path)
+                or self.fs.size(path) != entry["size"]
+                or _sha256(self.fs, path) != entry["sha256"]
+            ):
                 raise RayllmError(
                     f"{version.ref}: file {entry['path']} is missing or does not match its checksum; "
                     "the version is corrupted, re-publish it"
@@ -179,7 +185,13 @@ class Registry:
         for path in files:
             relative = path.relative_to(folder).as_posix()
             self.fs.put_file(str(path), f"{target}/{relative}")
-            entries.append({"path": relative, "size": path.stat().st_size, "sha256": _sha256(fsspec.filesystem("file"), str(path))})
+            entries.append(
+                {
+                    "path": relative,
+                    "size": path.stat().st_size,
+                    "sha256": _sha256(fsspec.filesystem("file"), str(path)),
+                }
+            )
         manifest = {
             "format": "rayllm.registry/1",
             "name": name,
@@ -198,7 +210,11 @@ class Registry:
         versions_dir = f"{self.root}/{name}/versions"
         self.fs.makedirs(versions_dir, exist_ok=True)
         while True:
-            taken = [int(Path(p).name) for p in self.fs.ls(versions_dir, detail=False) if Path(p).name.isdigit()]
+            taken = [
+                int(Path(p).name)
+                for p in self.fs.ls(versions_dir, detail=False)
+                if Path(p).name.isdigit()
+            ]
             number = max(taken, default=0) + 1
             if is_local(self.url):
                 try:

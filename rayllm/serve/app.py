@@ -54,7 +54,9 @@ def llm_config(config: ServeConfig, registry: Registry):
     if not config.gpus_per_replica:
         engine["dtype"] = "bfloat16" if _cpu_has_bf16() else "float32"
     engine |= config.engine_kwargs
-    bundle = {"CPU": config.cpus_per_replica} | ({"GPU": config.gpus_per_replica} if config.gpus_per_replica else {})
+    bundle = {"CPU": config.cpus_per_replica} | (
+        {"GPU": config.gpus_per_replica} if config.gpus_per_replica else {}
+    )
     return version, LLMConfig(
         model_loading_config={"model_id": version.name, "model_source": str(path)},
         engine_kwargs=engine,
@@ -78,13 +80,20 @@ def deploy(config: ServeConfig, registry: Registry) -> dict[str, Any]:
     """Start (or update) the OpenAI app; returns the endpoint and the served version."""
     from ray.serve.llm import build_openai_app
 
-    with Stage(f"serve: {config.model} on vLLM") as stage:
+    with Stage("serve: vLLM behind Ray Serve") as stage:
         version, llm = llm_config(config, registry)
         serve.start(http_options={"host": config.host, "port": config.port})
-        app = build_openai_app({"llm_configs": [llm], "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}})
+        app = build_openai_app(
+            {
+                "llm_configs": [llm],
+                "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
+            }
+        )
         serve.run(app, name=config.app_name, route_prefix="/")
         url = f"http://{config.host}:{config.port}"
-        stage.note(f"{version.ref} at {url}/v1 ({config.min_replicas}-{config.max_replicas} replicas)")
+        stage.note(
+            f"{version.ref} at {url}/v1 ({config.min_replicas}-{config.max_replicas} replicas)"
+        )
     return {"url": url, "model": version.name, "version": version.version}
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +45,24 @@ class TokenBatches:
 
 
 def train_loop_per_worker(settings: dict[str, Any]) -> None:
+    _quiet_worker_logs()
     config = TrainConfig.model_validate(settings["config"])
     manifest = settings["manifest"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
-    device = torch.device("cuda", context.get_local_rank()) if config.use_gpu else torch.device("cpu")
+    device = (
+        torch.device("cuda", context.get_local_rank()) if config.use_gpu else torch.device("cpu")
+    )
 
     model = parallelize(Transformer(config.model).to(device), config)
-    train = TokenBatches(config.data, manifest["shards"]["train"], rank, world, config.micro_batch_size, config.seed)
-    val = TokenBatches(config.data, manifest["shards"]["val"], rank, world, config.micro_batch_size, config.seed)
+    train = TokenBatches(
+        config.data, manifest["shards"]["train"], rank, world, config.micro_batch_size, config.seed
+    )
+    val = TokenBatches(
+        config.data, manifest["shards"]["val"], rank, world, config.micro_batch_size, config.seed
+    )
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -63,7 +72,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             start_step = json.loads((Path(folder) / "progress.json").read_text())["step"]
         _log(rank, f"resumed from the checkpoint at step {start_step}")
 
-    tokens_per_step = world * config.micro_batch_size * config.grad_accum_steps * config.model.max_seq_len
+    tokens_per_step = (
+        world * config.micro_batch_size * config.grad_accum_steps * config.model.max_seq_len
+    )
     flops_per_token = config.model.flops_per_token(config.model.max_seq_len)
     peak = peak_tflops(config.peak_tflops_per_worker)
     for step in range(start_step, config.steps):
@@ -106,7 +117,9 @@ def _evaluate(model, val: TokenBatches, config: TrainConfig, device: torch.devic
     return _mean_over_ranks(total / config.eval_batches)
 
 
-def _report_checkpoint(model, metrics: dict, config: TrainConfig, rank: int, manifest: dict, final: bool) -> None:
+def _report_checkpoint(
+    model, metrics: dict, config: TrainConfig, rank: int, manifest: dict, final: bool
+) -> None:
     """Every rank writes its part (ZeRO shards, or rank 0 alone for DDP); Ray Train gathers them.
 
     The final checkpoint also holds ``hf/``: the consolidated model in Hugging Face format.
@@ -151,3 +164,9 @@ def _format(metrics: dict, steps: int) -> str:
 def _log(rank: int, text: str) -> None:
     if rank == 0:
         print(f"[train] {text}", flush=True)
+
+
+def _quiet_worker_logs() -> None:
+    """Keep the driver's view to rayllm's own progress lines."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -37,7 +37,9 @@ def lr_schedule(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+        progress = min(
+            1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        )
         floor = config.min_learning_rate / config.learning_rate
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -73,7 +75,9 @@ class DeepSpeedModel:
             )
         else:
             optimizer = torch.optim.AdamW(
-                _param_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.95)
+                _param_groups(model, config.weight_decay),
+                lr=config.learning_rate,
+                betas=(0.9, 0.95),
             )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
         ds_config = {

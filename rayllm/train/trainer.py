@@ -48,7 +48,11 @@ def resolve_model_shape(config: TrainConfig, manifest: dict[str, Any]) -> TrainC
         )
     model = model.model_copy(update={"max_seq_len": manifest["seq_len"]})
     return config.model_copy(
-        update={"model": model, "data": absolute_url(config.data), "storage": absolute_url(config.storage)}
+        update={
+            "model": model,
+            "data": absolute_url(config.data),
+            "storage": absolute_url(config.storage),
+        }
     )
 
 
@@ -66,7 +70,9 @@ def run(config: TrainConfig, output: str | Path) -> TrainResult:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": config.model_dump(mode="json"), "manifest": manifest},
-            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s),
+            torch_config=TorchConfig(
+                backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s
+            ),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.num_workers,
                 use_gpu=config.use_gpu,
@@ -88,7 +94,9 @@ def run(config: TrainConfig, output: str | Path) -> TrainResult:
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(Path(folder) / "hf", output)
         metrics = dict(result.metrics or {})
-        stage.note(f"loss {metrics.get('loss', float('nan')):.3f}, {metrics.get('tokens_per_s', 0):,.0f} tok/s")
+        stage.note(
+            f"loss {metrics.get('loss', float('nan')):.3f}, {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+        )
     return TrainResult(
         hf_model=output,
         metrics=metrics,
@@ -103,6 +111,8 @@ def _worker_env() -> dict[str, str]:
 
     return {
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")
+        ),
         "TOKENIZERS_PARALLELISM": "false",
     }

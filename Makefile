@@ -1,0 +1,24 @@
+# Two commands on a fresh machine with Python 3.11: `make quickstart` and `make test`.
+# Both set up .venv first (idempotent: seconds when nothing changed).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test lint format
+
+install:
+	@bash cluster/install.sh $(VENV)
+
+quickstart: install
+	$(BIN)/rayllm quickstart $(ARGS)
+
+test: install
+	$(BIN)/ruff check rayllm jobs tests
+	$(BIN)/ruff format --check rayllm jobs tests
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check rayllm jobs tests
+
+format: install
+	$(BIN)/ruff format rayllm jobs tests
+	$(BIN)/ruff check --fix rayllm jobs tests

@@ -1,0 +1,14 @@
+"""Ray job entrypoint for the whole lifecycle.
+
+    ray job submit --working-dir . -- python jobs/lifecycle.py --config jobs/configs/quickstart.yaml
+
+Inside a Ray job RAY_ADDRESS is set, so every stage runs on that cluster.
+"""
+
+import sys
+
+from rayllm.cli import main
+
+if __name__ == "__main__":
+    sys.argv = ["rayllm", "quickstart", *sys.argv[1:]]
+    main()

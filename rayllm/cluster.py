@@ -1,0 +1,57 @@
+"""Connecting to Ray: the cluster ``RAY_ADDRESS`` names, or a local one started on the spot."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import ray
+
+from rayllm.config import StageConfig
+from rayllm.errors import RayllmError
+
+
+class RayConfig(StageConfig):
+    address: str | None = None
+    """A running cluster (``ray://host:10001``, ``host:6379`` or ``auto``); default: $RAY_ADDRESS,
+    else a local cluster started for this run."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local cluster; default: twice the cores, at least 8, so the train
+    workers, data tasks, Serve's ingress and the vLLM replicas all get scheduled."""
+    temp_dir: str | None = None
+
+
+def connect(config: RayConfig) -> None:
+    """Initialise Ray once per process; a bad address is a user error, not a hang."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    options = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+            raise RayllmError(
+                f"cannot reach the Ray cluster at {address!r} ({str(err).splitlines()[0]}); "
+                "start it with `ray start --head`, fix RAY_ADDRESS, or unset it to run locally"
+            ) from None
+        return
+    cpus = config.num_cpus or max(8, 2 * (os.cpu_count() or 1))
+    ray.init(num_cpus=cpus, _temp_dir=config.temp_dir, **options)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a dead address; ``ray.init`` itself would retry for minutes."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise RayllmError(
+            f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
+            "`ray start --head`, fix RAY_ADDRESS, or unset it to run a local cluster"
+        ) from None

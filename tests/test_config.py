@@ -1,0 +1,43 @@
+"""Configs: YAML + ``--set`` overrides, and one clear message for unknown or bad keys."""
+
+import pytest
+
+from rayllm.config import dump_config, load_config
+from rayllm.errors import RayllmError
+from rayllm.lifecycle import LifecycleConfig
+from rayllm.train.config import TrainConfig
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 50\n  parallel:\n    zero_stage: 3\n")
+    config = load_config(LifecycleConfig, path, ["train.steps=7", "data.corpus=/data/*.txt"])
+    assert config.train.steps == 7
+    assert config.train.parallel.zero_stage == 3
+    assert config.data.corpus == "/data/*.txt"
+
+
+def test_dumped_defaults_load_back(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    path.write_text(dump_config(LifecycleConfig()))
+    assert load_config(LifecycleConfig, path) == LifecycleConfig()
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(RayllmError, match="unknown config key 'train.stepz'"):
+        load_config(LifecycleConfig, None, ["train.stepz=3"])
+
+
+def test_bad_value_is_named():
+    with pytest.raises(RayllmError, match="train.parallel.zero_stage"):
+        load_config(LifecycleConfig, None, ["train.parallel.zero_stage=5"])
+
+
+def test_override_needs_equals():
+    with pytest.raises(RayllmError, match="KEY=VALUE"):
+        load_config(TrainConfig, None, ["steps"])
+
+
+def test_offload_needs_zero():
+    with pytest.raises(RayllmError, match="offload_optimizer"):
+        load_config(TrainConfig, None, ["parallel.strategy=ddp", "parallel.offload_optimizer=true"])
