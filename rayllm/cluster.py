@@ -24,6 +24,8 @@ class RayConfig(StageConfig):
 
 def connect(config: RayConfig) -> None:
     """Initialise Ray once per process; a bad address is a user error, not a hang."""
+    for name in ("ray.data", "ray.serve", "ray.train"):  # rayllm prints its own progress
+        logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -35,6 +35,9 @@ class ServeConfig(StageConfig):
     """KV-cache size per replica on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     max_num_seqs: int = 16
     engine_kwargs: dict[str, Any] = {}
+    """Any other vLLM engine argument, passed through unchanged."""
+    log_level: str = "WARNING"
+    """Log level of Serve replicas and the vLLM engine (INFO shows every request)."""
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -68,7 +71,12 @@ def llm_config(config: ServeConfig, registry: Registry):
                 "target_ongoing_requests": config.target_ongoing_requests,
             },
         },
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib)}},
+        runtime_env={
+            "env_vars": {
+                "VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib),
+                "VLLM_LOGGING_LEVEL": config.log_level,
+            }
+        },
     )
 
 
@@ -82,14 +90,22 @@ def deploy(config: ServeConfig, registry: Registry) -> dict[str, Any]:
 
     with Stage("serve: vLLM behind Ray Serve") as stage:
         version, llm = llm_config(config, registry)
-        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.start(
+            http_options={"host": config.host, "port": config.port},
+            logging_config={"log_level": config.log_level},
+        )
         app = build_openai_app(
             {
                 "llm_configs": [llm],
                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
             }
         )
-        serve.run(app, name=config.app_name, route_prefix="/")
+        serve.run(
+            app,
+            name=config.app_name,
+            route_prefix="/",
+            logging_config={"log_level": config.log_level},
+        )
         url = f"http://{config.host}:{config.port}"
         stage.note(
             f"{version.ref} at {url}/v1 ({config.min_replicas}-{config.max_replicas} replicas)"
