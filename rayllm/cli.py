@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -22,12 +22,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 registry_app = typer.Typer(no_args_is_help=True, help="List, inspect and alias registry versions.")
 app.add_typer(registry_app, name="registry")
 
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]  # noqa: UP045
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[
-    Optional[list[str]],  # noqa: UP045
+    list[str] | None,
     typer.Option("--set", "-s", help="Override one setting, e.g. train.steps=50 (repeatable)."),
 ]
-RootOption = Annotated[str, typer.Option("--root", help="Registry root (any fsspec URL).")]
+RootOption = Annotated[
+    str, typer.Option("--root", envvar="RAYLLM_REGISTRY", help="Registry root (any fsspec URL).")
+]
 
 
 @app.command()
@@ -132,38 +134,187 @@ def show_config(
     print(dump_config(stages[stage]()), end="")
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _registry(root: str):
+    from rayllm.registry.store import Registry
+
+    return Registry(root)
+
+
+def _emit(as_json: bool, payload: object, table=None) -> None:
+    if as_json or table is None:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        console.print(table)
+
+
 @registry_app.command("list")
-def registry_list(root: RootOption = "rayllm-work/registry") -> None:
+def registry_list(root: RootOption = "rayllm-work/registry", as_json: JsonOption = False) -> None:
     """Models, their versions and aliases."""
     from rich.table import Table
 
-    from rayllm.registry.store import Registry
-
-    registry = Registry(root)
+    registry = _registry(root)
+    rows = [
+        {"model": name, "versions": registry.versions(name), "aliases": registry.aliases(name)}
+        for name in registry.models()
+    ]
     table = Table("model", "versions", "aliases")
-    for name in registry.models():
-        aliases = ", ".join(f"{a}->{v}" for a, v in registry.aliases(name).items())
-        table.add_row(name, ", ".join(map(str, registry.versions(name))), aliases)
-    console.print(table)
+    for row in rows:
+        aliases = ", ".join(f"{a}->{v}" for a, v in row["aliases"].items())
+        table.add_row(row["model"], ", ".join(map(str, row["versions"])), aliases)
+    _emit(as_json, rows, table)
 
 
 @registry_app.command("show")
-def registry_show(ref: str, root: RootOption = "rayllm-work/registry") -> None:
-    """The manifest of one version (files, checksums, lineage) as JSON."""
-    from rayllm.registry.store import Registry
-
-    console.print_json(json.dumps(Registry(root).resolve(ref).manifest))
-
-
-@registry_app.command("alias")
-def registry_alias(
-    name: str, alias: str, version: int, reason: str = "", root: RootOption = "rayllm-work/registry"
+def registry_show(
+    ref: str, root: RootOption = "rayllm-work/registry", as_json: JsonOption = False
 ) -> None:
-    """Point ALIAS of model NAME at VERSION."""
-    from rayllm.registry.store import Registry
+    """One version: files, checksums, lineage, metrics."""
+    from rich.table import Table
 
-    Registry(root).set_alias(name, alias, version, reason)
-    console.print(f"{name}@{alias} -> {version}")
+    version = _registry(root).resolve(ref)
+    manifest = version.manifest
+    table = Table("field", "value", title=version.ref, show_header=False)
+    table.add_row("created", f"{manifest['created']} by {manifest.get('created_by', '?')}")
+    for key, value in manifest["lineage"].items():
+        table.add_row(key, json.dumps(value, default=str)[:200])
+    for entry in manifest["files"]:
+        table.add_row(entry["path"], f"{entry['size']:,} bytes  sha256 {entry['sha256'][:16]}...")
+    _emit(as_json, manifest, table)
+
+
+@registry_app.command("publish")
+def registry_publish(
+    name: str,
+    folder: Path,
+    parent: Annotated[
+        str | None, typer.Option(help="Registry reference of the parent model.")
+    ] = None,
+    root: RootOption = "rayllm-work/registry",
+) -> None:
+    """Publish a Hugging Face-format folder as the next version of NAME."""
+    from rayllm.registry.importers import import_folder
+
+    version = import_folder(_registry(root), name, folder, parent=parent)
+    console.print(f"published {version.ref}")
+
+
+@registry_app.command("import")
+def registry_import(
+    name: str,
+    source: Annotated[
+        str, typer.Argument(help="A .gguf file, a Hugging Face folder, or 'smollm2'.")
+    ],
+    dtype: Annotated[str, typer.Option(help="Weights dtype for GGUF imports.")] = "bfloat16",
+    root: RootOption = "rayllm-work/registry",
+) -> None:
+    """Import a model from outside: GGUF (dequantised by transformers) or a Hugging Face folder."""
+    from rayllm.registry.importers import SMOLLM2, import_folder, import_gguf
+
+    registry = _registry(root)
+    if source == SMOLLM2 or source.endswith(".gguf"):
+        version = import_gguf(registry, name, source, dtype=dtype)
+    else:
+        version = import_folder(registry, name, source)
+    console.print(f"imported {version.ref}")
+
+
+@registry_app.command("export")
+def registry_export(ref: str, destination: Path, root: RootOption = "rayllm-work/registry") -> None:
+    """Copy a verified version to a local folder."""
+    version = _registry(root).export(ref, destination)
+    console.print(f"exported {version.ref} to {destination}")
+
+
+@registry_app.command("promote")
+def registry_promote(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION to point the alias at.")],
+    alias: str,
+    reason: Annotated[str, typer.Option(help="Why, for the alias history.")] = "",
+    root: RootOption = "rayllm-work/registry",
+) -> None:
+    """Point ALIAS at a version (e.g. promote shakespeare:3 production)."""
+    registry = _registry(root)
+    version = registry.resolve(ref)
+    previous = registry.set_alias(version.name, alias, version.version, reason)
+    console.print(f"{version.name}@{alias}: {previous} -> {version.version}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: str, alias: str, reason: str = "", root: RootOption = "rayllm-work/registry"
+) -> None:
+    """Point ALIAS back at the version it pointed at before its last move."""
+    target = _registry(root).rollback(name, alias, reason)
+    console.print(f"{name}@{alias} -> {target}")
+
+
+@registry_app.command("history")
+def registry_history(
+    name: str, root: RootOption = "rayllm-work/registry", as_json: JsonOption = False
+) -> None:
+    """Every alias move of NAME: who, when, why."""
+    from rich.table import Table
+
+    history = _registry(root).alias_state(name)["history"]
+    table = Table("alias", "from", "to", "by", "at", "reason")
+    for move in history:
+        table.add_row(*(str(move[k]) for k in ("alias", "from", "to", "by", "at", "reason")))
+    _emit(as_json, history, table)
+
+
+@registry_app.command("lineage")
+def registry_lineage(
+    ref: str, root: RootOption = "rayllm-work/registry", as_json: JsonOption = False
+) -> None:
+    """Walk a version's ancestry: itself, its parent, the parent's parent..."""
+    from rich.table import Table
+
+    chain = _registry(root).lineage(ref)
+    rows = [
+        {
+            "ref": v.ref,
+            "created": v.manifest["created"],
+            "source": v.lineage.get("source") or v.lineage.get("data"),
+            "metrics": v.lineage.get("metrics"),
+        }
+        for v in chain
+    ]
+    table = Table("version", "created", "from", "metrics")
+    for row in rows:
+        metrics = ", ".join(
+            f"{k} {v:.3g}" for k, v in (row["metrics"] or {}).items() if k in ("loss", "perplexity")
+        )
+        table.add_row(
+            row["ref"], row["created"], json.dumps(row["source"], default=str)[:80], metrics
+        )
+    _emit(as_json, rows, table)
+
+
+@registry_app.command("verify")
+def registry_verify(ref: str, root: RootOption = "rayllm-work/registry") -> None:
+    """Check every file of a version against its size and sha256."""
+    registry = _registry(root)
+    version = registry.resolve(ref)
+    registry.verify(version)
+    console.print(f"{version.ref}: {len(version.manifest['files'])} files verified")
+
+
+@registry_app.command("gc")
+def registry_gc(
+    older_than: Annotated[
+        float, typer.Option(help="Only leftovers untouched this many seconds.")
+    ] = 3600,
+    root: RootOption = "rayllm-work/registry",
+) -> None:
+    """Remove what crashed publishes left behind (versions without a manifest)."""
+    removed = _registry(root).gc(older_than)
+    console.print(
+        f"removed {len(removed)} incomplete versions"
+        + (f": {', '.join(removed)}" if removed else "")
+    )
 
 
 def main() -> None:

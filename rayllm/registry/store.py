@@ -2,23 +2,32 @@
 
 Layout under the root::
 
-    <root>/<model>/versions/<n>/            config.json, model.safetensors, tokenizer files, ...
-    <root>/<model>/versions/<n>/manifest.json   written last: size + sha256 of every file, lineage
-    <root>/<model>/aliases.json             {"production": 3, ...}
+    <root>/<model>/versions/<n>/                 config.json, *.safetensors, tokenizer files, ...
+    <root>/<model>/versions/<n>/manifest.json    written last: size + sha256 of every file, lineage
+    <root>/<model>/claims/<n>/<publisher-id>     who is writing version n (removed once published)
+    <root>/<model>/aliases.json                  {"aliases": {"production": 3}, "history": [...]}
 
-A version is visible only once its manifest exists, so a crashed publish leaves nothing a
-reader can resolve. References are ``name`` (latest), ``name:3`` or ``name@alias``.
+A version is visible only once its manifest exists, so a crashed publish leaves nothing a reader
+can resolve; ``gc`` removes what it left. Version numbers are claimed with a protocol that needs
+only read-after-write consistency (local disks, S3, GCS, ...): write a claim, list the claims
+of that number, and go on only if no other publisher's claim is there. Two publishers cannot
+both go on, since whichever lists second sees the other's claim. References are ``name``
+(latest), ``name:3`` or ``name@alias``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import json
-import os
+import random
 import re
 import shutil
+import socket
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,7 @@ from rayllm.paths import absolute_url, is_local
 
 MANIFEST = "manifest.json"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""Model and alias names: letters, digits, '.', '_', '-'; no path can escape the root."""
 
 
 class RegistryConfig(StageConfig):
@@ -49,6 +59,10 @@ class Version:
     def ref(self) -> str:
         return f"{self.name}:{self.version}"
 
+    @property
+    def lineage(self) -> dict[str, Any]:
+        return self.manifest.get("lineage", {})
+
 
 def check_name(name: str, what: str = "model name") -> str:
     if not SAFE_NAME.match(name) or ".." in name:
@@ -59,7 +73,15 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
-def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+def split_ref(ref: str) -> tuple[str, str]:
+    """``name:3`` -> (name, ":3"); ``name@prod`` -> (name, "@prod"); ``name`` -> (name, "")."""
+    match = re.match(r"^([^:@]+)([:@].*)?$", ref)
+    if not match:
+        raise RayllmError(f"model reference {ref!r} is not NAME, NAME:VERSION or NAME@ALIAS")
+    return check_name(match.group(1)), match.group(2) or ""
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     digest = hashlib.sha256()
     with fs.open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -67,10 +89,31 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _who() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 class Registry:
     def __init__(self, root: str):
         self.url = absolute_url(root)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def _model_dir(self, name: str) -> str:
+        return f"{self.root}/{check_name(name)}"
+
+    def _version_dir(self, name: str, number: int) -> str:
+        return f"{self._model_dir(name)}/versions/{number}"
+
+    def _numbers(self, folder: str) -> list[int]:
+        if not self.fs.exists(folder):
+            return []
+        return sorted(
+            int(Path(p).name) for p in self.fs.ls(folder, detail=False) if Path(p).name.isdigit()
+        )
 
     # --- reading -------------------------------------------------------------------------
 
@@ -81,24 +124,25 @@ class Registry:
 
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name``, oldest first (those with a manifest only)."""
-        folder = f"{self.root}/{check_name(name)}/versions"
-        if not self.fs.exists(folder):
-            return []
-        numbers = [
-            int(Path(p).name) for p in self.fs.ls(folder, detail=False) if Path(p).name.isdigit()
+        return [
+            n
+            for n in self._numbers(f"{self._model_dir(name)}/versions")
+            if self.fs.exists(f"{self._version_dir(name, n)}/{MANIFEST}")
         ]
-        return sorted(n for n in numbers if self.fs.exists(f"{folder}/{n}/{MANIFEST}"))
+
+    def alias_state(self, name: str) -> dict[str, Any]:
+        path = f"{self._model_dir(name)}/aliases.json"
+        if not self.fs.exists(path):
+            return {"aliases": {}, "history": []}
+        with self.fs.open(path) as handle:
+            return json.load(handle)
 
     def aliases(self, name: str) -> dict[str, int]:
-        path = f"{self.root}/{check_name(name)}/aliases.json"
-        if not self.fs.exists(path):
-            return {}
-        with self.fs.open(path) as handle:
-            return json.load(handle)["aliases"]
+        return self.alias_state(name)["aliases"]
 
     def resolve(self, ref: str) -> Version:
         """``name``, ``name:3`` or ``name@alias`` -> a published version and its manifest."""
-        name, selector = _split_ref(ref)
+        name, selector = split_ref(ref)
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.models()) or "none yet"
@@ -109,9 +153,8 @@ class Registry:
         if selector.startswith("@"):
             aliases = self.aliases(name)
             if selector[1:] not in aliases:
-                raise RayllmError(
-                    f"{name} has no alias {selector[1:]!r} (aliases: {', '.join(aliases) or 'none'})"
-                )
+                known = ", ".join(f"{a}->{v}" for a, v in aliases.items()) or "none"
+                raise RayllmError(f"{name} has no alias {selector[1:]!r} (aliases: {known})")
             number = aliases[selector[1:]]
         elif selector.startswith(":"):
             number = int(selector[1:]) if selector[1:].isdigit() else -1
@@ -123,36 +166,49 @@ class Registry:
             number = versions[-1]
         return Version(name, number, self._read_manifest(name, number))
 
-    def _version_dir(self, name: str, number: int) -> str:
-        return f"{self.root}/{name}/versions/{number}"
-
     def _read_manifest(self, name: str, number: int) -> dict[str, Any]:
         path = f"{self._version_dir(name, number)}/{MANIFEST}"
+        with self.fs.open(path) as handle:
+            text = handle.read()
         try:
-            with self.fs.open(path) as handle:
-                return json.load(handle)
+            manifest = json.loads(text)
         except json.JSONDecodeError as err:
+            manifest = {"error": str(err)}
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
             raise RayllmError(
-                f"the registry manifest {path} does not parse ({err}); the version is damaged"
-            ) from None
+                f"the registry manifest {path} is damaged (it does not parse or lists no files); "
+                "restore it or delete the version"
+            )
+        return manifest
 
     def verify(self, version: Version) -> None:
         """Check every file's size and sha256 against the manifest."""
         folder = self._version_dir(version.name, version.version)
         for entry in version.manifest["files"]:
             path = f"{folder}/{entry['path']}"
-            if (
-                not self.fs.exists(path)
-                or self.fs.size(path) != entry["size"]
-                or _sha256(self.fs, path) != entry["sha256"]
-            ):
+            if not self.fs.exists(path):
                 raise RayllmError(
-                    f"{version.ref}: file {entry['path']} is missing or does not match its checksum; "
+                    f"{version.ref}: file {entry['path']} is missing; re-publish the version"
+                )
+            if self.fs.size(path) != entry["size"] or sha256_of(self.fs, path) != entry["sha256"]:
+                raise RayllmError(
+                    f"{version.ref}: file {entry['path']} does not match its checksum; "
                     "the version is corrupted, re-publish it"
                 )
 
+    def lineage(self, ref: str) -> list[Version]:
+        """The version and its ancestors, following ``lineage.parent`` across models."""
+        chain = [self.resolve(ref)]
+        while (parent := chain[-1].lineage.get("parent")) and len(chain) < 100:
+            chain.append(self.resolve(parent))
+        return chain
+
     def local_path(self, ref: str) -> tuple[Version, Path]:
-        """A verified local folder holding the version: in place for local roots, else cached."""
+        """A verified local folder of the version: in place on local roots, else a cached copy.
+
+        Processes on one node that ask for the same version at once share one download (a
+        file lock), and a copy is used only after its checksums were checked.
+        """
         version = self.resolve(ref)
         source = self._version_dir(version.name, version.version)
         if is_local(self.url):
@@ -160,15 +216,28 @@ class Registry:
             return version, Path(source)
         key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
         target = cache_dir() / "registry" / key / version.name / str(version.version)
-        if not (target / ".verified").exists():
-            self.verify(version)
-            staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            self.fs.get(source + "/", str(staging), recursive=True)
-            (staging / ".verified").touch()
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
+        with _file_lock(target.with_name(f"{target.name}.lock")):
+            if not (target / ".verified").exists():
+                self.verify(version)
+                staging = target.with_name(f"{target.name}.partial")
+                shutil.rmtree(staging, ignore_errors=True)
+                self.fs.get(source + "/", str(staging), recursive=True)
+                _verify_local(staging, version)
+                (staging / ".verified").touch()
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
         return version, target
+
+    def export(self, ref: str, destination: str | Path) -> Version:
+        """Copy a verified version to a local folder (a plain Hugging Face model folder)."""
+        version, folder = self.local_path(ref)
+        destination = Path(destination)
+        if destination.exists() and any(destination.iterdir()):
+            raise RayllmError(f"{destination} exists and is not empty; choose a new folder")
+        shutil.copytree(
+            folder, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".verified")
+        )
+        return version
 
     # --- writing -------------------------------------------------------------------------
 
@@ -176,82 +245,144 @@ class Registry:
         """Copy a Hugging Face-format folder in as the next version; the manifest goes last."""
         check_name(name)
         folder = Path(folder)
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-        if not (folder / "config.json").exists():
+        if not (folder / "config.json").is_file():
             raise RayllmError(f"{folder} is not a Hugging Face model folder (no config.json)")
-        number = self._claim_version(name)
+        if parent := lineage.get("parent"):
+            self.resolve(parent)  # a lineage must point at something that exists
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+        number, claim = self._claim_version(name)
         target = self._version_dir(name, number)
+        local = fsspec.filesystem("file")
         entries = []
         for path in files:
             relative = path.relative_to(folder).as_posix()
+            self._ensure_parent(f"{target}/{relative}")
             self.fs.put_file(str(path), f"{target}/{relative}")
             entries.append(
                 {
                     "path": relative,
                     "size": path.stat().st_size,
-                    "sha256": _sha256(fsspec.filesystem("file"), str(path)),
+                    "sha256": sha256_of(local, str(path)),
                 }
             )
         manifest = {
             "format": "rayllm.registry/1",
             "name": name,
             "version": number,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "created_by": getpass.getuser(),
+            "created": _now(),
+            "created_by": _who(),
             "files": entries,
             "lineage": lineage,
         }
-        with self.fs.open(f"{target}/{MANIFEST}", "w") as handle:
-            json.dump(manifest, handle, indent=2)
+        self.fs.pipe_file(f"{target}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        self.fs.rm(self.fs._parent(claim), recursive=True)
         return Version(name, number, manifest)
 
-    def _claim_version(self, name: str) -> int:
-        """Reserve the next version number; on local disks mkdir makes the claim exclusive."""
-        versions_dir = f"{self.root}/{name}/versions"
-        self.fs.makedirs(versions_dir, exist_ok=True)
-        while True:
-            taken = [
-                int(Path(p).name)
-                for p in self.fs.ls(versions_dir, detail=False)
-                if Path(p).name.isdigit()
-            ]
-            number = max(taken, default=0) + 1
-            if is_local(self.url):
-                try:
-                    os.mkdir(f"{versions_dir}/{number}")
-                except FileExistsError:
-                    continue
-            else:
-                self.fs.makedirs(f"{versions_dir}/{number}", exist_ok=True)
-            return number
+    def _ensure_parent(self, path: str) -> None:
+        """Local disks need folders made; object stores have none and ignore this."""
+        self.fs.makedirs(self.fs._parent(path), exist_ok=True)
 
-    def set_alias(self, name: str, alias: str, version: int, reason: str = "") -> None:
+    def _claim_version(self, name: str) -> tuple[int, str]:
+        """Reserve the next version number for this publisher (see the module docstring)."""
+        me = f"{uuid.uuid4().hex}"
+        claims = f"{self._model_dir(name)}/claims"
+        while True:
+            used = self._numbers(f"{self._model_dir(name)}/versions") + self._numbers(claims)
+            number = max(used, default=0) + 1
+            mine = f"{claims}/{number}/{me}"
+            self._ensure_parent(mine)
+            self.fs.pipe_file(mine, json.dumps({"by": _who(), "at": _now()}).encode())
+            others = [
+                p for p in self.fs.ls(f"{claims}/{number}", detail=False) if Path(p).name != me
+            ]
+            taken = self.fs.exists(f"{self._version_dir(name, number)}/{MANIFEST}")
+            if not others and not taken:
+                return number, mine
+            self.fs.rm(mine)
+            time.sleep(random.uniform(0.01, 0.2))
+
+    def set_alias(self, name: str, alias: str, version: int, reason: str = "") -> int | None:
+        """Point ``alias`` at ``version``; returns the version it pointed at before."""
         check_name(alias, "alias")
         if version not in self.versions(name):
             raise RayllmError(f"{name} has no version {version} (versions: {self.versions(name)})")
-        path = f"{self.root}/{name}/aliases.json"
-        state = {"aliases": {}, "history": []}
-        if self.fs.exists(path):
-            with self.fs.open(path) as handle:
-                state = json.load(handle)
+        state = self.alias_state(name)
+        previous = state["aliases"].get(alias)
         state["history"].append(
             {
                 "alias": alias,
-                "from": state["aliases"].get(alias),
+                "from": previous,
                 "to": version,
-                "by": getpass.getuser(),
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "by": _who(),
+                "at": _now(),
                 "reason": reason,
             }
         )
         state["aliases"][alias] = version
-        with self.fs.open(path, "w") as handle:
-            json.dump(state, handle, indent=2)
+        self._ensure_parent(f"{self._model_dir(name)}/aliases.json")
+        self.fs.pipe_file(
+            f"{self._model_dir(name)}/aliases.json", json.dumps(state, indent=2).encode()
+        )
+        return previous
+
+    def rollback(self, name: str, alias: str, reason: str = "") -> int:
+        """Point ``alias`` back at the version it pointed at before its last move."""
+        state = self.alias_state(name)
+        moves = [h for h in state["history"] if h["alias"] == alias]
+        if not moves or moves[-1]["from"] is None:
+            raise RayllmError(f"{name}@{alias} has no earlier target to roll back to")
+        target = moves[-1]["from"]
+        self.set_alias(name, alias, target, reason or f"rollback from {moves[-1]['to']}")
+        return target
+
+    def gc(self, older_than_s: float = 3600.0) -> list[str]:
+        """Remove unpublished leftovers (crashed publishes) older than ``older_than_s``."""
+        removed = []
+        cutoff = time.time() - older_than_s
+        for name in self.models():
+            for number in self._numbers(f"{self._model_dir(name)}/versions"):
+                folder = self._version_dir(name, number)
+                if self.fs.exists(f"{folder}/{MANIFEST}"):
+                    continue
+                if self._newest_change(folder) < cutoff and not self._live_claim(
+                    name, number, cutoff
+                ):
+                    self.fs.rm(folder, recursive=True)
+                    removed.append(f"{name}:{number}")
+            claims = f"{self._model_dir(name)}/claims"
+            for number in self._numbers(claims):
+                if self._newest_change(f"{claims}/{number}") < cutoff:
+                    self.fs.rm(f"{claims}/{number}", recursive=True)
+        return removed
+
+    def _live_claim(self, name: str, number: int, cutoff: float) -> bool:
+        claims = f"{self._model_dir(name)}/claims/{number}"
+        return self.fs.exists(claims) and self._newest_change(claims) >= cutoff
+
+    def _newest_change(self, folder: str) -> float:
+        times = [0.0]
+        for path in self.fs.find(folder, withdirs=False):
+            modified = self.fs.modified(path)
+            times.append(modified.timestamp())
+        return max(times)
 
 
-def _split_ref(ref: str) -> tuple[str, str]:
-    """``name:3`` -> (name, ":3"); ``name@prod`` -> (name, "@prod"); ``name`` -> (name, "")."""
-    match = re.match(r"^([^:@]+)([:@].*)?$", ref)
-    if not match:
-        raise RayllmError(f"model reference {ref!r} is not NAME, NAME:VERSION or NAME@ALIAS")
-    return check_name(match.group(1)), match.group(2) or ""
+def _verify_local(folder: Path, version: Version) -> None:
+    local = fsspec.filesystem("file")
+    for entry in version.manifest["files"]:
+        path = folder / entry["path"]
+        if not path.is_file() or sha256_of(local, str(path)) != entry["sha256"]:
+            raise RayllmError(
+                f"{version.ref}: downloaded file {entry['path']} does not match its checksum"
+            )
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -71,3 +71,72 @@ def test_unknown_names_list_what_exists(registry, model_folder):
 def test_unsafe_names_are_refused(registry, model_folder, name):
     with pytest.raises(RayllmError, match="not allowed"):
         registry.publish(name, model_folder, lineage={})
+
+
+def test_rollback_and_history(registry, model_folder):
+    for _ in range(3):
+        registry.publish("tiny", model_folder, lineage={})
+    assert registry.set_alias("tiny", "production", 1, reason="launch") is None
+    assert registry.set_alias("tiny", "production", 3, reason="better loss") == 1
+    assert registry.rollback("tiny", "production") == 1
+    assert registry.resolve("tiny@production").version == 1
+    history = registry.alias_state("tiny")["history"]
+    assert [(h["from"], h["to"]) for h in history] == [(None, 1), (1, 3), (3, 1)]
+    assert history[1]["reason"] == "better loss" and history[1]["by"] and history[1]["at"]
+    with pytest.raises(RayllmError, match="no earlier target"):
+        registry.rollback("tiny", "staging")
+
+
+def test_lineage_walks_parents(registry, model_folder):
+    registry.publish("base", model_folder, lineage={"parent": None, "source": {"kind": "gguf"}})
+    registry.publish("chat", model_folder, lineage={"parent": "base:1"})
+    registry.publish("chat", model_folder, lineage={"parent": "chat:1"})
+    assert [v.ref for v in registry.lineage("chat")] == ["chat:2", "chat:1", "base:1"]
+    with pytest.raises(RayllmError, match="'ghost' is not in the registry"):
+        registry.publish("chat", model_folder, lineage={"parent": "ghost:1"})
+
+
+def test_damaged_manifest_names_the_file(registry, model_folder):
+    registry.publish("tiny", model_folder, lineage={})
+    registry.fs.pipe(f"{registry.root}/tiny/versions/1/manifest.json", b"{not json")
+    with pytest.raises(RayllmError, match=r"tiny/versions/1/manifest.json is damaged"):
+        registry.resolve("tiny")
+
+
+def test_export_gives_a_plain_folder(registry, model_folder, tmp_path):
+    registry.publish("tiny", model_folder, lineage={})
+    registry.export("tiny:1", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    with pytest.raises(RayllmError, match="not empty"):
+        registry.export("tiny:1", tmp_path / "out")
+
+
+def test_gc_removes_only_stale_unpublished_versions(tmp_path, model_folder):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.publish("tiny", model_folder, lineage={})
+    leftover = tmp_path / "registry" / "tiny" / "versions" / "2"
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    assert registry.gc(older_than_s=3600) == []  # too fresh: may be a publish in progress
+    assert registry.gc(older_than_s=0) == ["tiny:2"]
+    assert not leftover.exists()
+    assert registry.versions("tiny") == [1]
+
+
+def test_concurrent_resolutions_share_one_verified_copy(model_folder, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("RAYLLM_CACHE", str(tmp_path / "cache"))
+    registry = Registry(f"memory://rayllm-shared-{uuid.uuid4().hex}")
+    registry.publish("tiny", model_folder, lineage={})
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: registry.local_path("tiny:1")[1], range(4)))
+    assert len(set(paths)) == 1
+    assert (paths[0] / ".verified").exists()
+    assert (paths[0] / "model.safetensors").read_bytes() == b"weights" * 100
+    assert not list(paths[0].parent.glob("*.partial"))

