@@ -56,9 +56,28 @@ def load_config(
         key_path, value = parse_override(text)
         _apply_override(data, key_path, value)
     try:
-        return cls.model_validate(data)
+        return build_config(cls, data)
     except ValidationError as err:
         raise RayllmError(describe_validation_error(err, source=str(path or "settings"))) from None
+
+
+def build_config(cls: type[C], settings: dict[str, Any]) -> C:
+    """``cls`` with ``settings`` laid over its defaults, section by section.
+
+    A partial section keeps the defaults of the rest of that section, including defaults that
+    a parent config sets for a child (the quickstart's data settings, say).
+    """
+    return cls.model_validate(_deep_merge(cls().model_dump(), settings))
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:

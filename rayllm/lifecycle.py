@@ -16,6 +16,10 @@ import rayllm
 from rayllm.client import Client
 from rayllm.cluster import RayConfig, connect
 from rayllm.config import StageConfig
+from rayllm.data.dedup import FuzzyDedupConfig
+from rayllm.data.filters.c4 import C4Config
+from rayllm.data.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
+from rayllm.data.filters.language import LanguageConfig
 from rayllm.data.pipeline import DataConfig
 from rayllm.data.pipeline import run as run_data
 from rayllm.eval.perplexity import run_remote as evaluate
@@ -26,6 +30,24 @@ from rayllm.serve.app import ServeConfig, deploy
 from rayllm.train.config import TrainConfig
 from rayllm.train.trainer import run as run_train
 
+QUICKSTART_DATA = DataConfig(
+    # Shakespeare's paragraphs are speeches, often a line or two of verse: the Gopher rules are
+    # relaxed for them; the repetition rules (meant for documents of 50+ words) and C4's line
+    # rules (terminal punctuation would strip verse) are off. Language ID and fuzzy dedup are
+    # off to keep the quickstart quick: `rayllm data` runs them all by default.
+    language=LanguageConfig(enabled=False),
+    gopher_quality=GopherQualityConfig(
+        min_words=5,
+        min_mean_word_length=2.0,
+        max_mean_word_length=12.0,
+        min_alpha_words_fraction=0.6,
+        min_stop_words=0,
+    ),
+    gopher_repetition=GopherRepetitionConfig(enabled=False),
+    c4=C4Config(enabled=False),
+    fuzzy_dedup=FuzzyDedupConfig(enabled=False),
+)
+
 
 class LifecycleConfig(StageConfig):
     """One config for the whole run; the stage paths all live under ``workdir``."""
@@ -33,7 +55,7 @@ class LifecycleConfig(StageConfig):
     workdir: str = "rayllm-work"
     model_name: str = "shakespeare"
     ray: RayConfig = RayConfig()
-    data: DataConfig = DataConfig()
+    data: DataConfig = QUICKSTART_DATA
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()

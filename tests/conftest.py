@@ -43,10 +43,12 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_run(ray_cluster, tmp_path_factory):
     """The whole lifecycle at reduced size, run once; several tests read its outputs."""
+    from rayllm.config import build_config
     from rayllm.lifecycle import LifecycleConfig, run
 
     work = tmp_path_factory.mktemp("lifecycle")
-    config = LifecycleConfig.model_validate(
+    config = build_config(
+        LifecycleConfig,
         {
             "workdir": str(work),
             "model_name": "tiny-shakespeare",
@@ -69,7 +71,7 @@ def tiny_run(ray_cluster, tmp_path_factory):
             "serve": {"port": free_port(), "max_replicas": 1, "max_num_seqs": 4},
             "prompts": ["ROMEO.\n", "JULIET.\n"],
             "max_tokens": 12,
-        }
+        },
     )
     report = run(config)
     return {"report": report, "workdir": Path(work), "config": config}

@@ -41,3 +41,10 @@ def test_override_needs_equals():
 def test_offload_needs_zero():
     with pytest.raises(RayllmError, match="offload_optimizer"):
         load_config(TrainConfig, None, ["parallel.strategy=ddp", "parallel.offload_optimizer=true"])
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    config = load_config(LifecycleConfig, None, ["data.seq_len=64"])
+    assert config.data.seq_len == 64
+    assert config.data.c4.enabled is False  # the quickstart's own data default survives
+    assert config.data.gopher_quality.min_words == 5

@@ -1,12 +1,13 @@
 """The curation pipeline on Ray Data: documents in, a tokenizer and packed token shards out.
 
-    read -> normalise -> filter -> exact dedup -> train tokenizer -> tokenise -> pack -> publish
+    read -> normalise -> language -> Gopher quality -> Gopher repetition -> C4 -> bad words
+         -> PII scrub -> exact dedup -> fuzzy dedup -> train tokenizer -> tokenise -> pack
 
-Reading, normalising, filtering and tokenising run as Ray Data tasks across the cluster; the
-dedup is a hash shuffle (``groupby``). Packing streams the tokenised documents through the
-driver, in order, so no token is lost between shards. Everything is written to a staging
-folder and moved into place with the manifest last: a shard set without a manifest is
-incomplete and training refuses it.
+Reading and the per-document blocks run as Ray Data tasks (one pass, each document carrying
+the reason it was dropped); dedup is distributed (hash shuffles and joins); packing streams the
+tokenised documents through the driver in order, so no token is lost between shards.
+Everything is written to a staging folder and moved into place with the manifest last: a shard
+set without a manifest is incomplete and training refuses it.
 """
 
 from __future__ import annotations
@@ -15,83 +16,135 @@ import json
 import tempfile
 import time
 import uuid
-from collections import Counter
-from typing import Any, Literal
+from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import ray
 from tokenizers import Tokenizer
 
 from rayllm.config import StageConfig
-from rayllm.data.blocks import (
-    EmptyFilter,
-    QualityConfig,
-    QualityFilter,
-    content_hash,
-    normalise,
-    read_documents,
-)
 from rayllm.data.corpora import resolve_source
+from rayllm.data.dedup import FuzzyDedupConfig, document_id, fuzzy_dedup
+from rayllm.data.filters.base import Block
+from rayllm.data.filters.c4 import C4, BadWords, BadWordsConfig, C4Config
+from rayllm.data.filters.gopher import (
+    GopherQuality,
+    GopherQualityConfig,
+    GopherRepetition,
+    GopherRepetitionConfig,
+)
+from rayllm.data.filters.language import LanguageConfig, LanguageId
+from rayllm.data.hashing import content_hash
+from rayllm.data.normalise import NormaliseConfig, Normaliser
 from rayllm.data.packing import ShardWriter
+from rayllm.data.pii import PII_TYPES, PIIConfig, PIIScrubber
+from rayllm.data.readers import Split, read_documents
+from rayllm.data.stats import StatsCollector, print_stats
 from rayllm.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
 from rayllm.errors import RayllmError
 from rayllm.progress import Stage
 
 
 class DataConfig(StageConfig):
-    """Every knob of the curation stage."""
+    """Every knob of the curation stage; each block can be switched off with ``enabled``."""
 
     corpus: str = "shakespeare"
-    """A built-in corpus name, or a file, folder, glob or fsspec URL of .txt / .jsonl files."""
-    split: Literal["file", "paragraph", "line"] = "paragraph"
+    """A built-in corpus (shakespeare, shakespeare-folio, shakespeare-all, bible, chat), or a
+    file, folder, glob or fsspec URL of .txt / .jsonl / .parquet files."""
+    split: Split = "paragraph"
+    """How plain-text files are cut into documents."""
     text_field: str = "text"
     max_documents: int | None = None
     """Keep only the first N documents read (a quick slice for trials and tests)."""
+    strict: bool = False
+    """Fail on the first unreadable record instead of counting and skipping it."""
     output: str = "rayllm-work/data"
-    quality: QualityConfig = QualityConfig()
+    normalise: NormaliseConfig = NormaliseConfig()
+    language: LanguageConfig = LanguageConfig()
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    c4: C4Config = C4Config()
+    bad_words: BadWordsConfig = BadWordsConfig()
+    pii: PIIConfig = PIIConfig()
     exact_dedup: bool = True
+    fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     seq_len: int = 256
     """Tokens per training sequence; shards store seq_len + 1 tokens per row (inputs+target)."""
     val_fraction: float = 0.02
     sequences_per_shard: int = 8192
+    workers: int = 2
+    """Parallel actors for the stateful steps (language models, MinHash, tokenising)."""
 
 
-def _read(row: dict[str, Any], split: str, text_field: str) -> list[dict[str, Any]]:
-    return list(read_documents(row["path"], split=split, text_field=text_field))
+def build_blocks(config: DataConfig) -> list[Block]:
+    """The per-document blocks, in the order they run."""
+    blocks: list[Block] = [Normaliser(config.normalise)]
+    optional = [
+        (config.language, LanguageId),
+        (config.gopher_quality, GopherQuality),
+        (config.gopher_repetition, GopherRepetition),
+        (config.c4, C4),
+        (config.bad_words, BadWords),
+        (config.pii, PIIScrubber),
+    ]
+    blocks += [block(settings) for settings, block in optional if settings.enabled]
+    return blocks
 
 
-def _curate(batch: pa.Table, quality: QualityConfig) -> pa.Table:
-    """Normalise each document and record why it is dropped ("" when kept)."""
-    filters = [EmptyFilter(), QualityFilter(quality)]
-    texts, reasons, hashes = [], [], []
-    for raw in batch.column("text").to_pylist():
-        text = normalise(raw)
-        reason = next((f"{f.name}.{r}" for f in filters if (r := f.filter(text)) is not None), "")
-        texts.append(text)
-        reasons.append(reason)
-        hashes.append(content_hash(text))
-    return (
-        batch.drop_columns(["text"])
-        .append_column("text", pa.array(texts, pa.string()))
-        .append_column("drop", pa.array(reasons, pa.string()))
-        .append_column("hash", pa.array(hashes, pa.string()))
-    )
+def _read(row: dict[str, Any], split: str, text_field: str, strict: bool) -> list[dict[str, Any]]:
+    docs = list(read_documents(row["path"], split=split, text_field=text_field))
+    if strict and (bad := next((d for d in docs if d["bad_record"]), None)):
+        raise RayllmError(f"{bad['source']}: {bad['bad_record']} (data.strict is set)")
+    return docs
 
 
-def _first_of_group(group: pa.Table) -> pa.Table:
-    """Keep one document of a group of exact duplicates: the first in source order."""
-    order = np.argsort(np.array(group.column("source").to_pylist(), dtype=object), kind="stable")
-    return group.take([int(order[0])])
+class _Curate:
+    """Ray Data UDF: every block on every document; records where and why each one is dropped."""
+
+    def __init__(self, config: DataConfig):
+        self.blocks = build_blocks(config)
+        self.pii = [f"pii_{t}" for t in PII_TYPES]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list] = {
+            k: [] for k in ("text", "source", "id", "hash", "drop", "stage", "example")
+        }
+        out |= {k: [] for k in ("bytes_in", "bytes_out", "language", *self.pii)}
+        for row in batch.to_pylist():
+            doc = {"text": row["text"]}
+            out["bytes_in"].append(len(row["text"].encode()))
+            drop, stage = (
+                (f"read.{row['bad_record']}", 0)
+                if row["bad_record"]
+                else ("", len(self.blocks) + 1)
+            )
+            for index, block in enumerate(self.blocks, start=1):
+                if drop:
+                    break
+                if (reason := block.apply(doc)) is not None:
+                    drop, stage = f"{block.name}.{reason}", index
+            digest = content_hash(doc["text"])
+            out["text"].append(doc["text"])
+            out["source"].append(row["source"])
+            out["hash"].append(digest)
+            out["id"].append(document_id(digest))
+            out["drop"].append(drop)
+            out["stage"].append(stage)
+            out["example"].append(row["text"][:160] if drop else "")
+            out["bytes_out"].append(len(doc["text"].encode()) if not drop else 0)
+            out["language"].append(doc.get("language", ""))
+            for key in self.pii:
+                out[key].append(doc.get(key, 0))
+        return pa.table(out | {"bad_bytes": batch.column("bad_bytes")})
 
 
 class _Tokenise:
     """Ray Data UDF: token ids of each document, end-of-text appended, and its split.
 
     Documents go to the validation split by their content hash, so a document and its
-    exact duplicates never straddle the two splits.
+    duplicates never straddle the two splits.
     """
 
     def __init__(self, tokenizer_json: str, eos_token_id: int, val_fraction: float):
@@ -102,16 +155,19 @@ class _Tokenise:
     def __call__(self, batch: pa.Table) -> pa.Table:
         encoded = self.tokenizer.encode_batch(batch.column("text").to_pylist())
         tokens = [e.ids + [self.eos] for e in encoded]
-        is_val = [
-            int(h[:8], 16) % 10_000 < self.val_cutoff for h in batch.column("hash").to_pylist()
-        ]
+        hashes = batch.column("hash").to_pylist()
         return pa.table(
             {
                 "tokens": pa.array(tokens, pa.list_(pa.int32())),
-                "val": pa.array(is_val),
-                "source": batch.column("source"),
+                "val": pa.array([int(h[:8], 16) % 10_000 < self.val_cutoff for h in hashes]),
             }
         )
+
+
+def _first_of_group(group: pa.Table) -> pa.Table:
+    """Keep one document of a group of exact duplicates: the first in source order."""
+    sources = group.column("source").to_pylist()
+    return group.take([sources.index(min(sources))])
 
 
 def run(config: DataConfig) -> dict[str, Any]:
@@ -121,46 +177,67 @@ def run(config: DataConfig) -> dict[str, Any]:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
     docs = ray.data.from_items([{"path": f} for f in files]).flat_map(
-        _read, fn_kwargs={"split": config.split, "text_field": config.text_field}
+        _read,
+        fn_kwargs={"split": config.split, "text_field": config.text_field, "strict": config.strict},
     )
     if config.max_documents:
         docs = docs.limit(config.max_documents)
 
-    with Stage("data: normalise + filter") as stage:
+    blocks = build_blocks(config)
+    with Stage(f"data: {' -> '.join(b.name for b in blocks)}") as stage:
         curated = docs.map_batches(
-            _curate, batch_format="pyarrow", fn_kwargs={"quality": config.quality}
+            _Curate,
+            fn_constructor_kwargs={"config": config},
+            batch_format="pyarrow",
+            batch_size=256,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers),
         ).materialize()
-        stats = _count_drops(curated)
-        stage.note(f"{stats['documents_in']} documents in, {stats['documents_kept']} kept")
+        collector = StatsCollector(["read", *(b.name for b in blocks)])
+        collector.add_curated(curated)
+        stats = collector.stats
+        stage.note(f"{stats['documents_in']:,} documents in, {stats['documents_kept']:,} kept")
     if stats["documents_kept"] == 0:
         raise RayllmError(
             f"every one of the {stats['documents_in']} documents of {config.corpus!r} was "
-            f"filtered out ({_top_reasons(stats)}); loosen data.quality or check the corpus"
+            f"filtered out ({collector.top_reasons()}); loosen the filters or check the corpus"
         )
 
-    kept = curated.filter(expr="drop == ''")
+    kept = curated.filter(expr="drop == ''").drop_columns(["example", "drop", "stage"])
     if config.exact_dedup:
         with Stage("data: exact dedup") as stage:
-            kept = kept.groupby("hash").map_groups(_first_of_group, batch_format="pyarrow")
+            before = stats["documents_kept"]
+            kept = (
+                kept.groupby("hash")
+                .map_groups(_first_of_group, batch_format="pyarrow")
+                .materialize()
+            )
+            stats["documents_kept"] = kept.count()
+            stats["exact_duplicates"] = before - stats["documents_kept"]
+            stage.note(f"{stats['exact_duplicates']:,} exact duplicates removed")
+    if config.fuzzy_dedup.enabled:
+        with Stage("data: fuzzy dedup (MinHash-LSH)") as stage:
+            kept, fuzzy = fuzzy_dedup(kept, config.fuzzy_dedup, partitions=max(2, config.workers))
             kept = kept.materialize()
-            unique = kept.count()
-            stats["exact_duplicates"] = stats["documents_kept"] - unique
-            stats["documents_kept"] = unique
-            stage.note(f"{stats['exact_duplicates']} exact duplicates removed")
+            stats["fuzzy"] = {k: v for k, v in fuzzy.items() if k.startswith("fuzzy_")}
+            stats["documents_kept"] -= fuzzy["fuzzy_removed"]
+            stage.note(
+                f"{fuzzy['fuzzy_removed']:,} near-duplicates in {fuzzy['fuzzy_clusters']:,} clusters removed"
+            )
 
     staging = f"{config.output.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
     fs, staging_path = fsspec.core.url_to_fs(staging)
     fs.makedirs(staging_path, exist_ok=True)
-    with Stage("data: train tokenizer") as stage:
-        texts = (row["text"] for row in kept.iter_rows())
-        tokenizer = train_tokenizer(texts, config.tokenizer)
+    with Stage(f"data: train {config.tokenizer.kind} tokenizer") as stage:
+        tokenizer = train_tokenizer(
+            (row["text"] for row in kept.select_columns(["text"]).iter_rows()), config.tokenizer
+        )
         with tempfile.TemporaryDirectory(prefix="rayllm-tokenizer-") as local:
             save_tokenizer(tokenizer, local)
             fs.put(local + "/", f"{staging_path}/tokenizer", recursive=True)
-        stage.note(f"BPE vocabulary {len(tokenizer)}")
+        stage.note(f"vocabulary {len(tokenizer):,}")
 
     with Stage("data: tokenise + pack") as stage:
-        tokenised = kept.map_batches(
+        tokenised = kept.select_columns(["text", "hash"]).map_batches(
             _Tokenise,
             fn_constructor_kwargs={
                 "tokenizer_json": tokenizer.backend_tokenizer.to_str(),
@@ -168,7 +245,7 @@ def run(config: DataConfig) -> dict[str, Any]:
                 "val_fraction": config.val_fraction,
             },
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers),
             batch_size=256,
         )
         writers = {
@@ -188,8 +265,7 @@ def run(config: DataConfig) -> dict[str, Any]:
         stats["tokens"] = {split: s["tokens"] for split, s in shards.items()}
         stats["sequences"] = {split: s["sequences"] for split, s in shards.items()}
         stage.note(
-            f"{stats['sequences']['train']} train / {stats['sequences']['val']} val sequences "
-            f"of {config.seq_len} tokens"
+            f"{stats['sequences']['train']:,} train / {stats['sequences']['val']:,} val sequences of {config.seq_len} tokens"
         )
     if stats["sequences"]["train"] == 0 or stats["sequences"]["val"] == 0:
         raise RayllmError(
@@ -212,43 +288,11 @@ def run(config: DataConfig) -> dict[str, Any]:
         "shards": {split: s["files"] for split, s in shards.items()},
         "stats": stats,
     }
-    with fs.open(f"{staging_path}/stats.json", "w") as out:
-        json.dump(stats, out, indent=2)
-    with fs.open(f"{staging_path}/manifest.json", "w") as out:
-        json.dump(manifest, out, indent=2)
+    fs.pipe_file(f"{staging_path}/stats.json", json.dumps(stats, indent=2).encode())
+    fs.pipe_file(f"{staging_path}/manifest.json", json.dumps(manifest, indent=2).encode())
     _publish_folder(fs, staging_path, fsspec.core.url_to_fs(config.output)[1])
+    print_stats(stats)
     return manifest
-
-
-def _count_drops(curated: ray.data.Dataset) -> dict[str, Any]:
-    reasons: Counter[str] = Counter()
-    documents = bytes_in = bytes_kept = bad_bytes = 0
-    for batch in curated.select_columns(["text", "drop", "bad_bytes"]).iter_batches(
-        batch_format="pyarrow", batch_size=4096
-    ):
-        for text, drop, bad in zip(
-            *(batch.column(c).to_pylist() for c in batch.column_names), strict=True
-        ):
-            documents += 1
-            size = len(text.encode())
-            bytes_in += size
-            bad_bytes += bad
-            if drop:
-                reasons[drop] += 1
-            else:
-                bytes_kept += size
-    return {
-        "documents_in": documents,
-        "documents_kept": documents - sum(reasons.values()),
-        "bytes_in": bytes_in,
-        "bytes_kept": bytes_kept,
-        "undecodable_bytes": bad_bytes,
-        "dropped": dict(reasons.most_common()),
-    }
-
-
-def _top_reasons(stats: dict[str, Any]) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in list(stats["dropped"].items())[:3])
 
 
 def _publish_folder(fs: fsspec.AbstractFileSystem, staging: str, target: str) -> None:

@@ -1,44 +1,67 @@
-"""Train a byte-level BPE tokenizer with `tokenizers` and save it in Hugging Face format."""
+"""Train a tokenizer with `tokenizers` (BPE, WordPiece or Unigram) and save it in HF format."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from rayllm.config import StageConfig
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|pad|>"
+UNKNOWN = "<|unk|>"
 
 
 class TokenizerConfig(StageConfig):
-    """Byte-level BPE, as GPT-2 and Llama 3 use: no unknown tokens, any byte round-trips."""
-
+    kind: Literal["bpe", "wordpiece", "unigram"] = "bpe"
+    """bpe: byte-level BPE (GPT-2, Llama 3), no unknown tokens; wordpiece: BERT's;
+    unigram: SentencePiece's unigram model with its metaspace pre-tokenizer."""
     vocab_size: int = 4096
     min_frequency: int = 2
 
 
+def _untrained(kind: str) -> tuple[Tokenizer, object]:
+    special = [END_OF_TEXT, PADDING, UNKNOWN]
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            special_tokens=special[:2], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+    elif kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNKNOWN))
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(special_tokens=special)
+    else:
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.normalizer = normalizers.NFKC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(special_tokens=special, unk_token=UNKNOWN)
+    return tokenizer, trainer
+
+
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Learn the merges from ``texts``; the end-of-text token separates documents."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,
-        min_frequency=config.min_frequency,
-        special_tokens=[END_OF_TEXT, PADDING],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    """Learn the vocabulary from ``texts``; the end-of-text token separates documents."""
+    tokenizer, trainer = _untrained(config.kind)
+    trainer.vocab_size = config.vocab_size
+    if hasattr(trainer, "min_frequency"):
+        trainer.min_frequency = config.min_frequency
+    trainer.show_progress = False
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=END_OF_TEXT,
         eos_token=END_OF_TEXT,
         pad_token=PADDING,
+        unk_token=None if config.kind == "bpe" else UNKNOWN,
         model_max_length=1 << 20,
     )
 

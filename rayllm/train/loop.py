@@ -169,4 +169,8 @@ def _log(rank: int, text: str) -> None:
 def _quiet_worker_logs() -> None:
     """Keep the driver's view to rayllm's own progress lines."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train logs every report at INFO under a logger named by its file path.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -2,13 +2,26 @@
 
 import json
 
-from rayllm.data.blocks import (
-    EmptyFilter,
-    QualityConfig,
-    QualityFilter,
-    content_hash,
-    normalise,
-    read_documents,
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayllm.data.filters.c4 import C4, BadWords, BadWordsConfig, C4Config
+from rayllm.data.filters.gopher import (
+    GopherQuality,
+    GopherQualityConfig,
+    GopherRepetition,
+    GopherRepetitionConfig,
+)
+from rayllm.data.hashing import content_hash
+from rayllm.data.normalise import NormaliseConfig, Normaliser, normalise
+from rayllm.data.readers import read_documents
+
+PROSE = (
+    "The committee met on Tuesday to review the budget for the coming year. Members agreed that the "
+    "library should receive more funding, and that the roads in the north of the county need repair. "
+    "The chair thanked the staff for their work and said that the final report would be published "
+    "with the minutes of the meeting next month, after the public have had time to comment on it."
 )
 
 
@@ -16,13 +29,58 @@ def test_normalise_folds_whitespace_and_controls():
     assert normalise("  Cafe\u0301\x07  au\t\tlait \r\n\n\n\nfin ") == "Café au lait\n\nfin"
 
 
-def test_quality_filter_reasons():
-    rules = QualityFilter(QualityConfig())
-    assert rules.filter("To be, or not to be: that is the question.") is None
-    assert rules.filter("Exeunt.") == "too_few_words"
-    assert rules.filter("### ### ### ### ### ### ###") == "not_alphabetic"
-    assert rules.filter("a b c d e f g h i j") == "mean_word_length"
-    assert EmptyFilter().filter("") == "no_text"
+def test_boilerplate_lines_are_stripped():
+    doc = {"text": "Home | About\nReal text here.\nCopyright 2026 Example Ltd"}
+    Normaliser(NormaliseConfig(boilerplate=[r"home \|.*", r"copyright \d{4}.*"])).apply(doc)
+    assert doc["text"] == "Real text here."
+
+
+def test_gopher_quality_rules():
+    rules = GopherQuality(GopherQualityConfig())
+    assert rules.filter(PROSE) is None
+    assert rules.filter("Too short to keep.") == "too_few_words"
+    assert rules.filter("#tag " * 60) == "symbol_word_ratio"
+    assert (
+        rules.filter("\n".join(f"- the committee reviewed budget number {i}" for i in range(20)))
+        == "bullet_lines"
+    )
+    assert (
+        rules.filter(
+            "\n".join(["and then the story of the town goes on and on for a while..."] * 8)
+        )
+        == "ellipsis_lines"
+    )
+    assert rules.filter(" ".join(["qwerty", "uiop", "asdf"] * 20)) == "stop_words"
+    assert rules.filter("1234 5678 " * 30 + "the and of") == "alpha_words"
+
+
+def test_gopher_repetition_rules():
+    rules = GopherRepetition(GopherRepetitionConfig())
+    assert rules.filter(PROSE) is None
+    assert (
+        rules.filter("\n\n".join(["Same paragraph again and again."] * 5 + [PROSE]))
+        == "duplicate_paragraphs"
+    )
+    assert rules.filter("buy now cheap " * 40) == "top_2_gram"
+
+
+def test_c4_drops_lines_and_documents():
+    rule = C4(C4Config())
+    doc = {
+        "text": PROSE
+        + "\nMenu\nPlease enable javascript to continue.\nWe use cookies. See our privacy policy."
+    }
+    assert rule.apply(doc) is None
+    assert doc["text"] == PROSE
+    assert rule.apply({"text": "Lorem ipsum dolor sit amet. " * 5}) == "lorem_ipsum"
+    assert rule.apply({"text": "function f() { return 1; }. And more. And more."}) == "curly_braces"
+    assert rule.apply({"text": "One sentence only here."}) == "too_few_sentences"
+
+
+def test_bad_words_match_whole_words():
+    rule = BadWords(BadWordsConfig(words=["darn", "heck"]))
+    assert rule.apply({"text": "What the heck is this?"}) == "bad_words"
+    assert rule.apply({"text": "Checking the darning needle."}) is None
 
 
 def test_content_hash_ignores_case_and_spacing():
@@ -43,7 +101,7 @@ def test_paragraph_split(tmp_path):
     ]
 
 
-def test_jsonl_bad_lines_become_empty_documents(tmp_path):
+def test_bad_jsonl_lines_are_marked_with_their_line(tmp_path):
     path = tmp_path / "docs.jsonl"
     rows = [
         json.dumps({"text": "first"}),
@@ -54,7 +112,14 @@ def test_jsonl_bad_lines_become_empty_documents(tmp_path):
     path.write_text("\n".join(rows))
     docs = list(read_documents(str(path), split="line", text_field="text"))
     assert [d["text"] for d in docs] == ["first", "", "", "last"]
-    assert docs[1]["source"].endswith(":2")
+    assert [d["bad_record"] for d in docs] == ["", "invalid JSON", "no 'text'", ""]
+    assert docs[1]["source"].endswith("docs.jsonl:2")
+
+
+def test_parquet_documents(tmp_path):
+    pq.write_table(pa.table({"content": ["one doc", "two doc"]}), tmp_path / "docs.parquet")
+    docs = list(read_documents(str(tmp_path / "docs.parquet"), split="file", text_field="content"))
+    assert [d["text"] for d in docs] == ["one doc", "two doc"]
 
 
 def test_undecodable_bytes_are_counted(tmp_path):
@@ -62,3 +127,8 @@ def test_undecodable_bytes_are_counted(tmp_path):
     path.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (doc,) = read_documents(str(path), split="file", text_field="text")
     assert doc["bad_bytes"] == 2
+
+
+@pytest.mark.parametrize("text", ["", "   \n  "])
+def test_empty_documents_are_dropped(text):
+    assert Normaliser(NormaliseConfig()).apply({"text": text}) == "empty"

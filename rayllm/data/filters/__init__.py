@@ -1,0 +1,1 @@
+"""Document filters: each a small block with its own config, answering keep or (drop, reason)."""

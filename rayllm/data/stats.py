@@ -1,0 +1,120 @@
+"""The curation report: documents and bytes through every block, why each drop happened."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import ray
+from rich.table import Table
+
+from rayllm.progress import console
+
+EXAMPLES_PER_REASON = 3
+
+
+class StatsCollector:
+    """Aggregates the per-document columns the curation step writes (never the text itself)."""
+
+    def __init__(self, stage_names: list[str]):
+        self.stage_names = stage_names
+        self.stats: dict[str, Any] = {}
+
+    def add_curated(self, curated: ray.data.Dataset) -> None:
+        columns = [
+            "drop",
+            "stage",
+            "bytes_in",
+            "bytes_out",
+            "bad_bytes",
+            "language",
+            "example",
+            "source",
+        ]
+        pii_columns = [c for c in curated.schema().names if c.startswith("pii_")]
+        stages: list[np.ndarray] = []
+        bytes_in: list[np.ndarray] = []
+        reasons: Counter[str] = Counter()
+        examples: dict[str, list[dict[str, str]]] = {}
+        languages: Counter[str] = Counter()
+        pii: Counter[str] = Counter()
+        bytes_out = bad_bytes = 0
+        for batch in curated.select_columns(columns + pii_columns).iter_batches(
+            batch_format="numpy", batch_size=8192
+        ):
+            stages.append(batch["stage"])
+            bytes_in.append(batch["bytes_in"])
+            bytes_out += int(batch["bytes_out"].sum())
+            bad_bytes += int(batch["bad_bytes"].sum())
+            for column in pii_columns:
+                pii[column.removeprefix("pii_")] += int(batch[column].sum())
+            languages.update(str(x) for x in batch["language"] if x)
+            for drop, example, source in zip(
+                batch["drop"], batch["example"], batch["source"], strict=True
+            ):
+                if drop:
+                    reasons[str(drop)] += 1
+                    kept = examples.setdefault(str(drop), [])
+                    if len(kept) < EXAMPLES_PER_REASON:
+                        kept.append({"source": str(source), "text": str(example)})
+        stage = np.concatenate(stages) if stages else np.empty(0, int)
+        size = np.concatenate(bytes_in) if bytes_in else np.empty(0, int)
+        per_stage = []
+        for index, name in enumerate(self.stage_names):
+            entering, leaving = stage >= index, stage > index
+            per_stage.append(
+                {
+                    "stage": name,
+                    "documents_in": int(entering.sum()),
+                    "documents_out": int(leaving.sum()),
+                    "bytes_in": int(size[entering].sum()),
+                }
+            )
+        self.stats = {
+            "documents_in": int(len(stage)),
+            "documents_kept": int((stage > len(self.stage_names) - 1).sum()),
+            "bytes_in": int(size.sum()),
+            "bytes_kept": bytes_out,
+            "undecodable_bytes": bad_bytes,
+            "stages": per_stage,
+            "dropped": dict(reasons.most_common()),
+            "examples": examples,
+            "pii": dict(pii),
+            "languages": dict(languages.most_common(10)),
+        }
+
+    def top_reasons(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in list(self.stats["dropped"].items())[:3])
+
+
+def print_stats(stats: dict[str, Any]) -> None:
+    table = Table(title="curation", title_justify="left")
+    for column in ("block", "docs in", "docs out", "dropped", "MB in"):
+        table.add_column(column, justify="left" if column == "block" else "right")
+    for stage in stats["stages"]:
+        dropped = stage["documents_in"] - stage["documents_out"]
+        table.add_row(
+            stage["stage"],
+            f"{stage['documents_in']:,}",
+            f"{stage['documents_out']:,}",
+            f"{dropped:,}",
+            f"{stage['bytes_in'] / 1e6:.2f}",
+        )
+    if "exact_duplicates" in stats:
+        table.add_row("exact dedup", "", "", f"{stats['exact_duplicates']:,}", "")
+    if "fuzzy" in stats:
+        table.add_row("fuzzy dedup", "", "", f"{stats['fuzzy']['fuzzy_removed']:,}", "")
+    console.print(table)
+    reasons = Table(
+        "reason", "documents", "example", title="why documents were dropped", title_justify="left"
+    )
+    for reason, count in list(stats["dropped"].items())[:12]:
+        example = stats["examples"][reason][0]["text"].replace("\n", " ")[:70]
+        reasons.add_row(reason, f"{count:,}", example)
+    if stats["dropped"]:
+        console.print(reasons)
+    if any(stats["pii"].values()):
+        console.print(
+            "PII replaced: " + ", ".join(f"{k} {v:,}" for k, v in stats["pii"].items() if v)
+        )
