@@ -21,6 +21,8 @@ from rayllm.progress import console
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 registry_app = typer.Typer(no_args_is_help=True, help="List, inspect and alias registry versions.")
 app.add_typer(registry_app, name="registry")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks and quality measurements.")
+app.add_typer(bench_app, name="bench")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[
@@ -51,7 +53,9 @@ def data(config: ConfigOption = None, set: SetOption = None) -> None:
     resolve_source(settings.corpus)  # a bad corpus fails before Ray starts
     connect(RayConfig())
     manifest = run(settings)
-    console.print_json(json.dumps(manifest["stats"]))
+    console.print(f"shards, tokenizer and stats.json written to {settings.output}")
+    if manifest["stats"]["documents_kept"] == 0:
+        raise RayllmError("no documents were kept")
 
 
 @app.command()
@@ -315,6 +319,30 @@ def registry_gc(
         f"removed {len(removed)} incomplete versions"
         + (f": {', '.join(removed)}" if removed else "")
     )
+
+
+@bench_app.command("dedup")
+def bench_dedup(set: SetOption = None, as_json: JsonOption = False) -> None:
+    """Precision and recall of fuzzy dedup on the Shakespeare modern / First Folio pairs."""
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.data.bench import dedup_quality
+    from rayllm.data.dedup import FuzzyDedupConfig
+
+    settings = load_config(FuzzyDedupConfig, None, set or ())
+    connect(RayConfig())
+    result = dedup_quality(settings)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(
+        f"fuzzy dedup on {result['documents']} Shakespeare files ({result['true_pairs']} true pairs): "
+        f"precision {result['precision']:.3f}, recall {result['recall']:.3f} "
+        f"({result['predicted_pairs']} pairs predicted, {result['seconds']} s)"
+    )
+    if result["missed"]:
+        console.print(f"missed: {', '.join(result['missed'])}")
+    if result["false_pairs"]:
+        console.print(f"wrongly merged: {result['false_pairs']}")
 
 
 def main() -> None:

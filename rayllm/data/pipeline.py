@@ -24,10 +24,12 @@ import ray
 from tokenizers import Tokenizer
 
 from rayllm.config import StageConfig
+from rayllm.data.classifier_training import quality_model
 from rayllm.data.corpora import resolve_source
 from rayllm.data.dedup import FuzzyDedupConfig, document_id, fuzzy_dedup
 from rayllm.data.filters.base import Block
 from rayllm.data.filters.c4 import C4, BadWords, BadWordsConfig, C4Config
+from rayllm.data.filters.classifier import ClassifierConfig, QualityClassifier, QualityModel
 from rayllm.data.filters.gopher import (
     GopherQuality,
     GopherQualityConfig,
@@ -66,6 +68,7 @@ class DataConfig(StageConfig):
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
     c4: C4Config = C4Config()
     bad_words: BadWordsConfig = BadWordsConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
     pii: PIIConfig = PIIConfig()
     exact_dedup: bool = True
     fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
@@ -78,8 +81,8 @@ class DataConfig(StageConfig):
     """Parallel actors for the stateful steps (language models, MinHash, tokenising)."""
 
 
-def build_blocks(config: DataConfig) -> list[Block]:
-    """The per-document blocks, in the order they run."""
+def build_blocks(config: DataConfig, quality: QualityModel | None = None) -> list[Block]:
+    """The per-document blocks, in the order they run (``quality``: the trained classifier)."""
     blocks: list[Block] = [Normaliser(config.normalise)]
     optional = [
         (config.language, LanguageId),
@@ -90,6 +93,11 @@ def build_blocks(config: DataConfig) -> list[Block]:
         (config.pii, PIIScrubber),
     ]
     blocks += [block(settings) for settings, block in optional if settings.enabled]
+    if config.classifier.enabled:
+        blocks.insert(
+            -1 if config.pii.enabled else len(blocks),
+            QualityClassifier(config.classifier, quality or quality_model(config.classifier)),
+        )
     return blocks
 
 
@@ -103,8 +111,8 @@ def _read(row: dict[str, Any], split: str, text_field: str, strict: bool) -> lis
 class _Curate:
     """Ray Data UDF: every block on every document; records where and why each one is dropped."""
 
-    def __init__(self, config: DataConfig):
-        self.blocks = build_blocks(config)
+    def __init__(self, config: DataConfig, quality: QualityModel | None):
+        self.blocks = build_blocks(config, quality)
         self.pii = [f"pii_{t}" for t in PII_TYPES]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -183,11 +191,12 @@ def run(config: DataConfig) -> dict[str, Any]:
     if config.max_documents:
         docs = docs.limit(config.max_documents)
 
-    blocks = build_blocks(config)
+    quality = quality_model(config.classifier) if config.classifier.enabled else None
+    blocks = build_blocks(config, quality)
     with Stage(f"data: {' -> '.join(b.name for b in blocks)}") as stage:
         curated = docs.map_batches(
             _Curate,
-            fn_constructor_kwargs={"config": config},
+            fn_constructor_kwargs={"config": config, "quality": quality},
             batch_format="pyarrow",
             batch_size=256,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers),
