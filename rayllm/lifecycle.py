@@ -16,7 +16,7 @@ import rayllm
 from rayllm.client import Client
 from rayllm.cluster import RayConfig, connect
 from rayllm.config import StageConfig
-from rayllm.data.dedup import FuzzyDedupConfig
+from rayllm.data.dedup import FuzzyDedupConfig, ParagraphDedupConfig
 from rayllm.data.filters.c4 import C4Config
 from rayllm.data.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
 from rayllm.data.filters.language import LanguageConfig
@@ -45,6 +45,7 @@ QUICKSTART_DATA = DataConfig(
     ),
     gopher_repetition=GopherRepetitionConfig(enabled=False),
     c4=C4Config(enabled=False),
+    paragraph_dedup=ParagraphDedupConfig(enabled=False),
     fuzzy_dedup=FuzzyDedupConfig(enabled=False),
 )
 

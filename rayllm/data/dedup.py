@@ -228,3 +228,107 @@ def fuzzy_dedup(
         "removed_ids": removed,
         "pairs": [(r["a"], r["b"], r["similarity"]) for r in confirmed],
     }
+
+
+class ParagraphDedupConfig(StageConfig):
+    """Paragraph-level dedup across documents: repeated boilerplate, quoted passages."""
+
+    enabled: bool = True
+    min_chars: int = 100
+    """Shorter paragraphs are never removed (headings, stage directions, short replies)."""
+
+
+def _paragraphs(text: str) -> list[str]:
+    return text.split("\n\n")
+
+
+def _paragraph_rows(batch: pa.Table, min_chars: int) -> pa.Table:
+    """One row per long paragraph: its folded hash, document id and position."""
+    hashes, ids, positions = [], [], []
+    for doc_id, text in zip(
+        batch.column("id").to_pylist(), batch.column("text").to_pylist(), strict=True
+    ):
+        for position, paragraph in enumerate(_paragraphs(text)):
+            if len(paragraph) >= min_chars:
+                folded = " ".join(paragraph.lower().split())
+                hashes.append(xxhash.xxh64_intdigest(folded.encode()) & 0x7FFF_FFFF_FFFF_FFFF)
+                ids.append(doc_id)
+                positions.append(position)
+    return pa.table(
+        {
+            "hash": pa.array(hashes, pa.int64()),
+            "id": pa.array(ids, pa.int64()),
+            "position": pa.array(positions, pa.int32()),
+        }
+    )
+
+
+def _later_copies(group: pa.Table) -> pa.Table:
+    """All occurrences of one paragraph but the first (lowest document id, then position)."""
+    order = sorted(
+        range(group.num_rows),
+        key=lambda i: (group.column("id")[i].as_py(), group.column("position")[i].as_py()),
+    )
+    return group.take(order[1:]).select(["id", "position"])
+
+
+def _positions_per_document(group: pa.Table) -> pa.Table:
+    positions = sorted(set(group.column("position").to_pylist()))
+    return pa.table(
+        {
+            "id": [group.column("id")[0].as_py()],
+            "drop_positions": pa.array([positions], pa.list_(pa.int32())),
+        }
+    )
+
+
+def _remove_paragraphs(batch: pa.Table) -> pa.Table:
+    texts = []
+    for text, drop in zip(
+        batch.column("text").to_pylist(), batch.column("drop_positions").to_pylist(), strict=True
+    ):
+        if drop:
+            removed = set(drop)
+            text = "\n\n".join(
+                p for i, p in enumerate(_paragraphs(text)) if i not in removed
+            ).strip()
+        texts.append(text)
+    batch = batch.drop_columns(["drop_positions", "text"]).append_column(
+        "text", pa.array(texts, pa.string())
+    )
+    return batch.filter(pc.not_equal(batch.column("text"), ""))
+
+
+def paragraph_dedup(
+    docs: ray.data.Dataset, config: ParagraphDedupConfig, partitions: int
+) -> tuple[ray.data.Dataset, dict[str, Any]]:
+    """Remove every repeat of a long paragraph after its first occurrence in the corpus."""
+    rows = docs.map_batches(
+        _paragraph_rows, fn_kwargs={"min_chars": config.min_chars}, batch_format="pyarrow"
+    ).materialize()
+    repeated = (
+        rows.groupby("hash")
+        .count()
+        .map_batches(
+            lambda t: pa.table(
+                {"hash": t.column("hash").filter(pc.greater(t.column("count()"), 1))}
+            ),
+            batch_format="pyarrow",
+        )
+        .materialize()
+    )
+    if not repeated.count():
+        return docs, {"paragraphs_removed": 0, "documents_emptied": 0}
+    copies = rows.join(repeated, "inner", num_partitions=partitions, on=("hash",))
+    later = copies.groupby("hash").map_groups(_later_copies, batch_format="pyarrow").materialize()
+    per_doc = later.groupby("id").map_groups(_positions_per_document, batch_format="pyarrow")
+    before = docs.count()
+    cleaned = (
+        docs.join(per_doc, "left_outer", num_partitions=partitions, on=("id",))
+        .map_batches(_remove_paragraphs, batch_format="pyarrow")
+        .materialize()
+    )
+    return cleaned, {
+        "paragraphs_removed": later.count(),
+        "documents_emptied": before - cleaned.count(),
+    }

@@ -26,7 +26,13 @@ from tokenizers import Tokenizer
 from rayllm.config import StageConfig
 from rayllm.data.classifier_training import quality_model
 from rayllm.data.corpora import resolve_source
-from rayllm.data.dedup import FuzzyDedupConfig, document_id, fuzzy_dedup
+from rayllm.data.dedup import (
+    FuzzyDedupConfig,
+    ParagraphDedupConfig,
+    document_id,
+    fuzzy_dedup,
+    paragraph_dedup,
+)
 from rayllm.data.filters.base import Block
 from rayllm.data.filters.c4 import C4, BadWords, BadWordsConfig, C4Config
 from rayllm.data.filters.classifier import ClassifierConfig, QualityClassifier, QualityModel
@@ -71,6 +77,7 @@ class DataConfig(StageConfig):
     classifier: ClassifierConfig = ClassifierConfig()
     pii: PIIConfig = PIIConfig()
     exact_dedup: bool = True
+    paragraph_dedup: ParagraphDedupConfig = ParagraphDedupConfig()
     fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     seq_len: int = 256
@@ -223,6 +230,14 @@ def run(config: DataConfig) -> dict[str, Any]:
             stats["documents_kept"] = kept.count()
             stats["exact_duplicates"] = before - stats["documents_kept"]
             stage.note(f"{stats['exact_duplicates']:,} exact duplicates removed")
+    if config.paragraph_dedup.enabled:
+        with Stage("data: paragraph dedup") as stage:
+            kept, paragraphs = paragraph_dedup(
+                kept, config.paragraph_dedup, partitions=max(2, config.workers)
+            )
+            stats["paragraphs"] = paragraphs
+            stats["documents_kept"] -= paragraphs["documents_emptied"]
+            stage.note(f"{paragraphs['paragraphs_removed']:,} repeated paragraphs removed")
     if config.fuzzy_dedup.enabled:
         with Stage("data: fuzzy dedup (MinHash-LSH)") as stage:
             kept, fuzzy = fuzzy_dedup(kept, config.fuzzy_dedup, partitions=max(2, config.workers))

@@ -103,6 +103,15 @@ def print_stats(stats: dict[str, Any]) -> None:
         )
     if "exact_duplicates" in stats:
         table.add_row("exact dedup", "", "", f"{stats['exact_duplicates']:,}", "")
+    if "paragraphs" in stats:
+        removed = stats["paragraphs"]["paragraphs_removed"]
+        table.add_row(
+            "paragraph dedup",
+            "",
+            "",
+            f"{stats['paragraphs']['documents_emptied']:,}",
+            f"({removed:,} paragraphs)",
+        )
     if "fuzzy" in stats:
         table.add_row("fuzzy dedup", "", "", f"{stats['fuzzy']['fuzzy_removed']:,}", "")
     console.print(table)

@@ -136,12 +136,19 @@ def test_empty_documents_are_dropped(text):
 
 def test_quality_classifier_separates_reference_from_junk():
     from rayllm.data.classifier_training import _sample
-    from rayllm.data.filters.classifier import ClassifierConfig, QualityClassifier, QualityModel, synthesise_junk
+    from rayllm.data.filters.classifier import (
+        ClassifierConfig,
+        QualityClassifier,
+        QualityModel,
+        synthesise_junk,
+    )
 
     good = _sample(["bible"], 1200, seed=0)
     junk = synthesise_junk(good, seed=1)
     model = QualityModel().fit(good[:1000], junk[:1000], epochs=6, seed=0)
     block = QualityClassifier(ClassifierConfig(enabled=True), model)
     kept_good = sum(block.apply({"text": t}) is None for t in good[1000:]) / len(good[1000:])
-    dropped_junk = sum(block.apply({"text": t}) == "low_score" for t in junk[1000:]) / len(junk[1000:])
+    dropped_junk = sum(block.apply({"text": t}) == "low_score" for t in junk[1000:]) / len(
+        junk[1000:]
+    )
     assert kept_good > 0.9 and dropped_junk > 0.8

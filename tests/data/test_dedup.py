@@ -59,3 +59,22 @@ def test_tokenizer_kinds_round_trip(kind):
     ids = tokenizer(texts[0])["input_ids"]
     assert tokenizer.decode(ids).split() == texts[0].split()
     assert np.all(np.array(ids) < len(tokenizer))
+
+
+def test_paragraph_dedup_keeps_the_first_copy(ray_cluster):
+    from rayllm.data.dedup import ParagraphDedupConfig, paragraph_dedup
+
+    footer = "Subscribe to our newsletter for weekly updates on everything that happens in the town council."
+    rows = [
+        {"id": 1, "text": essay(1, 30) + "\n\n" + footer},
+        {"id": 2, "text": essay(2, 30) + "\n\n" + footer + "\n\nshort line"},
+        {"id": 3, "text": footer},
+    ]
+    kept, stats = paragraph_dedup(
+        ray.data.from_items(rows), ParagraphDedupConfig(min_chars=50), partitions=2
+    )
+    texts = {row["id"]: row["text"] for row in kept.take_all()}
+    assert texts[1].endswith(footer)
+    assert texts[2] == essay(2, 30) + "\n\nshort line"
+    assert 3 not in texts
+    assert stats == {"paragraphs_removed": 2, "documents_emptied": 1}

@@ -1,0 +1,109 @@
+"""The curation stage end to end on Ray Data: every block on, a corpus with known faults."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from rayllm.config import build_config
+from rayllm.data.packing import read_shard
+from rayllm.data.pipeline import DataConfig, load_manifest, run
+
+STORY = (
+    "The river rose in the spring and the people of the valley moved their animals to the hills. "
+    "When the water went down they came back to find that the fields were covered with new earth, "
+    "and that year the harvest was the best that anyone could remember. The elders said that the "
+    "flood had been a gift, and they marked the day of its coming with a feast for the whole town."
+)
+
+
+SUBJECTS = [
+    "The farmer",
+    "A traveller",
+    "The old woman",
+    "The miller",
+    "A young clerk",
+    "The priest",
+    "The baker",
+]
+VERBS = ["walked to", "looked at", "spoke about", "dreamed of", "wrote to", "waited by", "sang of"]
+OBJECTS = [
+    "the bridge",
+    "the market",
+    "the school",
+    "the harbour",
+    "the mill",
+    "the orchard",
+    "the church",
+]
+ENDINGS = [
+    "in the morning",
+    "before the rain",
+    "with a heavy heart",
+    "and then went home",
+    "for an hour",
+]
+
+
+def chapter(seed: int) -> str:
+    rng = random.Random(seed)
+    sentences = [
+        f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)} on day {rng.randrange(1000)}."
+        for _ in range(12)
+    ]
+    return " ".join(sentences)
+
+
+def corpus_lines() -> list[str]:
+    docs = [chapter(i) for i in range(40)]
+    docs[3] = docs[2].replace("on day", "upon day", 1)  # a near-duplicate of chapter 2
+    docs.append(docs[5])  # an exact duplicate
+    docs.append(
+        "Der Fluss stieg im Frühling, und die Leute im Tal brachten ihre Tiere in die Berge. " * 4
+    )
+    docs.append(
+        STORY + " Write to the mayor at mayor@valley.example or call +1 415-555-0132 today."
+    )
+    docs.append("buy now " * 80)
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines.insert(7, "{broken json")
+    return lines
+
+
+@pytest.mark.slow
+def test_curation_explains_every_document(ray_cluster, tmp_path):
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("\n".join(corpus_lines()))
+    config = build_config(
+        DataConfig,
+        {
+            "corpus": str(source),
+            "output": str(tmp_path / "out"),
+            "tokenizer": {"vocab_size": 400},
+            "seq_len": 32,
+            "val_fraction": 0.3,
+            "fuzzy_dedup": {"threshold": 0.5},
+            "gopher_repetition": {
+                "enabled": False
+            },  # the generated chapters repeat phrases on purpose
+        },
+    )
+    manifest = run(config)
+    stats = manifest["stats"]
+    assert stats["documents_in"] == 45
+    assert stats["dropped"]["read.invalid JSON"] == 1
+    assert stats["dropped"]["language.not_en"] == 1
+    assert stats["dropped"]["gopher_quality.stop_words"] == 1
+    assert stats["pii"]["email"] == 1 and stats["pii"]["phone"] == 1
+    assert stats["exact_duplicates"] == 1
+    assert stats["fuzzy"]["fuzzy_removed"] == 1
+    assert stats["documents_kept"] == 45 - 3 - 1 - 1
+    assert stats["examples"]["language.not_en"][0]["source"].endswith("corpus.jsonl:43")
+    assert stats["languages"]["en"] >= 40
+
+    loaded = load_manifest(str(tmp_path / "out"))
+    assert loaded == manifest
+    rows = [read_shard(str(tmp_path / "out" / f["path"])) for f in manifest["shards"]["train"]]
+    assert np.concatenate(rows).shape[1] == 33
+    assert not list(tmp_path.glob("out.staging-*"))
