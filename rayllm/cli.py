@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from rayllm.config import dump_config, load_config
@@ -347,17 +346,9 @@ def bench_dedup(set: SetOption = None, as_json: JsonOption = False) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # bad flags and arguments: typer prints the usage and exits 2
     except RayllmError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as err:  # a bad flag or argument
-        err.show()
         sys.exit(2)
 
 

@@ -29,25 +29,14 @@ class Client:
     def complete(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
     ) -> str:
-        body = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        return self._post_or_get("POST", "/completions", body | extra)["choices"][0]["text"]
+        body = self._completion(prompt, max_tokens, temperature) | extra
+        return self._post_or_get("POST", "/completions", body)["choices"][0]["text"]
 
     def stream(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
     ) -> Iterator[str]:
         """Yield the completion piece by piece as the server streams it (server-sent events)."""
-        body = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": True,
-        } | extra
+        body = self._completion(prompt, max_tokens, temperature) | {"stream": True} | extra
         with self.http.stream("POST", "/completions", json=body) as response:
             if response.status_code != 200:
                 response.read()
@@ -58,6 +47,14 @@ class Client:
                 choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
                 if text := choices[0].get("text"):
                     yield text
+
+    def _completion(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any) -> str:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens} | extra

@@ -23,6 +23,7 @@ def rayllm(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
         (["quickstart", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
         (["train", "--set", "data=/no/such/shards"], "no finished token shards"),
         (["config", "nonsense"], "unknown stage 'nonsense'"),
+        (["quickstart", "--bogus"], "No such option: --bogus"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(args, message, tmp_path):
