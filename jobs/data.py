@@ -1,6 +1,6 @@
 """Ray job entrypoint for the curation stage alone.
 
-    ray job submit --working-dir . -- python jobs/data.py --config jobs/configs/data-bible.yaml
+ray job submit --working-dir . -- python jobs/data.py --config jobs/configs/data-bible.yaml
 """
 
 import sys

@@ -344,6 +344,46 @@ def bench_dedup(set: SetOption = None, as_json: JsonOption = False) -> None:
         console.print(f"wrongly merged: {result['false_pairs']}")
 
 
+@bench_app.command("data")
+def bench_data(
+    corpus: str = "bible",
+    workers: Annotated[
+        list[int] | None, typer.Option(help="Worker counts to compare (repeatable).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Throughput of the whole curation pipeline, each worker count against the first."""
+    from rich.table import Table
+
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.data.bench import pipeline_throughput
+
+    connect(RayConfig())
+    results = pipeline_throughput(corpus, workers or [1, 2])
+    table = Table(
+        "workers",
+        "documents",
+        "MB",
+        "seconds",
+        "docs/s",
+        "MB/s",
+        "speed-up",
+        title=f"curation of {corpus}",
+    )
+    for row in results:
+        speedup = row["documents_per_s"] / results[0]["documents_per_s"]
+        table.add_row(
+            str(row["workers"]),
+            f"{row['documents']:,}",
+            f"{row['megabytes']:.2f}",
+            f"{row['seconds']:.1f}",
+            f"{row['documents_per_s']:,.0f}",
+            f"{row['mb_per_s']:.3f}",
+            f"{speedup:.2f}x",
+        )
+    _emit(as_json, results, table)
+
+
 def main() -> None:
     try:
         app()  # bad flags and arguments: typer prints the usage and exits 2

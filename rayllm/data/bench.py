@@ -78,3 +78,33 @@ def _roots(pairs: list[tuple[int, int, float]]) -> dict[int, int]:
     from rayllm.data.dedup import clusters
 
     return clusters([(a, b) for a, b, _ in pairs])
+
+
+def pipeline_throughput(
+    corpus: str, workers: list[int], max_documents: int | None = None
+) -> list[dict[str, Any]]:
+    """The full curation pipeline (every default block) on ``corpus``, once per worker count."""
+    import tempfile
+
+    from rayllm.data.pipeline import DataConfig, run
+
+    results = []
+    for count in workers:
+        with tempfile.TemporaryDirectory(prefix="rayllm-bench-") as out:
+            config = DataConfig(
+                corpus=corpus, output=f"{out}/data", workers=count, max_documents=max_documents
+            )
+            started = time.time()
+            stats = run(config)["stats"]
+            seconds = time.time() - started
+        results.append(
+            {
+                "workers": count,
+                "documents": stats["documents_in"],
+                "megabytes": stats["bytes_in"] / 1e6,
+                "seconds": round(seconds, 1),
+                "documents_per_s": stats["documents_in"] / seconds,
+                "mb_per_s": stats["bytes_in"] / 1e6 / seconds,
+            }
+        )
+    return results
