@@ -7,6 +7,7 @@ User errors print one line and exit 2; anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,7 +30,11 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override one setting, e.g. train.steps=50 (repeatable)."),
 ]
 RootOption = Annotated[
-    str, typer.Option("--root", envvar="RAYLLM_REGISTRY", help="Registry root (any fsspec URL).")
+    str | None,
+    typer.Option(
+        "--root",
+        help="Registry root, any fsspec URL [default: $RAYLLM_REGISTRY or rayllm-work/registry].",
+    ),
 ]
 
 
@@ -80,18 +85,15 @@ def train(
 
 
 @app.command()
-def serve(
-    config: ConfigOption = None, set: SetOption = None, root: RootOption = "rayllm-work/registry"
-) -> None:
+def serve(config: ConfigOption = None, set: SetOption = None, root: RootOption = None) -> None:
     """Serve a registry version behind OpenAI routes until interrupted."""
     import time
 
     from rayllm.cluster import RayConfig, connect
-    from rayllm.registry.store import Registry
     from rayllm.serve.app import ServeConfig, deploy
 
     settings = load_config(ServeConfig, config, set or ())
-    registry = Registry(root)
+    registry = _registry(root)
     registry.resolve(settings.model)  # a bad reference fails before Ray starts
     connect(RayConfig())
     endpoint = deploy(settings, registry)
@@ -140,10 +142,10 @@ def show_config(
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _registry(root: str):
+def _registry(root: str | None):
     from rayllm.registry.store import Registry
 
-    return Registry(root)
+    return Registry(root or os.environ.get("RAYLLM_REGISTRY") or "rayllm-work/registry")
 
 
 def _emit(as_json: bool, payload: object, table=None) -> None:
@@ -154,7 +156,7 @@ def _emit(as_json: bool, payload: object, table=None) -> None:
 
 
 @registry_app.command("list")
-def registry_list(root: RootOption = "rayllm-work/registry", as_json: JsonOption = False) -> None:
+def registry_list(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Models, their versions and aliases."""
     from rich.table import Table
 
@@ -171,9 +173,7 @@ def registry_list(root: RootOption = "rayllm-work/registry", as_json: JsonOption
 
 
 @registry_app.command("show")
-def registry_show(
-    ref: str, root: RootOption = "rayllm-work/registry", as_json: JsonOption = False
-) -> None:
+def registry_show(ref: str, root: RootOption = None, as_json: JsonOption = False) -> None:
     """One version: files, checksums, lineage, metrics."""
     from rich.table import Table
 
@@ -195,7 +195,7 @@ def registry_publish(
     parent: Annotated[
         str | None, typer.Option(help="Registry reference of the parent model.")
     ] = None,
-    root: RootOption = "rayllm-work/registry",
+    root: RootOption = None,
 ) -> None:
     """Publish a Hugging Face-format folder as the next version of NAME."""
     from rayllm.registry.importers import import_folder
@@ -211,7 +211,7 @@ def registry_import(
         str, typer.Argument(help="A .gguf file, a Hugging Face folder, or 'smollm2'.")
     ],
     dtype: Annotated[str, typer.Option(help="Weights dtype for GGUF imports.")] = "bfloat16",
-    root: RootOption = "rayllm-work/registry",
+    root: RootOption = None,
 ) -> None:
     """Import a model from outside: GGUF (dequantised by transformers) or a Hugging Face folder."""
     from rayllm.registry.importers import SMOLLM2, import_folder, import_gguf
@@ -225,7 +225,7 @@ def registry_import(
 
 
 @registry_app.command("export")
-def registry_export(ref: str, destination: Path, root: RootOption = "rayllm-work/registry") -> None:
+def registry_export(ref: str, destination: Path, root: RootOption = None) -> None:
     """Copy a verified version to a local folder."""
     version = _registry(root).export(ref, destination)
     console.print(f"exported {version.ref} to {destination}")
@@ -236,7 +236,7 @@ def registry_promote(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION to point the alias at.")],
     alias: str,
     reason: Annotated[str, typer.Option(help="Why, for the alias history.")] = "",
-    root: RootOption = "rayllm-work/registry",
+    root: RootOption = None,
 ) -> None:
     """Point ALIAS at a version (e.g. promote shakespeare:3 production)."""
     registry = _registry(root)
@@ -246,18 +246,14 @@ def registry_promote(
 
 
 @registry_app.command("rollback")
-def registry_rollback(
-    name: str, alias: str, reason: str = "", root: RootOption = "rayllm-work/registry"
-) -> None:
+def registry_rollback(name: str, alias: str, reason: str = "", root: RootOption = None) -> None:
     """Point ALIAS back at the version it pointed at before its last move."""
     target = _registry(root).rollback(name, alias, reason)
     console.print(f"{name}@{alias} -> {target}")
 
 
 @registry_app.command("history")
-def registry_history(
-    name: str, root: RootOption = "rayllm-work/registry", as_json: JsonOption = False
-) -> None:
+def registry_history(name: str, root: RootOption = None, as_json: JsonOption = False) -> None:
     """Every alias move of NAME: who, when, why."""
     from rich.table import Table
 
@@ -269,9 +265,7 @@ def registry_history(
 
 
 @registry_app.command("lineage")
-def registry_lineage(
-    ref: str, root: RootOption = "rayllm-work/registry", as_json: JsonOption = False
-) -> None:
+def registry_lineage(ref: str, root: RootOption = None, as_json: JsonOption = False) -> None:
     """Walk a version's ancestry: itself, its parent, the parent's parent..."""
     from rich.table import Table
 
@@ -297,7 +291,7 @@ def registry_lineage(
 
 
 @registry_app.command("verify")
-def registry_verify(ref: str, root: RootOption = "rayllm-work/registry") -> None:
+def registry_verify(ref: str, root: RootOption = None) -> None:
     """Check every file of a version against its size and sha256."""
     registry = _registry(root)
     version = registry.resolve(ref)
@@ -310,7 +304,7 @@ def registry_gc(
     older_than: Annotated[
         float, typer.Option(help="Only leftovers untouched this many seconds.")
     ] = 3600,
-    root: RootOption = "rayllm-work/registry",
+    root: RootOption = None,
 ) -> None:
     """Remove what crashed publishes left behind (versions without a manifest)."""
     removed = _registry(root).gc(older_than)

@@ -32,9 +32,9 @@ def test_registry_commands(tmp_path):
         rayllm("publish", "tiny", str(tmp_path / "hf"), "--parent", "tiny:1", root=root).returncode
         == 0
     )
-    assert (
-        rayllm("promote", "tiny:2", "production", "--reason", "better", root=root).returncode == 0
-    )
+    assert rayllm("promote", "tiny:1", "production", root=root).returncode == 0
+    promoted = rayllm("promote", "tiny:2", "production", "--reason", "better", root=root)
+    assert promoted.returncode == 0 and "1 -> 2" in promoted.stdout
     rolled = rayllm("rollback", "tiny", "production", root=root)
     assert rolled.returncode == 0 and "tiny@production -> 1" in rolled.stdout
 
@@ -43,10 +43,8 @@ def test_registry_commands(tmp_path):
     lineage = json.loads(rayllm("lineage", "tiny:2", "--json", root=root).stdout)
     assert [row["ref"] for row in lineage] == ["tiny:2", "tiny:1"]
     history = json.loads(rayllm("history", "tiny", "--json", root=root).stdout)
-    assert [(h["from"], h["to"], h["reason"]) for h in history] == [
-        (None, 2, "better"),
-        (2, 1, "rollback from 2"),
-    ]
+    moves = [(h["from"], h["to"], h["reason"]) for h in history]
+    assert moves == [(None, 1, ""), (1, 2, "better"), (2, 1, "rollback from 2")]
     assert "files verified" in rayllm("verify", "tiny@production", root=root).stdout
     assert rayllm("export", "tiny:2", str(tmp_path / "out"), root=root).returncode == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
