@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -24,7 +25,11 @@ class RayConfig(StageConfig):
 
 def connect(config: RayConfig) -> None:
     """Initialise Ray once per process; a bad address is a user error, not a hang."""
-    for name in ("ray.data", "ray.serve", "ray.train"):  # rayllm prints its own progress
+    # rayllm prints its own progress; Ray's INFO logs still go to the session's log files.
+    os.environ.setdefault(
+        "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml"))
+    )
+    for name in ("ray.data", "ray.serve", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return
