@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from rayllm.data.corpora import resolve_source
-from rayllm.data.dedup import FuzzyDedupConfig, document_id, fuzzy_dedup
+from rayllm.data.dedup import FuzzyDedupConfig, clusters, document_id, fuzzy_dedup
 from rayllm.data.hashing import content_hash
 from rayllm.data.normalise import normalise
 
@@ -51,7 +51,7 @@ def dedup_quality(config: FuzzyDedupConfig, partitions: int = 2) -> dict[str, An
     seconds = time.time() - started
     play = {row["id"]: play_of(row["source"]) for row in rows}
     members: dict[int, list[int]] = defaultdict(list)
-    for doc, root in _roots(result["pairs"]).items():
+    for doc, root in clusters([(a, b) for a, b, _ in result["pairs"]]).items():
         members[root].append(doc)
     predicted = {
         frozenset(p) for group in members.values() for p in itertools.combinations(group, 2)
@@ -72,12 +72,6 @@ def dedup_quality(config: FuzzyDedupConfig, partitions: int = 2) -> dict[str, An
         "seconds": round(seconds, 1),
         "config": config.model_dump(),
     }
-
-
-def _roots(pairs: list[tuple[int, int, float]]) -> dict[int, int]:
-    from rayllm.data.dedup import clusters
-
-    return clusters([(a, b) for a, b, _ in pairs])
 
 
 def pipeline_throughput(

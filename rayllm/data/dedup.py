@@ -118,9 +118,9 @@ def _band_rows(batch: pa.Table, bands: int, rows: int) -> pa.Table:
     return pa.table({"key": keys.ravel(), "id": ids})
 
 
-def _shared_keys(counts: pa.Table) -> pa.Table:
-    """Bucket keys held by two or more documents."""
-    return pa.table({"key": counts.column("key").filter(pc.greater(counts.column("count()"), 1))})
+def _repeated(counts: pa.Table, column: str) -> pa.Table:
+    """From a ``groupby(column).count()`` batch: the values that occur two or more times."""
+    return pa.table({column: counts.column(column).filter(pc.greater(counts.column("count()"), 1))})
 
 
 def _star_edges(group: pa.Table) -> pa.Table:
@@ -207,7 +207,10 @@ def fuzzy_dedup(
         _band_rows, fn_kwargs={"bands": config.bands, "rows": config.rows}, batch_format="pyarrow"
     ).materialize()
     shared = (
-        bands.groupby("key").count().map_batches(_shared_keys, batch_format="pyarrow").materialize()
+        bands.groupby("key")
+        .count()
+        .map_batches(_repeated, fn_kwargs={"column": "key"}, batch_format="pyarrow")
+        .materialize()
     )
     confirmed = (
         _confirmed_pairs(bands, shared, signatures, config, partitions) if shared.count() else []
@@ -309,12 +312,7 @@ def paragraph_dedup(
     repeated = (
         rows.groupby("hash")
         .count()
-        .map_batches(
-            lambda t: pa.table(
-                {"hash": t.column("hash").filter(pc.greater(t.column("count()"), 1))}
-            ),
-            batch_format="pyarrow",
-        )
+        .map_batches(_repeated, fn_kwargs={"column": "hash"}, batch_format="pyarrow")
         .materialize()
     )
     if not repeated.count():
