@@ -16,6 +16,7 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -108,11 +109,23 @@ def build_blocks(config: DataConfig, quality: QualityModel | None = None) -> lis
     return blocks
 
 
-def _read(row: dict[str, Any], split: str, text_field: str, strict: bool) -> list[dict[str, Any]]:
-    docs = list(read_documents(row["path"], split=split, text_field=text_field))
-    if strict and (bad := next((d for d in docs if d["bad_record"]), None)):
-        raise RayllmError(f"{bad['source']}: {bad['bad_record']} (data.strict is set)")
-    return docs
+READ_CHUNK = 1024
+"""Documents per table the reader hands on: memory holds a chunk, never a whole file."""
+
+
+def _read(batch: dict[str, Any], split: str, text_field: str, strict: bool) -> Iterator[pa.Table]:
+    """Ray Data UDF: the documents of each file, streamed out in tables of ``READ_CHUNK``."""
+    for path in batch["path"]:
+        chunk = []
+        for doc in read_documents(str(path), split=split, text_field=text_field):
+            if strict and doc["bad_record"]:
+                raise RayllmError(f"{doc['source']}: {doc['bad_record']} (data.strict is set)")
+            chunk.append(doc)
+            if len(chunk) == READ_CHUNK:
+                yield pa.Table.from_pylist(chunk)
+                chunk = []
+        if chunk:
+            yield pa.Table.from_pylist(chunk)
 
 
 class _Curate:
@@ -191,8 +204,9 @@ def run(config: DataConfig) -> dict[str, Any]:
     with Stage("data: reading") as stage:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
-    docs = ray.data.from_items([{"path": f} for f in files]).flat_map(
+    docs = ray.data.from_items([{"path": f} for f in files]).map_batches(
         _read,
+        batch_size=1,
         fn_kwargs={"split": config.split, "text_field": config.text_field, "strict": config.strict},
     )
     if config.max_documents:

@@ -152,3 +152,16 @@ def test_quality_classifier_separates_reference_from_junk():
         junk[1000:]
     )
     assert kept_good > 0.9 and dropped_junk > 0.8
+
+
+def test_reader_streams_chunks_and_strict_mode_names_the_line(tmp_path):
+    from rayllm.data.pipeline import READ_CHUNK, _read
+    from rayllm.errors import RayllmError
+
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(READ_CHUNK + 5)))
+    tables = list(_read({"path": [str(path)]}, split="line", text_field="text", strict=False))
+    assert [t.num_rows for t in tables] == [READ_CHUNK, 5]
+    path.write_text(json.dumps({"text": "fine"}) + "\n{broken\n")
+    with pytest.raises(RayllmError, match=r"many.jsonl:2: invalid JSON"):
+        list(_read({"path": [str(path)]}, split="line", text_field="text", strict=True))
