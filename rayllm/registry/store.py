@@ -275,7 +275,9 @@ class Registry:
             "lineage": lineage,
         }
         self.fs.pipe_file(f"{target}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
-        self.fs.rm(self.fs._parent(claim), recursive=True)
+        # Only our own claim: another publisher may be writing its claim beside it right now,
+        # and removing the folder under it would break that publisher (gc clears empty folders).
+        self.fs.rm(claim)
         return Version(name, number, manifest)
 
     def _ensure_parent(self, path: str) -> None:
