@@ -183,18 +183,7 @@ class Registry:
 
     def verify(self, version: Version) -> None:
         """Check every file's size and sha256 against the manifest."""
-        folder = self._version_dir(version.name, version.version)
-        for entry in version.manifest["files"]:
-            path = f"{folder}/{entry['path']}"
-            if not self.fs.exists(path):
-                raise RayllmError(
-                    f"{version.ref}: file {entry['path']} is missing; re-publish the version"
-                )
-            if self.fs.size(path) != entry["size"] or sha256_of(self.fs, path) != entry["sha256"]:
-                raise RayllmError(
-                    f"{version.ref}: file {entry['path']} does not match its checksum; "
-                    "the version is corrupted, re-publish it"
-                )
+        check_files(self.fs, self._version_dir(version.name, version.version), version)
 
     def lineage(self, ref: str) -> list[Version]:
         """The version and its ancestors, following ``lineage.parent`` across models."""
@@ -218,11 +207,10 @@ class Registry:
         target = cache_dir() / "registry" / key / version.name / str(version.version)
         with _file_lock(target.with_name(f"{target.name}.lock")):
             if not (target / ".verified").exists():
-                self.verify(version)
                 staging = target.with_name(f"{target.name}.partial")
                 shutil.rmtree(staging, ignore_errors=True)
                 self.fs.get(source + "/", str(staging), recursive=True)
-                _verify_local(staging, version)
+                check_files(fsspec.filesystem("file"), str(staging), version)
                 (staging / ".verified").touch()
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
@@ -369,13 +357,18 @@ class Registry:
         return max(times)
 
 
-def _verify_local(folder: Path, version: Version) -> None:
-    local = fsspec.filesystem("file")
+def check_files(fs: fsspec.AbstractFileSystem, folder: str, version: Version) -> None:
+    """Every file of ``version``'s manifest is in ``folder`` with its size and sha256."""
     for entry in version.manifest["files"]:
-        path = folder / entry["path"]
-        if not path.is_file() or sha256_of(local, str(path)) != entry["sha256"]:
+        path = f"{folder}/{entry['path']}"
+        if not fs.exists(path):
             raise RayllmError(
-                f"{version.ref}: downloaded file {entry['path']} does not match its checksum"
+                f"{version.ref}: file {entry['path']} is missing; re-publish the version"
+            )
+        if fs.size(path) != entry["size"] or sha256_of(fs, path) != entry["sha256"]:
+            raise RayllmError(
+                f"{version.ref}: file {entry['path']} does not match its checksum; "
+                "the version is corrupted, re-publish it"
             )
 
 
