@@ -175,11 +175,11 @@ def _confirmed_pairs(
 ) -> list[dict[str, Any]]:
     """Candidate pairs from the shared buckets, kept if their signatures agree enough."""
     colliding = bands.join(shared, "inner", num_partitions=partitions, on=("key",))
-    candidates = colliding.groupby("key").map_groups(_star_edges, batch_format="pyarrow")
+    candidates = colliding.groupby("key", num_partitions=partitions).map_groups(_star_edges, batch_format="pyarrow")
     left = signatures.rename_columns({"id": "a", "signature": "signature_a"})
     right = signatures.rename_columns({"id": "b", "signature": "signature_b"})
     return (
-        candidates.groupby(["a", "b"])
+        candidates.groupby(["a", "b"], num_partitions=partitions)
         .count()
         .select_columns(["a", "b"])
         .join(left, "inner", num_partitions=partitions, on=("a",))
@@ -207,7 +207,7 @@ def fuzzy_dedup(
         _band_rows, fn_kwargs={"bands": config.bands, "rows": config.rows}, batch_format="pyarrow"
     ).materialize()
     shared = (
-        bands.groupby("key")
+        bands.groupby("key", num_partitions=partitions)
         .count()
         .map_batches(_repeated, fn_kwargs={"column": "key"}, batch_format="pyarrow")
         .materialize()
@@ -310,7 +310,7 @@ def paragraph_dedup(
         _paragraph_rows, fn_kwargs={"min_chars": config.min_chars}, batch_format="pyarrow"
     ).materialize()
     repeated = (
-        rows.groupby("hash")
+        rows.groupby("hash", num_partitions=partitions)
         .count()
         .map_batches(_repeated, fn_kwargs={"column": "hash"}, batch_format="pyarrow")
         .materialize()
@@ -318,8 +318,8 @@ def paragraph_dedup(
     if not repeated.count():
         return docs, {"paragraphs_removed": 0, "documents_emptied": 0}
     copies = rows.join(repeated, "inner", num_partitions=partitions, on=("hash",))
-    later = copies.groupby("hash").map_groups(_later_copies, batch_format="pyarrow").materialize()
-    per_doc = later.groupby("id").map_groups(_positions_per_document, batch_format="pyarrow")
+    later = copies.groupby("hash", num_partitions=partitions).map_groups(_later_copies, batch_format="pyarrow").materialize()
+    per_doc = later.groupby("id", num_partitions=partitions).map_groups(_positions_per_document, batch_format="pyarrow")
     before = docs.count()
     cleaned = (
         docs.join(per_doc, "left_outer", num_partitions=partitions, on=("id",))

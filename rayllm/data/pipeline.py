@@ -237,7 +237,7 @@ def run(config: DataConfig) -> dict[str, Any]:
         with Stage("data: exact dedup") as stage:
             before = stats["documents_kept"]
             kept = (
-                kept.groupby("hash")
+                kept.groupby("hash", num_partitions=max(2, config.workers))
                 .map_groups(_first_of_group, batch_format="pyarrow")
                 .materialize()
             )
