@@ -344,36 +344,44 @@ def bench_data(
     workers: Annotated[
         list[int] | None, typer.Option(help="Worker counts to compare (repeatable).")
     ] = None,
+    datatrove: Annotated[
+        bool, typer.Option(help="Run datatrove on the same input, in its own environment.")
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Throughput of the whole curation pipeline, each worker count against the first."""
+    """Gopher + C4 filters and MinHash dedup: rayllm against datatrove, same input and workers."""
     from rich.table import Table
 
     from rayllm.cluster import RayConfig, connect
-    from rayllm.data.bench import pipeline_throughput
+    from rayllm.data.bench import throughput
 
     connect(RayConfig())
-    results = pipeline_throughput(corpus, workers or [1, 2])
+    results = throughput(corpus, workers or [1, 2], datatrove)
     table = Table(
+        "system",
         "workers",
         "documents",
         "MB",
+        "kept",
         "seconds",
         "docs/s",
         "MB/s",
-        "speed-up",
-        title=f"curation of {corpus}",
+        "vs datatrove",
+        title=f"filters + MinHash dedup of {corpus}",
     )
+    baseline = {r["workers"]: r for r in results if r["system"] == "datatrove"}
     for row in results:
-        speedup = row["documents_per_s"] / results[0]["documents_per_s"]
+        other = baseline.get(row["workers"])
         table.add_row(
+            row["system"],
             str(row["workers"]),
             f"{row['documents']:,}",
             f"{row['megabytes']:.2f}",
+            f"{row['kept']:,}",
             f"{row['seconds']:.1f}",
             f"{row['documents_per_s']:,.0f}",
             f"{row['mb_per_s']:.3f}",
-            f"{speedup:.2f}x",
+            f"{row['documents_per_s'] / other['documents_per_s']:.2f}x" if other else "-",
         )
     _emit(as_json, results, table)
 

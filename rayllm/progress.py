@@ -13,8 +13,10 @@ console = Console(highlight=False)
 class Stage:
     """Context manager that prints ``▶ name`` on entry and ``✔ name  notes  (12.3 s)`` on exit."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, timings: dict[str, float] | None = None, key: str = ""):
+        """``timings[key]`` gets the stage's seconds on exit, for reports and benchmarks."""
         self.name = name
+        self.timings, self.key = timings, key
         self.notes: list[str] = []
         self.seconds = 0.0
 
@@ -33,6 +35,8 @@ class Stage:
         trace: TracebackType | None,
     ) -> None:
         self.seconds = time.time() - self.started
+        if self.timings is not None:
+            self.timings[self.key or self.name] = round(self.seconds, 2)
         mark = "[bold green]✔[/]" if kind is None else "[bold red]✘[/]"
         detail = "; ".join(self.notes)
         console.print(f"{mark} {self.name}  {detail}  [dim]({self.seconds:.1f} s)[/]")

@@ -1,6 +1,6 @@
-"""How well fuzzy dedup finds known near-duplicates: the Shakespeare modern / Folio pairs.
+"""The data benchmarks: dedup quality against a ground truth, throughput against datatrove.
 
-The ``shakespeare`` package holds each play twice, in modern spelling and in First Folio
+Dedup quality: the ``shakespeare`` package holds each play twice, in modern spelling and in First Folio
 spelling: 35 pairs of near-duplicates that differ in spelling throughout, and 42 works that
 are all different from each other. Precision and recall are counted over pairs of documents
 put in one cluster.
@@ -9,6 +9,12 @@ put in one cluster.
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,10 +22,14 @@ from typing import Any
 
 import ray
 
-from rayllm.data.corpora import resolve_source
+from rayllm.data.corpora import cache_dir, resolve_source
 from rayllm.data.dedup import FuzzyDedupConfig, clusters, document_id, fuzzy_dedup
 from rayllm.data.hashing import content_hash
 from rayllm.data.normalise import normalise
+from rayllm.data.pipeline import DataConfig, run
+from rayllm.data.readers import read_documents
+from rayllm.errors import RayllmError
+from rayllm.progress import Stage
 
 # Folio titles whose spelling differs from the modern file name.
 FOLIO_TITLES = {
@@ -74,31 +84,127 @@ def dedup_quality(config: FuzzyDedupConfig, partitions: int = 2) -> dict[str, An
     }
 
 
-def pipeline_throughput(
-    corpus: str, workers: list[int], max_documents: int | None = None
-) -> list[dict[str, Any]]:
-    """The full curation pipeline (every default block) on ``corpus``, once per worker count."""
-    import tempfile
+DATATROVE = ("datatrove[processing]==0.10.1", "spacy==3.8.18", "orjson==3.13.0")
+"""The baseline's environment: datatrove, and spaCy for its English word tokenizer."""
 
-    from rayllm.data.pipeline import DataConfig, run
 
-    results = []
-    for count in workers:
-        with tempfile.TemporaryDirectory(prefix="rayllm-bench-") as out:
-            config = DataConfig(
-                corpus=corpus, output=f"{out}/data", workers=count, max_documents=max_documents
-            )
-            started = time.time()
-            stats = run(config)["stats"]
-            seconds = time.time() - started
-        results.append(
-            {
-                "workers": count,
-                "documents": stats["documents_in"],
-                "megabytes": stats["bytes_in"] / 1e6,
-                "seconds": round(seconds, 1),
-                "documents_per_s": stats["documents_in"] / seconds,
-                "mb_per_s": stats["bytes_in"] / 1e6 / seconds,
-            }
+def datatrove_python() -> Path:
+    """The interpreter of a virtual environment holding datatrove, built once in the cache.
+
+    datatrove is never a rayllm dependency: the benchmark installs it from PyPI beside rayllm,
+    into a staging folder that is renamed into place only once the install succeeded.
+    """
+    home = cache_dir() / "bench" / "datatrove-0.10.1"
+    if (home / "bin" / "python").exists():
+        return home / "bin" / "python"
+    staging = home.with_name(f"{home.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    with Stage(f"bench: installing {', '.join(DATATROVE)} into {home} (once)"):
+        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True)
+        python = str(staging / "bin" / "python")
+        for command in (
+            [python, "-m", "pip", "install", "--quiet", *DATATROVE],
+            [python, "-c", "import datatrove.pipeline.dedup, spacy"],
+        ):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise RayllmError(
+                    f"could not install the datatrove baseline: {done.stderr.strip()[-500:]}; "
+                    "check that PyPI is reachable, or run with --no-datatrove"
+                )
+        staging.rename(home)
+    return home / "bin" / "python"
+
+
+def write_input(corpus: str, folder: Path, parts: int) -> dict[str, float]:
+    """The corpus's documents as ``parts`` JSON-lines files: one input both systems read."""
+    texts = [
+        doc["text"]
+        for path in resolve_source(corpus)
+        for doc in read_documents(path, split="paragraph", text_field="text")
+        if not doc["bad_record"]
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    handles = [(folder / f"part-{i:03d}.jsonl").open("w") for i in range(parts)]
+    for index, text in enumerate(texts):
+        handles[index * parts // len(texts)].write(
+            json.dumps({"text": text, "id": str(index)}) + "\n"
         )
+    for handle in handles:
+        handle.close()
+    return {"documents": len(texts), "megabytes": sum(len(t.encode()) for t in texts) / 1e6}
+
+
+def equivalent_config(source: str, output: str, workers: int) -> DataConfig:
+    """rayllm doing what the datatrove baseline does: Gopher and C4 rules, then MinHash dedup."""
+    off = {"enabled": False}
+    return DataConfig(
+        corpus=source,
+        output=output,
+        workers=workers,
+        language=off,
+        bad_words=off,
+        pii=off,
+        exact_dedup=False,
+        paragraph_dedup=off,
+    )
+
+
+def throughput(corpus: str, workers: list[int], datatrove: bool = True) -> list[dict[str, Any]]:
+    """Gopher + C4 filters and MinHash dedup on ``corpus`` by rayllm and by datatrove.
+
+    Both read the same JSON-lines files and are timed over the same work (reading, filtering,
+    deduplicating); rayllm's tokenizer training and packing, which datatrove does not do, are
+    reported apart. Each worker count runs both systems back to back.
+    """
+    python = datatrove_python() if datatrove else None
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rayllm-bench-") as tmp:
+        source = Path(tmp) / "input"
+        size = write_input(corpus, source, parts=max(8, 4 * max(workers)))
+        for count in workers:
+            config = equivalent_config(str(source), f"{tmp}/rayllm-{count}", count)
+            stats = run(config, report=False)["stats"]
+            curate = stats["stage_seconds"]["curate"] + stats["stage_seconds"]["fuzzy_dedup"]
+            results.append(
+                _row("rayllm", count, size, stats["documents_kept"], curate)
+                | {"seconds_with_packing": stats["seconds"]}
+            )
+            if python is None:
+                continue
+            fuzzy = config.fuzzy_dedup
+            with Stage(f"bench: datatrove with {count} workers") as stage:
+                baseline = subprocess.run(
+                    [
+                        str(python),
+                        str(Path(__file__).with_name("datatrove_baseline.py")),
+                        str(source),
+                        f"{tmp}/datatrove-{count}",
+                        *map(str, (count, fuzzy.ngram, fuzzy.bands, fuzzy.rows)),
+                        str(config.c4.min_sentences),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
+                if baseline.returncode:
+                    raise RayllmError(f"the datatrove baseline failed: {baseline.stderr[-2000:]}")
+                measured = json.loads(baseline.stdout.strip().splitlines()[-1])
+                stage.note(f"{measured['kept']:,} kept")
+            results.append(_row("datatrove", count, size, measured["kept"], measured["seconds"]))
     return results
+
+
+def _row(
+    system: str, workers: int, size: dict[str, float], kept: int, seconds: float
+) -> dict[str, Any]:
+    return {
+        "system": system,
+        "workers": workers,
+        "documents": int(size["documents"]),
+        "kept": kept,
+        "megabytes": size["megabytes"],
+        "seconds": round(seconds, 1),
+        "documents_per_s": size["documents"] / seconds,
+        "mb_per_s": size["megabytes"] / seconds,
+    }

@@ -175,7 +175,9 @@ def _confirmed_pairs(
 ) -> list[dict[str, Any]]:
     """Candidate pairs from the shared buckets, kept if their signatures agree enough."""
     colliding = bands.join(shared, "inner", num_partitions=partitions, on=("key",))
-    candidates = colliding.groupby("key", num_partitions=partitions).map_groups(_star_edges, batch_format="pyarrow")
+    candidates = colliding.groupby("key", num_partitions=partitions).map_groups(
+        _star_edges, batch_format="pyarrow"
+    )
     left = signatures.rename_columns({"id": "a", "signature": "signature_a"})
     right = signatures.rename_columns({"id": "b", "signature": "signature_b"})
     return (
@@ -318,8 +320,14 @@ def paragraph_dedup(
     if not repeated.count():
         return docs, {"paragraphs_removed": 0, "documents_emptied": 0}
     copies = rows.join(repeated, "inner", num_partitions=partitions, on=("hash",))
-    later = copies.groupby("hash", num_partitions=partitions).map_groups(_later_copies, batch_format="pyarrow").materialize()
-    per_doc = later.groupby("id", num_partitions=partitions).map_groups(_positions_per_document, batch_format="pyarrow")
+    later = (
+        copies.groupby("hash", num_partitions=partitions)
+        .map_groups(_later_copies, batch_format="pyarrow")
+        .materialize()
+    )
+    per_doc = later.groupby("id", num_partitions=partitions).map_groups(
+        _positions_per_document, batch_format="pyarrow"
+    )
     before = docs.count()
     cleaned = (
         docs.join(per_doc, "left_outer", num_partitions=partitions, on=("id",))

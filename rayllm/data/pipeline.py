@@ -198,9 +198,11 @@ def _first_of_group(group: pa.Table) -> pa.Table:
     return group.take([sources.index(min(sources))])
 
 
-def run(config: DataConfig) -> dict[str, Any]:
-    """Curate ``config.corpus`` into ``config.output``; return the manifest."""
+def run(config: DataConfig, report: bool = True) -> dict[str, Any]:
+    """Curate ``config.corpus`` into ``config.output``; return the manifest (``report``: print
+    the stats table at the end)."""
     started = time.time()
+    timings: dict[str, float] = {}
     with Stage("data: reading") as stage:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
@@ -214,7 +216,7 @@ def run(config: DataConfig) -> dict[str, Any]:
 
     quality = quality_model(config.classifier) if config.classifier.enabled else None
     blocks = build_blocks(config, quality)
-    with Stage(f"data: {' -> '.join(b.name for b in blocks)}") as stage:
+    with Stage(f"data: {' -> '.join(b.name for b in blocks)}", timings, "curate") as stage:
         curated = docs.map_batches(
             _Curate,
             fn_constructor_kwargs={"config": config, "quality": quality},
@@ -234,7 +236,7 @@ def run(config: DataConfig) -> dict[str, Any]:
 
     kept = curated.filter(expr="drop == ''").drop_columns(["example", "drop", "stage"])
     if config.exact_dedup:
-        with Stage("data: exact dedup") as stage:
+        with Stage("data: exact dedup", timings, "exact_dedup") as stage:
             before = stats["documents_kept"]
             kept = (
                 kept.groupby("hash", num_partitions=max(2, config.workers))
@@ -245,7 +247,7 @@ def run(config: DataConfig) -> dict[str, Any]:
             stats["exact_duplicates"] = before - stats["documents_kept"]
             stage.note(f"{stats['exact_duplicates']:,} exact duplicates removed")
     if config.paragraph_dedup.enabled:
-        with Stage("data: paragraph dedup") as stage:
+        with Stage("data: paragraph dedup", timings, "paragraph_dedup") as stage:
             kept, paragraphs = paragraph_dedup(
                 kept, config.paragraph_dedup, partitions=max(2, config.workers)
             )
@@ -253,7 +255,7 @@ def run(config: DataConfig) -> dict[str, Any]:
             stats["documents_kept"] -= paragraphs["documents_emptied"]
             stage.note(f"{paragraphs['paragraphs_removed']:,} repeated paragraphs removed")
     if config.fuzzy_dedup.enabled:
-        with Stage("data: fuzzy dedup (MinHash-LSH)") as stage:
+        with Stage("data: fuzzy dedup (MinHash-LSH)", timings, "fuzzy_dedup") as stage:
             kept, fuzzy = fuzzy_dedup(kept, config.fuzzy_dedup, partitions=max(2, config.workers))
             kept = kept.materialize()
             stats["fuzzy"] = {k: v for k, v in fuzzy.items() if k.startswith("fuzzy_")}
@@ -265,7 +267,7 @@ def run(config: DataConfig) -> dict[str, Any]:
     staging = f"{config.output.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
     fs, staging_path = fsspec.core.url_to_fs(staging)
     fs.makedirs(staging_path, exist_ok=True)
-    with Stage(f"data: train {config.tokenizer.kind} tokenizer") as stage:
+    with Stage(f"data: train {config.tokenizer.kind} tokenizer", timings, "tokenizer") as stage:
         tokenizer = train_tokenizer(
             (row["text"] for row in kept.select_columns(["text"]).iter_rows()), config.tokenizer
         )
@@ -274,7 +276,7 @@ def run(config: DataConfig) -> dict[str, Any]:
             fs.put(local + "/", f"{staging_path}/tokenizer", recursive=True)
         stage.note(f"vocabulary {len(tokenizer):,}")
 
-    with Stage("data: tokenise + pack") as stage:
+    with Stage("data: tokenise + pack", timings, "pack") as stage:
         tokenised = kept.select_columns(["text", "hash"]).map_batches(
             _Tokenise,
             fn_constructor_kwargs={
@@ -313,6 +315,7 @@ def run(config: DataConfig) -> dict[str, Any]:
         )
 
     stats["seconds"] = round(time.time() - started, 1)
+    stats["stage_seconds"] = timings
     manifest = {
         "format": "rayllm.shards/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -329,7 +332,8 @@ def run(config: DataConfig) -> dict[str, Any]:
     fs.pipe_file(f"{staging_path}/stats.json", json.dumps(stats, indent=2).encode())
     fs.pipe_file(f"{staging_path}/manifest.json", json.dumps(manifest, indent=2).encode())
     _publish_folder(fs, staging_path, fsspec.core.url_to_fs(config.output)[1])
-    print_stats(stats)
+    if report:
+        print_stats(stats)
     return manifest
 
 
