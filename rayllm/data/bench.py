@@ -23,8 +23,7 @@ from typing import Any
 import ray
 
 from rayllm.data.corpora import cache_dir, resolve_source
-from rayllm.data.dedup import FuzzyDedupConfig, clusters, document_id, fuzzy_dedup
-from rayllm.data.hashing import content_hash
+from rayllm.data.dedup import FuzzyDedupConfig, clusters, document_id, near_duplicates
 from rayllm.data.normalise import normalise
 from rayllm.data.pipeline import DataConfig, run
 from rayllm.data.readers import read_documents
@@ -55,9 +54,9 @@ def dedup_quality(config: FuzzyDedupConfig, partitions: int = 2) -> dict[str, An
     rows = []
     for path in files:
         text = normalise(Path(path).read_text(encoding="utf-8", errors="replace"))
-        rows.append({"id": document_id(content_hash(text)), "text": text, "source": path})
+        rows.append({"id": document_id(path), "text": text, "source": path})
     started = time.time()
-    _, result = fuzzy_dedup(ray.data.from_items(rows), config, partitions)
+    result = near_duplicates(ray.data.from_items(rows), config, partitions)
     seconds = time.time() - started
     play = {row["id"]: play_of(row["source"]) for row in rows}
     members: dict[int, list[int]] = defaultdict(list)

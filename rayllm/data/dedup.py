@@ -1,4 +1,4 @@
-"""Deduplication on Ray Data: exact (content hash) and fuzzy (MinHash-LSH), both distributed.
+"""Deduplication on Ray Data: exact (content hash), paragraph and fuzzy (MinHash-LSH).
 
 Fuzzy dedup, after Broder (1997) and the LSH banding of Leskovec et al. (Mining of Massive
 Datasets, ch. 3), as datatrove's ``MinhashDedup*`` steps do it:
@@ -10,7 +10,11 @@ Datasets, ch. 3), as datatrove's ``MinhashDedup*`` steps do it:
 3. candidate pairs inside each bucket are confirmed by the signatures' estimated Jaccard
    similarity (a join of the pairs with the signatures), which removes LSH's false positives;
 4. clusters are the connected components of the confirmed pairs (union-find over the pairs,
-   which are few, on the driver); every member but the lowest id is removed (an anti-join).
+   which are few, on the driver); every member but the lowest id is removed.
+
+Each step returns what it removes (``Removals``: ids, and paragraph positions), never the
+documents themselves: the text is never shuffled, only these small index rows, and the
+removals are applied as the documents stream past on their way to the tokenizer.
 
 Signatures stay in the cluster's object store (spilling to disk), so they need not fit in one
 worker's memory.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import xxhash
+from ray.data.aggregate import Count, Min
 
 from rayllm.config import StageConfig
 
@@ -49,9 +55,9 @@ class FuzzyDedupConfig(StageConfig):
     seed: int = 1
 
 
-def document_id(content_hash: str) -> int:
-    """A 63-bit id from the content hash (unique once exact duplicates are gone)."""
-    return int(content_hash[:16], 16) & 0x7FFF_FFFF_FFFF_FFFF
+def document_id(source: str) -> int:
+    """A 63-bit id from where a document came from (``file:line``): unique per document."""
+    return xxhash.xxh64_intdigest(source.encode()) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class MinHasher:
@@ -191,10 +197,11 @@ def _confirmed_pairs(
     )
 
 
-def fuzzy_dedup(
+def near_duplicates(
     docs: ray.data.Dataset, config: FuzzyDedupConfig, partitions: int
-) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """Drop near-duplicates from ``docs`` (columns ``id`` and ``text``); return kept docs and stats."""
+) -> dict[str, Any]:
+    """The near-duplicates in ``docs`` (columns ``id`` and ``text``): every member of a cluster
+    but its lowest id, as ``removed_ids`` (sorted), with the pairs and cluster statistics."""
     signatures = (
         docs.select_columns(["id", "text"])
         .map_batches(
@@ -218,21 +225,42 @@ def fuzzy_dedup(
         _confirmed_pairs(bands, shared, signatures, config, partitions) if shared.count() else []
     )
     roots = clusters([(row["a"], row["b"]) for row in confirmed])
-    removed = sorted(doc for doc, root in roots.items() if doc != root)
+    removed = np.array(sorted(doc for doc, root in roots.items() if doc != root), np.int64)
     sizes = Counter(Counter(roots.values()).values())
-    stats = {
+    return {
         "fuzzy_pairs": len(confirmed),
         "fuzzy_clusters": len(set(roots.values())),
         "fuzzy_removed": len(removed),
         "fuzzy_cluster_sizes": {str(size): count for size, count in sorted(sizes.items())},
-    }
-    if removed:
-        dropped = ray.data.from_arrow(pa.table({"id": pa.array(removed, pa.int64())}))
-        docs = docs.join(dropped, "left_anti", num_partitions=partitions, on=("id",))
-    return docs, stats | {
         "removed_ids": removed,
         "pairs": [(r["a"], r["b"], r["similarity"]) for r in confirmed],
     }
+
+
+def exact_duplicates(index: ray.data.Dataset, partitions: int) -> np.ndarray:
+    """Ids of the exact duplicates in ``index`` (columns ``id``, ``hash``, ``source``): every
+    document whose content hash is shared, but the first of each group by source."""
+    groups = (
+        index.groupby("hash", num_partitions=partitions)
+        .aggregate(Count(), Min("source", alias_name="first"))
+        .map_batches(_shared_hashes, batch_format="pyarrow")
+        .materialize()
+    )
+    if not groups.count():
+        return np.empty(0, np.int64)
+    copies = index.join(groups, "inner", num_partitions=partitions, on=("hash",)).map_batches(
+        _later_sources, batch_format="pyarrow"
+    )
+    return np.sort(np.concatenate([b["id"] for b in copies.iter_batches(batch_format="numpy")]))
+
+
+def _shared_hashes(groups: pa.Table) -> pa.Table:
+    return groups.select(["hash", "first"]).filter(pc.greater(groups.column("count()"), 1))
+
+
+def _later_sources(batch: pa.Table) -> pa.Table:
+    later = pc.not_equal(batch.column("source"), batch.column("first"))
+    return batch.select(["id"]).filter(later)
 
 
 class ParagraphDedupConfig(StageConfig):
@@ -277,37 +305,11 @@ def _later_copies(group: pa.Table) -> pa.Table:
     return group.take(order[1:]).select(["id", "position"])
 
 
-def _positions_per_document(group: pa.Table) -> pa.Table:
-    positions = sorted(set(group.column("position").to_pylist()))
-    return pa.table(
-        {
-            "id": [group.column("id")[0].as_py()],
-            "drop_positions": pa.array([positions], pa.list_(pa.int32())),
-        }
-    )
-
-
-def _remove_paragraphs(batch: pa.Table) -> pa.Table:
-    texts = []
-    for text, drop in zip(
-        batch.column("text").to_pylist(), batch.column("drop_positions").to_pylist(), strict=True
-    ):
-        if drop:
-            removed = set(drop)
-            text = "\n\n".join(
-                p for i, p in enumerate(_paragraphs(text)) if i not in removed
-            ).strip()
-        texts.append(text)
-    batch = batch.drop_columns(["drop_positions", "text"]).append_column(
-        "text", pa.array(texts, pa.string())
-    )
-    return batch.filter(pc.not_equal(batch.column("text"), ""))
-
-
-def paragraph_dedup(
+def paragraph_duplicates(
     docs: ray.data.Dataset, config: ParagraphDedupConfig, partitions: int
-) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """Remove every repeat of a long paragraph after its first occurrence in the corpus."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every repeat of a long paragraph after its first occurrence (lowest document id, then
+    position), as parallel arrays of document ids and paragraph positions sorted by id."""
     rows = docs.map_batches(
         _paragraph_rows, fn_kwargs={"min_chars": config.min_chars}, batch_format="pyarrow"
     ).materialize()
@@ -318,23 +320,49 @@ def paragraph_dedup(
         .materialize()
     )
     if not repeated.count():
-        return docs, {"paragraphs_removed": 0, "documents_emptied": 0}
-    copies = rows.join(repeated, "inner", num_partitions=partitions, on=("hash",))
+        return np.empty(0, np.int64), np.empty(0, np.int32)
     later = (
-        copies.groupby("hash", num_partitions=partitions)
+        rows.join(repeated, "inner", num_partitions=partitions, on=("hash",))
+        .groupby("hash", num_partitions=partitions)
         .map_groups(_later_copies, batch_format="pyarrow")
-        .materialize()
     )
-    per_doc = later.groupby("id", num_partitions=partitions).map_groups(
-        _positions_per_document, batch_format="pyarrow"
-    )
-    before = docs.count()
-    cleaned = (
-        docs.join(per_doc, "left_outer", num_partitions=partitions, on=("id",))
-        .map_batches(_remove_paragraphs, batch_format="pyarrow")
-        .materialize()
-    )
-    return cleaned, {
-        "paragraphs_removed": later.count(),
-        "documents_emptied": before - cleaned.count(),
-    }
+    batches = list(later.iter_batches(batch_format="numpy"))
+    ids = np.concatenate([b["id"] for b in batches])
+    positions = np.concatenate([b["position"] for b in batches])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], positions[order]
+
+
+@dataclass
+class Removals:
+    """What dedup decided, small enough to hand to every task (8 to 12 bytes per removal):
+    whole documents by id, and paragraphs by (document id, position)."""
+
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    paragraph_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    paragraph_positions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+
+    def remove(self, ids: np.ndarray) -> None:
+        self.ids = np.union1d(self.ids, ids)
+
+    def apply(self, batch: pa.Table) -> pa.Table:
+        """Ray Data UDF: the batch without the removed documents and paragraphs."""
+        batch = batch.filter(~np.isin(batch.column("id").to_numpy(), self.ids))
+        ids = batch.column("id").to_numpy()
+        edited = np.flatnonzero(np.isin(ids, self.paragraph_ids))
+        if not len(edited):
+            return batch
+        texts = batch.column("text").to_pylist()
+        for row in edited:
+            first, last = (
+                np.searchsorted(self.paragraph_ids, ids[row], side="left"),
+                np.searchsorted(self.paragraph_ids, ids[row], side="right"),
+            )
+            drop = set(self.paragraph_positions[first:last].tolist())
+            texts[row] = "\n\n".join(
+                p for i, p in enumerate(_paragraphs(texts[row])) if i not in drop
+            ).strip()
+        batch = batch.set_column(
+            batch.column_names.index("text"), "text", pa.array(texts, pa.string())
+        )
+        return batch.filter(pc.not_equal(batch.column("text"), ""))

@@ -21,30 +21,35 @@ class StatsCollector:
         self.stage_names = stage_names
         self.stats: dict[str, Any] = {}
 
+    COLUMNS = [
+        "drop",
+        "stage",
+        "bytes_in",
+        "bytes_out",
+        "bad_bytes",
+        "language",
+        "example",
+        "source",
+    ]
+
     def add_curated(self, curated: ray.data.Dataset) -> None:
-        columns = [
-            "drop",
-            "stage",
-            "bytes_in",
-            "bytes_out",
-            "bad_bytes",
-            "language",
-            "example",
-            "source",
-        ]
+        """Streams the columns in ``COLUMNS`` (and the PII counts): memory holds one batch."""
         pii_columns = [c for c in curated.schema().names if c.startswith("pii_")]
-        stages: list[np.ndarray] = []
-        bytes_in: list[np.ndarray] = []
+        last = len(self.stage_names)
+        documents = np.zeros(last + 1, np.int64)  # documents whose last stage reached is i
+        sizes = np.zeros(last + 1, np.int64)
         reasons: Counter[str] = Counter()
         examples: dict[str, list[dict[str, str]]] = {}
         languages: Counter[str] = Counter()
         pii: Counter[str] = Counter()
         bytes_out = bad_bytes = 0
-        for batch in curated.select_columns(columns + pii_columns).iter_batches(
+        for batch in curated.select_columns(self.COLUMNS + pii_columns).iter_batches(
             batch_format="numpy", batch_size=8192
         ):
-            stages.append(batch["stage"])
-            bytes_in.append(batch["bytes_in"])
+            documents += np.bincount(batch["stage"], minlength=last + 1)
+            sizes += np.bincount(
+                batch["stage"], weights=batch["bytes_in"], minlength=last + 1
+            ).astype(np.int64)
             bytes_out += int(batch["bytes_out"].sum())
             bad_bytes += int(batch["bad_bytes"].sum())
             for column in pii_columns:
@@ -58,23 +63,21 @@ class StatsCollector:
                     kept = examples.setdefault(str(drop), [])
                     if len(kept) < EXAMPLES_PER_REASON:
                         kept.append({"source": str(source), "text": str(example)})
-        stage = np.concatenate(stages) if stages else np.empty(0, int)
-        size = np.concatenate(bytes_in) if bytes_in else np.empty(0, int)
-        per_stage = []
-        for index, name in enumerate(self.stage_names):
-            entering, leaving = stage >= index, stage > index
-            per_stage.append(
-                {
-                    "stage": name,
-                    "documents_in": int(entering.sum()),
-                    "documents_out": int(leaving.sum()),
-                    "bytes_in": int(size[entering].sum()),
-                }
-            )
+        entering = np.cumsum(documents[::-1])[::-1]  # documents reaching stage i or later
+        entering_bytes = np.cumsum(sizes[::-1])[::-1]
+        per_stage = [
+            {
+                "stage": name,
+                "documents_in": int(entering[index]),
+                "documents_out": int(entering[index + 1]),
+                "bytes_in": int(entering_bytes[index]),
+            }
+            for index, name in enumerate(self.stage_names)
+        ]
         self.stats = {
-            "documents_in": int(len(stage)),
-            "documents_kept": int((stage > len(self.stage_names) - 1).sum()),
-            "bytes_in": int(size.sum()),
+            "documents_in": int(entering[0]),
+            "documents_kept": int(documents[last]),
+            "bytes_in": int(entering_bytes[0]),
             "bytes_kept": bytes_out,
             "undecodable_bytes": bad_bytes,
             "stages": per_stage,

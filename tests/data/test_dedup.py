@@ -1,4 +1,4 @@
-"""MinHash signatures, clustering, and the distributed fuzzy dedup on Ray Data."""
+"""MinHash signatures, clustering, and the distributed dedup steps on Ray Data."""
 
 import random
 
@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import ray
 
-from rayllm.data.dedup import FuzzyDedupConfig, MinHasher, clusters, estimated_jaccard, fuzzy_dedup
+from rayllm.data.dedup import (
+    FuzzyDedupConfig,
+    MinHasher,
+    ParagraphDedupConfig,
+    Removals,
+    clusters,
+    estimated_jaccard,
+    exact_duplicates,
+    near_duplicates,
+    paragraph_duplicates,
+)
 from rayllm.data.tokenizer import TokenizerConfig, train_tokenizer
 
 WORDS = [f"w{i}" for i in range(2000)]
@@ -44,9 +54,8 @@ def test_fuzzy_dedup_keeps_one_per_cluster(ray_cluster):
         for copy in range(3 if family < 3 else 1):
             text = base if copy == 0 else mutate(base, 0.03, 100 * family + copy)
             rows.append({"id": 1000 * family + copy, "text": text})
-    kept, stats = fuzzy_dedup(ray.data.from_items(rows), FuzzyDedupConfig(), partitions=2)
-    kept_ids = sorted(row["id"] for row in kept.take_all())
-    assert kept_ids == [0, 1000, 2000, 3000, 4000, 5000]
+    stats = near_duplicates(ray.data.from_items(rows), FuzzyDedupConfig(), partitions=2)
+    assert stats["removed_ids"].tolist() == [1, 2, 1001, 1002, 2001, 2002]
     assert stats["fuzzy_removed"] == 6
     assert stats["fuzzy_cluster_sizes"] == {"3": 3}
 
@@ -62,19 +71,34 @@ def test_tokenizer_kinds_round_trip(kind):
 
 
 def test_paragraph_dedup_keeps_the_first_copy(ray_cluster):
-    from rayllm.data.dedup import ParagraphDedupConfig, paragraph_dedup
-
     footer = "Subscribe to our newsletter for weekly updates on everything that happens in the town council."
     rows = [
         {"id": 1, "text": essay(1, 30) + "\n\n" + footer},
         {"id": 2, "text": essay(2, 30) + "\n\n" + footer + "\n\nshort line"},
         {"id": 3, "text": footer},
     ]
-    kept, stats = paragraph_dedup(
-        ray.data.from_items(rows), ParagraphDedupConfig(min_chars=50), partitions=2
+    docs = ray.data.from_items(rows)
+    removals = Removals()
+    removals.paragraph_ids, removals.paragraph_positions = paragraph_duplicates(
+        docs, ParagraphDedupConfig(min_chars=50), partitions=2
     )
-    texts = {row["id"]: row["text"] for row in kept.take_all()}
+    assert removals.paragraph_ids.tolist() == [2, 3]
+    texts = {
+        row["id"]: row["text"]
+        for row in docs.map_batches(removals.apply, batch_format="pyarrow").take_all()
+    }
     assert texts[1].endswith(footer)
     assert texts[2] == essay(2, 30) + "\n\nshort line"
-    assert 3 not in texts
-    assert stats == {"paragraphs_removed": 2, "documents_emptied": 1}
+    assert 3 not in texts  # emptied, so gone
+
+
+def test_exact_dedup_keeps_the_first_source(ray_cluster):
+    rows = [
+        {"id": 10, "hash": "aa", "source": "b.txt:1"},
+        {"id": 11, "hash": "aa", "source": "a.txt:7"},
+        {"id": 12, "hash": "aa", "source": "c.txt:2"},
+        {"id": 13, "hash": "bb", "source": "a.txt:8"},
+    ]
+    removed = exact_duplicates(ray.data.from_items(rows), partitions=2)
+    assert removed.tolist() == [10, 12]
+    assert exact_duplicates(ray.data.from_items(rows[2:]), partitions=2).size == 0

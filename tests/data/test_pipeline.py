@@ -9,6 +9,7 @@ import pytest
 from rayllm.config import build_config
 from rayllm.data.packing import read_shard
 from rayllm.data.pipeline import DataConfig, load_manifest, run
+from rayllm.errors import RayllmError
 
 STORY = (
     "The river rose in the spring and the people of the valley moved their animals to the hills. "
@@ -107,3 +108,12 @@ def test_curation_explains_every_document(ray_cluster, tmp_path):
     rows = [read_shard(str(tmp_path / "out" / f["path"])) for f in manifest["shards"]["train"]]
     assert np.concatenate(rows).shape[1] == 33
     assert not list(tmp_path.glob("out.staging-*"))
+
+
+def test_a_corpus_filtered_to_nothing_leaves_nothing_behind(ray_cluster, tmp_path):
+    source = tmp_path / "spam.jsonl"
+    source.write_text("\n".join(json.dumps({"text": "buy now " * 80}) for _ in range(5)))
+    config = DataConfig(corpus=str(source), output=str(tmp_path / "out"))
+    with pytest.raises(RayllmError, match="every one of the 5 documents .* filtered out"):
+        run(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spam.jsonl"]
