@@ -386,6 +386,50 @@ def bench_data(
     _emit(as_json, results, table)
 
 
+@bench_app.command("memory")
+def bench_memory(
+    corpus: str = "bible",
+    copies: Annotated[
+        list[int] | None, typer.Option(help="Corpus sizes, in copies of the corpus (repeatable).")
+    ] = None,
+    workers: int = 2,
+    block_mb: Annotated[
+        int, typer.Option(help="data.block_mb: small, so that the corpus outgrows a block.")
+    ] = 2,
+    dedup: Annotated[bool, typer.Option(help="Include the three dedup steps.")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Peak memory of the whole curation pipeline as the corpus grows."""
+    from rich.table import Table
+
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.data.bench import memory_scaling
+
+    connect(RayConfig())
+    results = memory_scaling(corpus, copies or [1, 4], workers, block_mb, dedup)
+    table = Table(
+        "copies",
+        "documents",
+        "MB",
+        "seconds",
+        "driver peak MB",
+        "largest worker peak MB",
+        "largest worker",
+        title=f"curation of {corpus}, {workers} workers, {block_mb} MB blocks",
+    )
+    for row in results:
+        table.add_row(
+            str(row["copies"]),
+            f"{row['documents']:,}",
+            f"{row['megabytes']:.1f}",
+            f"{row['seconds']:.1f}",
+            f"{row['driver_peak_mb']:,.0f}",
+            f"{row['worker_peak_mb']:,.0f}",
+            row["largest_worker"].removeprefix("ray::"),
+        )
+    _emit(as_json, results, table)
+
+
 def main() -> None:
     try:
         app()  # bad flags and arguments: typer prints the usage and exits 2

@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 
 from rayllm.data.corpora import cache_dir, resolve_source
@@ -116,13 +118,20 @@ def datatrove_python() -> Path:
     return home / "bin" / "python"
 
 
-def write_input(corpus: str, folder: Path, parts: int) -> dict[str, float]:
-    """The corpus's documents as ``parts`` JSON-lines files: one input both systems read."""
-    texts = [
+def write_input(corpus: str, folder: Path, parts: int, copies: int = 1) -> dict[str, float]:
+    """The corpus's documents as ``parts`` JSON-lines files: one input both systems read.
+
+    ``copies`` > 1 repeats the corpus, each copy marked so that it is a near-duplicate of the
+    original rather than an exact one: a larger corpus with the same kind of text.
+    """
+    original = [
         doc["text"]
         for path in resolve_source(corpus)
         for doc in read_documents(path, split="paragraph", text_field="text")
         if not doc["bad_record"]
+    ]
+    texts = [
+        f"Copy {copy}. {text}" if copy else text for copy in range(copies) for text in original
     ]
     folder.mkdir(parents=True, exist_ok=True)
     handles = [(folder / f"part-{i:03d}.jsonl").open("w") for i in range(parts)]
@@ -191,6 +200,73 @@ def throughput(corpus: str, workers: list[int], datatrove: bool = True) -> list[
                 measured = json.loads(baseline.stdout.strip().splitlines()[-1])
                 stage.note(f"{measured['kept']:,} kept")
             results.append(_row("datatrove", count, size, measured["kept"], measured["seconds"]))
+    return results
+
+
+class MemorySampler(threading.Thread):
+    """Peak memory of this driver and of the largest Ray worker process, sampled twice a second.
+
+    Both are unique set sizes: the object store's shared pages, which Ray bounds and spills to
+    disk, are not counted against the processes that map them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.driver_peak = self.worker_peak = 0
+        self.worker_name = ""
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        driver = psutil.Process()
+        while not self.done.wait(0.5):
+            self.driver_peak = max(self.driver_peak, driver.memory_full_info().uss)
+            for process in psutil.process_iter(["cmdline"]):
+                try:
+                    name = (process.info["cmdline"] or [""])[0]
+                    if name.startswith("ray::"):
+                        uss = process.memory_full_info().uss
+                        if uss > self.worker_peak:
+                            self.worker_peak, self.worker_name = uss, name
+                except psutil.Error:
+                    continue  # a worker that exited while being looked at
+
+    def __enter__(self) -> MemorySampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
+
+
+def memory_scaling(
+    corpus: str, copies: list[int], workers: int, block_mb: int, dedup: bool = True
+) -> list[dict[str, Any]]:
+    """The default pipeline on ``corpus`` repeated ``copies`` times (``dedup``: with the dedup
+    steps), with the peak memory of the driver and of the largest worker."""
+    results = []
+    for count in copies:
+        with tempfile.TemporaryDirectory(prefix="rayllm-bench-") as tmp:
+            size = write_input(corpus, Path(tmp) / "input", parts=8, copies=count)
+            config = DataConfig(
+                corpus=f"{tmp}/input", output=f"{tmp}/out", workers=workers, block_mb=block_mb
+            )
+            if not dedup:
+                config.exact_dedup = config.paragraph_dedup.enabled = False
+                config.fuzzy_dedup.enabled = False
+            with MemorySampler() as sampler:
+                stats = run(config, report=False)["stats"]
+        results.append(
+            {
+                "copies": count,
+                "documents": int(size["documents"]),
+                "megabytes": size["megabytes"],
+                "seconds": stats["seconds"],
+                "driver_peak_mb": sampler.driver_peak / 1e6,
+                "worker_peak_mb": sampler.worker_peak / 1e6,
+                "largest_worker": sampler.worker_name,
+            }
+        )
     return results
 
 

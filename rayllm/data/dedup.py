@@ -135,6 +135,15 @@ def _star_edges(group: pa.Table) -> pa.Table:
     return pa.table({"a": np.full(len(ids) - 1, ids[0], dtype=np.int64), "b": ids[1:]})
 
 
+def _unique_pairs(batch: pa.Table) -> pa.Table:
+    """Drop the repeats of a pair within one block: a near-duplicate pair meets in most bands,
+    and a partition's bands arrive together, so this shrinks the global dedup of pairs."""
+    pairs = np.unique(
+        np.stack([batch.column("a").to_numpy(), batch.column("b").to_numpy()]), axis=1
+    )
+    return pa.table({"a": pairs[0], "b": pairs[1]})
+
+
 def _confirm(batch: pa.Table, threshold: float) -> pa.Table:
     first = batch.column("signature_a").combine_chunks().flatten().to_numpy()
     second = batch.column("signature_b").combine_chunks().flatten().to_numpy()
@@ -181,8 +190,10 @@ def _confirmed_pairs(
 ) -> list[dict[str, Any]]:
     """Candidate pairs from the shared buckets, kept if their signatures agree enough."""
     colliding = bands.join(shared, "inner", num_partitions=partitions, on=("key",))
-    candidates = colliding.groupby("key", num_partitions=partitions).map_groups(
-        _star_edges, batch_format="pyarrow"
+    candidates = (
+        colliding.groupby("key", num_partitions=partitions)
+        .map_groups(_star_edges, batch_format="pyarrow")
+        .map_batches(_unique_pairs, batch_size=None, batch_format="pyarrow")
     )
     left = signatures.rename_columns({"id": "a", "signature": "signature_a"})
     right = signatures.rename_columns({"id": "b", "signature": "signature_b"})

@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -91,6 +92,10 @@ class DataConfig(StageConfig):
     sequences_per_shard: int = 8192
     workers: int = 2
     """Parallel actors for the stateful steps (language models, MinHash, tokenising)."""
+    block_mb: int = 32
+    """Megabytes per Ray Data block (and per shuffle batch; the dedup and packing passes read
+    the curated Parquet in blocks of this many compressed megabytes): what a worker holds at
+    a time, whatever the corpus size."""
 
 
 def build_blocks(config: DataConfig, quality: QualityModel | None = None) -> list[Block]:
@@ -132,8 +137,8 @@ def _read(batch: dict[str, Any], split: str, text_field: str, strict: bool) -> I
             yield pa.Table.from_pylist(chunk)
 
 
-PARQUET_ROWS = 16_384
-"""Documents per curated Parquet file at least: few files, since each read costs a task."""
+PARQUET_ROWS = 4096
+"""Documents per curated Parquet file (at least): few files, since each costs a read task."""
 
 
 class _Curate:
@@ -203,9 +208,6 @@ def run(config: DataConfig, report: bool = True) -> dict[str, Any]:
     """Curate ``config.corpus`` into ``config.output``; return the manifest (``report``: print
     the stats table at the end)."""
     started = time.time()
-    # Each dedup step re-reads the curated Parquet. Ray 2.60's V2 file datasource spends ~5 s
-    # listing files on every read; the V1 reader takes 0.2 s.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
     with Stage("data: reading") as stage:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
@@ -221,7 +223,8 @@ def run(config: DataConfig, report: bool = True) -> dict[str, Any]:
     fs, staging_path = fsspec.core.url_to_fs(staging)
     fs.makedirs(staging_path, exist_ok=True)
     try:
-        manifest = _curate(config, docs, files, fs, staging, started)
+        with _data_context(config):
+            manifest = _curate(config, docs, files, fs, staging, started)
     except BaseException:
         fs.rm(staging_path, recursive=True)  # nothing half-written is left where others look
         raise
@@ -229,6 +232,29 @@ def run(config: DataConfig, report: bool = True) -> dict[str, Any]:
     if report:
         print_stats(manifest["stats"])
     return manifest
+
+
+@contextmanager
+def _data_context(config: DataConfig) -> Iterator[None]:
+    """Ray Data settings for the curation run, restored afterwards."""
+    context = ray.data.DataContext.get_current()
+    settings = {
+        # Each dedup step re-reads the curated Parquet. Ray 2.60's V2 file datasource spends
+        # ~5 s listing files on every read; the V1 reader takes 0.2 s.
+        "use_datasource_v2": False,
+        # Every block the pipeline makes (read chunks, curated batches) stays under block_mb,
+        # and so does what a hash shuffle's map task gathers (1 GB by default).
+        "target_max_block_size": config.block_mb * 2**20,
+        "shuffle_input_batch_bytes": config.block_mb * 2**20,
+    }
+    previous = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(context, name, value)
 
 
 def _curate(
@@ -270,9 +296,9 @@ def _curate(
             f"filtered out ({collector.top_reasons()}); loosen the filters or check the corpus"
         )
 
-    # Blocks of ~64 MB: Ray would split even a small file into 2 per CPU, and a task per
-    # block costs more than the work in it.
-    blocks = max(partitions, math.ceil(fs.du(f"{staging_path}/work") / 64e6))
+    # Blocks of block_mb (Ray's default would split even a small file into 2 per CPU, and a
+    # task per block then costs more than the work in it).
+    blocks = max(partitions, math.ceil(fs.du(f"{staging_path}/work") / (config.block_mb * 1e6)))
     kept = (
         ray.data.read_parquet(
             work, columns=["id", "hash", "source", "drop"], override_num_blocks=blocks
