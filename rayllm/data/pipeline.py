@@ -1,11 +1,14 @@
 """The curation pipeline on Ray Data: documents in, a tokenizer and packed token shards out.
 
     read -> normalise -> language -> Gopher quality -> Gopher repetition -> C4 -> bad words
-         -> PII scrub -> exact dedup -> fuzzy dedup -> train tokenizer -> tokenise -> pack
+         -> PII scrub -> exact dedup -> paragraph dedup -> fuzzy dedup -> train tokenizer
+         -> tokenise -> pack
 
-Reading and the per-document blocks run as Ray Data tasks (one pass, each document carrying
-the reason it was dropped); dedup is distributed (hash shuffles and joins); packing streams the
-tokenised documents through the driver in order, so no token is lost between shards.
+Reading and the per-document blocks run in one streaming pass (each document carrying the
+reason it was dropped) that writes the curated documents to Parquet. The dedup steps are
+distributed (hash shuffles and joins of small index rows) and return what they remove; the
+removals are applied as the documents stream to the tokenizer trainer and then to the
+packer, which cuts sequences in order on the driver, so no token is lost between shards.
 Everything is written to a staging folder and moved into place with the manifest last: a shard
 set without a manifest is incomplete and training refuses it.
 """
@@ -257,6 +260,66 @@ def _data_context(config: DataConfig) -> Iterator[None]:
             setattr(context, name, value)
 
 
+class _CuratedParquet:
+    """The curated documents of a run, read back in blocks of ``block_mb``: only the kept ones,
+    with every dedup removal decided so far applied as they stream past."""
+
+    def __init__(self, url: str, block_mb: int, size: int, partitions: int):
+        self.url = url
+        # Ray would split even a small file into 2 blocks per CPU, and a task per block then
+        # costs more than the work in it.
+        self.blocks = max(partitions, math.ceil(size / (block_mb * 1e6)))
+        self.removals = Removals()
+
+    def read(self, columns: list[str]) -> ray.data.Dataset:
+        """``columns`` of the documents the filters kept, before any dedup."""
+        return (
+            ray.data.read_parquet(
+                self.url, columns=[*columns, "drop"], override_num_blocks=self.blocks
+            )
+            .filter(expr="drop == ''")
+            .drop_columns(["drop"])
+        )
+
+    def documents(self) -> ray.data.Dataset:
+        """``id``, ``hash`` and ``text`` of the documents still kept."""
+        return self.read(["id", "hash", "text"]).map_batches(
+            self.removals.apply, batch_format="pyarrow"
+        )
+
+
+def _deduplicate(
+    config: DataConfig,
+    curated: _CuratedParquet,
+    partitions: int,
+    stats: dict[str, Any],
+    timings: dict[str, float],
+) -> None:
+    """Exact, paragraph, then fuzzy dedup, each seeing the removals of the ones before."""
+    removals = curated.removals
+    if config.exact_dedup:
+        with Stage("data: exact dedup", timings, "exact_dedup") as stage:
+            removals.remove(exact_duplicates(curated.read(["id", "hash", "source"]), partitions))
+            stats["exact_duplicates"] = len(removals.ids)
+            stage.note(f"{stats['exact_duplicates']:,} exact duplicates removed")
+    if config.paragraph_dedup.enabled:
+        with Stage("data: paragraph dedup", timings, "paragraph_dedup") as stage:
+            removals.paragraph_ids, removals.paragraph_positions = paragraph_duplicates(
+                curated.documents(), config.paragraph_dedup, partitions
+            )
+            stats["paragraphs"] = {"paragraphs_removed": len(removals.paragraph_ids)}
+            stage.note(f"{len(removals.paragraph_ids):,} repeated paragraphs removed")
+    if config.fuzzy_dedup.enabled:
+        with Stage("data: fuzzy dedup (MinHash-LSH)", timings, "fuzzy_dedup") as stage:
+            fuzzy = near_duplicates(curated.documents(), config.fuzzy_dedup, partitions)
+            removals.remove(fuzzy["removed_ids"])
+            stats["fuzzy"] = {k: v for k, v in fuzzy.items() if k.startswith("fuzzy_")}
+            stage.note(
+                f"{fuzzy['fuzzy_removed']:,} near-duplicates in "
+                f"{fuzzy['fuzzy_clusters']:,} clusters removed"
+            )
+
+
 def _curate(
     config: DataConfig,
     docs: ray.data.Dataset,
@@ -296,53 +359,12 @@ def _curate(
             f"filtered out ({collector.top_reasons()}); loosen the filters or check the corpus"
         )
 
-    # Blocks of block_mb (Ray's default would split even a small file into 2 per CPU, and a
-    # task per block then costs more than the work in it).
-    blocks = max(partitions, math.ceil(fs.du(f"{staging_path}/work") / (config.block_mb * 1e6)))
-    kept = (
-        ray.data.read_parquet(
-            work, columns=["id", "hash", "source", "drop"], override_num_blocks=blocks
-        )
-        .filter(expr="drop == ''")
-        .drop_columns(["drop"])
-    )
-    removals = Removals()
-    if config.exact_dedup:
-        with Stage("data: exact dedup", timings, "exact_dedup") as stage:
-            removals.remove(exact_duplicates(kept, partitions))
-            stats["exact_duplicates"] = len(removals.ids)
-            stage.note(f"{stats['exact_duplicates']:,} exact duplicates removed")
-
-    def documents() -> ray.data.Dataset:
-        """The kept documents with every removal decided so far applied, streamed."""
-        return (
-            ray.data.read_parquet(
-                work, columns=["id", "hash", "text", "drop"], override_num_blocks=blocks
-            )
-            .filter(expr="drop == ''")
-            .drop_columns(["drop"])
-            .map_batches(removals.apply, batch_format="pyarrow")
-        )
-
-    if config.paragraph_dedup.enabled:
-        with Stage("data: paragraph dedup", timings, "paragraph_dedup") as stage:
-            removals.paragraph_ids, removals.paragraph_positions = paragraph_duplicates(
-                documents(), config.paragraph_dedup, partitions
-            )
-            stats["paragraphs"] = {"paragraphs_removed": len(removals.paragraph_ids)}
-            stage.note(f"{len(removals.paragraph_ids):,} repeated paragraphs removed")
-    if config.fuzzy_dedup.enabled:
-        with Stage("data: fuzzy dedup (MinHash-LSH)", timings, "fuzzy_dedup") as stage:
-            fuzzy = near_duplicates(documents(), config.fuzzy_dedup, partitions)
-            removals.remove(fuzzy["removed_ids"])
-            stats["fuzzy"] = {k: v for k, v in fuzzy.items() if k.startswith("fuzzy_")}
-            stage.note(
-                f"{fuzzy['fuzzy_removed']:,} near-duplicates in {fuzzy['fuzzy_clusters']:,} clusters removed"
-            )
+    curated = _CuratedParquet(work, config.block_mb, fs.du(f"{staging_path}/work"), partitions)
+    _deduplicate(config, curated, partitions, stats, timings)
 
     with Stage(f"data: train {config.tokenizer.kind} tokenizer", timings, "tokenizer") as stage:
         tokenizer = train_tokenizer(
-            (row["text"] for row in documents().select_columns(["text"]).iter_rows()),
+            (row["text"] for row in curated.documents().select_columns(["text"]).iter_rows()),
             config.tokenizer,
         )
         with tempfile.TemporaryDirectory(prefix="rayllm-tokenizer-") as local:
@@ -351,7 +373,7 @@ def _curate(
         stage.note(f"vocabulary {len(tokenizer):,}")
 
     with Stage("data: tokenise + pack", timings, "pack") as stage:
-        tokenised = documents().map_batches(
+        tokenised = curated.documents().map_batches(
             _Tokenise,
             fn_constructor_kwargs={
                 "tokenizer_json": tokenizer.backend_tokenizer.to_str(),
