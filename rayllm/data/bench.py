@@ -205,10 +205,12 @@ def throughput(corpus: str, workers: list[int], datatrove: bool = True) -> list[
 
 
 class MemorySampler(threading.Thread):
-    """Peak memory of this driver and of the largest Ray worker process, sampled twice a second.
+    """Peak private memory of this driver and of the largest Ray worker process, sampled
+    twice a second.
 
-    Both are unique set sizes: the object store's shared pages, which Ray bounds and spills to
-    disk, are not counted against the processes that map them.
+    Pages of Ray's object store that a process wrote count as private to it in the kernel's
+    accounting (its unique set size) until another process maps them; they belong to the
+    object store, which Ray bounds and spills to disk, so they are left out here.
     """
 
     def __init__(self) -> None:
@@ -220,14 +222,14 @@ class MemorySampler(threading.Thread):
     def run(self) -> None:
         driver = psutil.Process()
         while not self.done.wait(0.5):
-            self.driver_peak = max(self.driver_peak, driver.memory_full_info().uss)
+            self.driver_peak = max(self.driver_peak, _private_bytes(driver))
             for process in psutil.process_iter(["cmdline"]):
                 try:
                     name = (process.info["cmdline"] or [""])[0]
                     if name.startswith("ray::"):
-                        uss = process.memory_full_info().uss
-                        if uss > self.worker_peak:
-                            self.worker_peak, self.worker_name = uss, name
+                        private = _private_bytes(process)
+                        if private > self.worker_peak:
+                            self.worker_peak, self.worker_name = private, name
                 except psutil.Error:
                     continue  # a worker that exited while being looked at
 
@@ -238,6 +240,14 @@ class MemorySampler(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self.done.set()
         self.join()
+
+
+def _private_bytes(process: psutil.Process) -> int:
+    return sum(
+        m.private_clean + m.private_dirty
+        for m in process.memory_maps(grouped=True)
+        if "plasma" not in m.path
+    )
 
 
 def memory_scaling(

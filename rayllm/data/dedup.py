@@ -55,6 +55,12 @@ class FuzzyDedupConfig(StageConfig):
     seed: int = 1
 
 
+def index_bytes_per_document(config: FuzzyDedupConfig) -> int:
+    """Roughly what one document adds to the dedup index: its band rows, its signature, and its
+    content hash and source for exact dedup."""
+    return 16 * config.bands + 4 * config.bands * config.rows + 160
+
+
 def document_id(source: str) -> int:
     """A 63-bit id from where a document came from (``file:line``): unique per document."""
     return xxhash.xxh64_intdigest(source.encode()) & 0x7FFF_FFFF_FFFF_FFFF

@@ -38,6 +38,7 @@ from rayllm.data.dedup import (
     Removals,
     document_id,
     exact_duplicates,
+    index_bytes_per_document,
     near_duplicates,
     paragraph_duplicates,
 )
@@ -338,7 +339,6 @@ def _curate(
     staging_path = fsspec.core.url_to_fs(staging)[1]
     work = f"{staging}/work/curated"
     timings: dict[str, float] = {}
-    partitions = max(2, config.workers)
     quality = quality_model(config.classifier) if config.classifier.enabled else None
     blocks = build_blocks(config, quality)
     with Stage(f"data: {' -> '.join(b.name for b in blocks)}", timings, "curate") as stage:
@@ -359,6 +359,10 @@ def _curate(
             f"filtered out ({collector.top_reasons()}); loosen the filters or check the corpus"
         )
 
+    # Hash-shuffle partitions: one per worker at least, and more as the dedup index grows, so
+    # that none holds more than a block's worth of it.
+    index = stats["documents_kept"] * index_bytes_per_document(config.fuzzy_dedup)
+    partitions = max(2, config.workers, math.ceil(index / (config.block_mb * 2**20)))
     curated = _CuratedParquet(work, config.block_mb, fs.du(f"{staging_path}/work"), partitions)
     _deduplicate(config, curated, partitions, stats, timings)
 
