@@ -464,3 +464,12 @@ def load_manifest(url: str) -> dict[str, Any]:
         )
     with fs.open(f"{path}/manifest.json") as handle:
         return json.load(handle)
+
+
+def shard_dataset(url: str, split: str = "train") -> ray.data.Dataset:
+    """A finished shard set's sequences as a Ray Data dataset, one row of ``seq_len + 1``
+    tokens per sequence in column ``data``: for Ray Train's dataset ingestion, or any Ray
+    Data job over the tokens."""
+    manifest = load_manifest(url)
+    root = absolute_url(url).rstrip("/")
+    return ray.data.read_numpy([f"{root}/{shard['path']}" for shard in manifest["shards"][split]])

@@ -8,7 +8,7 @@ import pytest
 
 from rayllm.config import build_config
 from rayllm.data.packing import read_shard
-from rayllm.data.pipeline import DataConfig, load_manifest, run
+from rayllm.data.pipeline import DataConfig, load_manifest, run, shard_dataset
 from rayllm.errors import RayllmError
 
 STORY = (
@@ -107,6 +107,10 @@ def test_curation_explains_every_document(ray_cluster, tmp_path):
     assert loaded == manifest
     rows = [read_shard(str(tmp_path / "out" / f["path"])) for f in manifest["shards"]["train"]]
     assert np.concatenate(rows).shape[1] == 33
+    through_ray_data = np.stack(
+        [r["data"] for r in shard_dataset(str(tmp_path / "out")).take_all()]
+    )
+    assert sorted(map(tuple, through_ray_data)) == sorted(map(tuple, np.concatenate(rows)))
     assert not list(tmp_path.glob("out.staging-*"))
 
 
