@@ -10,6 +10,7 @@ filter and sign, bucket, cluster, then drop the duplicates, each stage on a
 prints one JSON object: documents in and kept, and seconds per stage and in all.
 """
 
+import gzip
 import json
 import sys
 import time
@@ -99,8 +100,6 @@ def main(
 
 
 def _lines(path: Path):
-    import gzip
-
     with gzip.open(path, "rt") as handle:
         yield from handle
 

@@ -130,9 +130,24 @@ def _band_rows(batch: pa.Table, bands: int, rows: int) -> pa.Table:
     return pa.table({"key": keys.ravel(), "id": ids})
 
 
+def _repeated_values(dataset: ray.data.Dataset, column: str, partitions: int) -> ray.data.Dataset:
+    """The values of ``column`` that occur two or more times (a vectorised count)."""
+    return (
+        dataset.groupby(column, num_partitions=partitions)
+        .count()
+        .map_batches(_repeated, fn_kwargs={"column": column}, batch_format="pyarrow")
+        .materialize()
+    )
+
+
 def _repeated(counts: pa.Table, column: str) -> pa.Table:
-    """From a ``groupby(column).count()`` batch: the values that occur two or more times."""
     return pa.table({column: counts.column(column).filter(pc.greater(counts.column("count()"), 1))})
+
+
+def _columns(dataset: ray.data.Dataset, *names: str) -> list[np.ndarray]:
+    """Whole columns of a small dataset (dedup decisions) gathered on the driver."""
+    batches = list(dataset.select_columns(list(names)).iter_batches(batch_format="numpy"))
+    return [np.concatenate([batch[name] for batch in batches]) for name in names]
 
 
 def _star_edges(group: pa.Table) -> pa.Table:
@@ -232,12 +247,7 @@ def near_duplicates(
     bands = signatures.map_batches(
         _band_rows, fn_kwargs={"bands": config.bands, "rows": config.rows}, batch_format="pyarrow"
     ).materialize()
-    shared = (
-        bands.groupby("key", num_partitions=partitions)
-        .count()
-        .map_batches(_repeated, fn_kwargs={"column": "key"}, batch_format="pyarrow")
-        .materialize()
-    )
+    shared = _repeated_values(bands, "key", partitions)
     confirmed = (
         _confirmed_pairs(bands, shared, signatures, config, partitions) if shared.count() else []
     )
@@ -268,7 +278,7 @@ def exact_duplicates(index: ray.data.Dataset, partitions: int) -> np.ndarray:
     copies = index.join(groups, "inner", num_partitions=partitions, on=("hash",)).map_batches(
         _later_sources, batch_format="pyarrow"
     )
-    return np.sort(np.concatenate([b["id"] for b in copies.iter_batches(batch_format="numpy")]))
+    return np.sort(_columns(copies, "id")[0])
 
 
 def _shared_hashes(groups: pa.Table) -> pa.Table:
@@ -330,12 +340,7 @@ def paragraph_duplicates(
     rows = docs.map_batches(
         _paragraph_rows, fn_kwargs={"min_chars": config.min_chars}, batch_format="pyarrow"
     ).materialize()
-    repeated = (
-        rows.groupby("hash", num_partitions=partitions)
-        .count()
-        .map_batches(_repeated, fn_kwargs={"column": "hash"}, batch_format="pyarrow")
-        .materialize()
-    )
+    repeated = _repeated_values(rows, "hash", partitions)
     if not repeated.count():
         return np.empty(0, np.int64), np.empty(0, np.int32)
     later = (
@@ -343,9 +348,7 @@ def paragraph_duplicates(
         .groupby("hash", num_partitions=partitions)
         .map_groups(_later_copies, batch_format="pyarrow")
     )
-    batches = list(later.iter_batches(batch_format="numpy"))
-    ids = np.concatenate([b["id"] for b in batches])
-    positions = np.concatenate([b["position"] for b in batches])
+    ids, positions = _columns(later, "id", "position")
     order = np.argsort(ids, kind="stable")
     return ids[order], positions[order]
 

@@ -21,19 +21,18 @@ class StatsCollector:
         self.stage_names = stage_names
         self.stats: dict[str, Any] = {}
 
-    COLUMNS = [
-        "drop",
-        "stage",
-        "bytes_in",
-        "bytes_out",
-        "bad_bytes",
-        "language",
-        "example",
-        "source",
-    ]
-
     def add_curated(self, curated: ray.data.Dataset) -> None:
-        """Streams the columns in ``COLUMNS`` (and the PII counts): memory holds one batch."""
+        """Streams the per-document columns (never the text): memory holds one batch."""
+        columns = [
+            "drop",
+            "stage",
+            "bytes_in",
+            "bytes_out",
+            "bad_bytes",
+            "language",
+            "example",
+            "source",
+        ]
         pii_columns = [c for c in curated.schema().names if c.startswith("pii_")]
         last = len(self.stage_names)
         documents = np.zeros(last + 1, np.int64)  # documents whose last stage reached is i
@@ -43,7 +42,7 @@ class StatsCollector:
         languages: Counter[str] = Counter()
         pii: Counter[str] = Counter()
         bytes_out = bad_bytes = 0
-        for batch in curated.select_columns(self.COLUMNS + pii_columns).iter_batches(
+        for batch in curated.select_columns(columns + pii_columns).iter_batches(
             batch_format="numpy", batch_size=8192
         ):
             documents += np.bincount(batch["stage"], minlength=last + 1)
