@@ -1,15 +1,15 @@
-# Two commands on a fresh machine with Python 3.11: `make quickstart` and `make test`.
+# Two commands on a fresh machine with Python 3.11: `make lifecycle` and `make test`.
 # Both set up .venv first (idempotent: seconds when nothing changed).
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test lint format
+.PHONY: install lifecycle test lint format
 
 install:
 	@bash cluster/install.sh $(VENV)
 
-quickstart: install
-	$(BIN)/rayllm quickstart $(ARGS)
+lifecycle: install
+	$(BIN)/rayllm lifecycle $(ARGS)
 
 test: install
 	$(BIN)/ruff check rayllm jobs tests

@@ -70,7 +70,7 @@ DS_BUILD_OPS=0 pip_install ninja packaging psutil py-cpuinfo hjson pydantic
 pip_install -c "$constraints" --no-build-isolation "deepspeed==0.19.8"
 
 echo "rayllm: installing the serving engine ($vllm_spec) and rayllm"
-pip_install -c "$constraints" "$vllm_spec" -e "$here[dev,$engine_extra]"
+pip_install -c "$constraints" "$vllm_spec" -e "$here[dev,s3,$engine_extra]"
 if [[ $gpu == 0 ]]; then
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi

@@ -7,7 +7,6 @@ User errors print one line and exit 2; anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +15,7 @@ import typer
 
 from rayllm.config import dump_config, load_config
 from rayllm.errors import RayllmError
+from rayllm.paths import check_replaceable
 from rayllm.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -39,11 +39,13 @@ RootOption = Annotated[
 
 
 @app.command()
-def quickstart(config: ConfigOption = None, set: SetOption = None) -> None:
+def lifecycle(config: ConfigOption = None, set: SetOption = None) -> None:
     """Curate Shakespeare, pretrain with ZeRO-2 on 2 workers, publish, serve, and query it."""
     from rayllm.lifecycle import LifecycleConfig, run
 
-    run(load_config(LifecycleConfig, config, set or ()))
+    settings = load_config(LifecycleConfig, config, set or ())
+    settings.stages()  # conflicting hand-offs fail before Ray starts
+    run(settings)
 
 
 @app.command()
@@ -53,60 +55,61 @@ def data(config: ConfigOption = None, set: SetOption = None) -> None:
     from rayllm.data.corpora import resolve_source
     from rayllm.data.pipeline import DataConfig, run
 
-    settings = load_config(DataConfig, config, set or ())
-    resolve_source(settings.corpus)  # a bad corpus fails before Ray starts
+    settings = load_config(DataConfig, config, set or ()).with_work_paths()
+    resolve_source(settings.corpus)  # a bad corpus or output fails before Ray starts
+    check_replaceable(settings.output, settings.overwrite, "data.output", "output")
     connect(RayConfig())
-    manifest = run(settings)
-    console.print(f"shards, tokenizer and stats.json written to {settings.output}")
-    if manifest["stats"]["documents_kept"] == 0:
-        raise RayllmError("no documents were kept")
+    result = run(settings)
+    console.print(f"shards, tokenizer and stats.json written to {result.output}")
 
 
 @app.command()
-def train(
-    config: ConfigOption = None,
-    set: SetOption = None,
-    output: Annotated[
-        Path, typer.Option(help="Where to write the Hugging Face-format model.")
-    ] = Path("rayllm-work/model"),
-) -> None:
+def train(config: ConfigOption = None, set: SetOption = None) -> None:
     """Pretrain on finished token shards with Ray Train (ZeRO or DDP)."""
     from rayllm.cluster import RayConfig, connect
-    from rayllm.data.pipeline import load_manifest
-    from rayllm.paths import absolute_url
+    from rayllm.data.shards import load_manifest
     from rayllm.train.config import TrainConfig
     from rayllm.train.trainer import run
 
-    settings = load_config(TrainConfig, config, set or ())
-    load_manifest(absolute_url(settings.data))  # missing shards fail before Ray starts
+    settings = load_config(TrainConfig, config, set or ()).with_work_paths()
+    load_manifest(settings.data)  # missing shards or a bad output fail before Ray starts
+    check_replaceable(settings.output, settings.overwrite, "train.output", "output")
     connect(RayConfig())
-    result = run(settings, output)
-    console.print(f"model written to {result.hf_model}")
+    result = run(settings)
+    console.print(f"model written to {result.model}")
 
 
 @app.command()
-def serve(config: ConfigOption = None, set: SetOption = None, root: RootOption = None) -> None:
-    """Serve a registry version behind OpenAI routes until interrupted."""
+def serve(config: ConfigOption = None, set: SetOption = None) -> None:
+    """Serve a registry version behind OpenAI routes until interrupted (Ctrl-C removes the app)."""
     import time
 
     from rayllm.cluster import RayConfig, connect
-    from rayllm.serve.app import ServeConfig, deploy
+    from rayllm.registry.store import Registry
+    from rayllm.serve.app import ServeConfig, deploy, pin_version, shutdown
 
     settings = load_config(ServeConfig, config, set or ())
-    registry = _registry(root)
-    registry.resolve(settings.model)  # a bad reference fails before Ray starts
+    pin_version(settings, Registry(settings.registry_root()))  # fails before Ray starts
     connect(RayConfig())
-    endpoint = deploy(settings, registry)
-    console.print(f"serving {endpoint['model']} at {endpoint['url']}/v1; Ctrl-C to stop")
-    while True:
-        time.sleep(3600)
+    endpoint = deploy(settings)
+    console.print(f"serving {endpoint.version} at {endpoint.url}/v1; Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown(settings)
+        console.print(f"stopped serving {endpoint.version}")
+
+
+UrlOption = Annotated[str, typer.Option(help="Endpoint base URL.")]
+ModelOption = Annotated[str, typer.Option(help="Served model id.")]
 
 
 @app.command()
 def complete(
     prompt: str,
-    url: Annotated[str, typer.Option(help="Endpoint base URL.")] = "http://127.0.0.1:8000",
-    model: Annotated[str, typer.Option(help="Served model id.")] = "shakespeare",
+    url: UrlOption = "http://127.0.0.1:8000",
+    model: ModelOption = "shakespeare",
     max_tokens: int = 64,
 ) -> None:
     """Stream one completion from a running endpoint."""
@@ -118,34 +121,58 @@ def complete(
     console.print()
 
 
+@app.command()
+def chat(
+    message: str,
+    url: UrlOption = "http://127.0.0.1:8000",
+    model: ModelOption = "shakespeare",
+    system: Annotated[str | None, typer.Option(help="A system message first.")] = None,
+    max_tokens: int = 64,
+) -> None:
+    """Send one user message to the chat route and print the reply."""
+    from rayllm.client import Client
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": message}
+    ]
+    with Client(url, model) as client:
+        console.print(client.chat(messages, max_tokens=max_tokens), markup=False)
+
+
 @app.command("config")
 def show_config(
-    stage: Annotated[str, typer.Argument(help="quickstart | data | train | serve")] = "quickstart",
+    stage: Annotated[str, typer.Argument(help="lifecycle | data | train | serve")] = "lifecycle",
+    config: ConfigOption = None,
+    set: SetOption = None,
 ) -> None:
-    """Print a stage's full default config as YAML (a starting point to copy)."""
+    """Print a stage's full config as YAML: its defaults, or a recipe (--config) with its
+    overrides applied and checked, as the stage would run it."""
     from rayllm.data.pipeline import DataConfig
     from rayllm.lifecycle import LifecycleConfig
     from rayllm.serve.app import ServeConfig
     from rayllm.train.config import TrainConfig
 
     stages = {
-        "quickstart": LifecycleConfig,
+        "lifecycle": LifecycleConfig,
         "data": DataConfig,
         "train": TrainConfig,
         "serve": ServeConfig,
     }
     if stage not in stages:
         raise RayllmError(f"unknown stage {stage!r}; choose one of {', '.join(stages)}")
-    print(dump_config(stages[stage]()), end="")
+    settings = load_config(stages[stage], config, set or ())
+    if isinstance(settings, LifecycleConfig):
+        settings.stages()  # conflicting hand-offs are errors here too
+    print(dump_config(settings), end="")
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _registry(root: str | None):
-    from rayllm.registry.store import Registry
+    from rayllm.registry.store import Registry, default_registry
 
-    return Registry(root or os.environ.get("RAYLLM_REGISTRY") or "rayllm-work/registry")
+    return Registry(root or default_registry())
 
 
 def _emit(as_json: bool, payload: object, table=None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from pathlib import Path
 
 import ray
 
@@ -25,12 +24,7 @@ class RayConfig(StageConfig):
 
 def connect(config: RayConfig) -> None:
     """Initialise Ray once per process; a bad address is a user error, not a hang."""
-    # rayllm prints its own progress; Ray's INFO logs still go to the session's log files.
-    os.environ.setdefault(
-        "RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml"))
-    )
-    for name in ("ray.data", "ray.serve", "ray.train"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_consoles()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -43,11 +37,28 @@ def connect(config: RayConfig) -> None:
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
             raise RayllmError(
                 f"cannot reach the Ray cluster at {address!r} ({str(err).splitlines()[0]}); "
-                "start it with `ray start --head`, fix RAY_ADDRESS, or unset it to run locally"
+                "start it with `ray start --head`, fix RAY_ADDRESS, or unset it to run locally; "
+                "a cluster with token authentication also needs RAY_AUTH_MODE=token and its "
+                "token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
             ) from None
         return
     cpus = config.num_cpus or max(8, 2 * (os.cpu_count() or 1))
     ray.init(num_cpus=cpus, _temp_dir=config.temp_dir, **options)
+
+
+def quiet_ray_consoles() -> None:
+    """rayllm prints one progress line per stage: Ray's libraries print only warnings to the
+    console. Ray Data's full log still goes to ray-data.log in the session folder (its file
+    handler keeps its level; only the console handlers are raised)."""
+    import ray.data  # noqa: F401  (configures the ray.data loggers on import)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(logging.WARNING)
+    for name in ("ray.serve", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rayllm.errors import RayllmError
+from rayllm.paths import absolute_url
 
 C = TypeVar("C", bound="StageConfig")
+
+WORKDIR = "rayllm-work"
+"""Where stages put what they write when the config names no place."""
 
 
 class StageConfig(BaseModel):
     """Base of every rayllm config: unknown keys are errors, every knob has a default."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    work_paths: ClassVar[dict[str, str]] = {}
+    """Path fields left unset (None) default to these folders under the work directory."""
+
+    def with_work_paths(self, workdir: str = WORKDIR) -> Self:
+        """This config with every unset path filled in under ``workdir``; set ones are kept."""
+        unset = {
+            key: absolute_url(f"{workdir.rstrip('/')}/{folder}")
+            for key, folder in self.work_paths.items()
+            if getattr(self, key) is None
+        }
+        return self.model_copy(update=unset)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

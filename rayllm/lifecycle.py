@@ -1,40 +1,45 @@
-"""The whole lifecycle in one run: curate -> train -> evaluate -> publish -> serve -> query."""
+"""The whole lifecycle in one run: curate -> train -> evaluate -> publish -> serve -> query.
+
+Each stage is ``run(config) -> Result``; this module only chains the Results: the training
+stage reads what the data stage wrote, serving serves the version the registry stage
+published. Paths left unset go under ``workdir``; a hand-off the user set to something else
+than what the previous stage produced is an error naming the key, never silently replaced.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import subprocess
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import model_validator
 from rich.table import Table
 
-import rayllm
 from rayllm.client import Client
 from rayllm.cluster import RayConfig, connect
-from rayllm.config import StageConfig
+from rayllm.config import WORKDIR, StageConfig
 from rayllm.data.dedup import FuzzyDedupConfig, ParagraphDedupConfig
 from rayllm.data.filters.c4 import C4Config
 from rayllm.data.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
 from rayllm.data.filters.language import LanguageConfig
 from rayllm.data.pipeline import DataConfig
 from rayllm.data.pipeline import run as run_data
+from rayllm.errors import RayllmError
 from rayllm.eval.perplexity import run_remote as evaluate
-from rayllm.paths import absolute_url
+from rayllm.paths import absolute_url, filesystem
 from rayllm.progress import Stage, console
-from rayllm.registry.store import Registry, RegistryConfig, check_name
+from rayllm.registry.importers import import_folder
+from rayllm.registry.store import Registry, RegistryConfig, check_name, split_ref
 from rayllm.serve.app import ServeConfig, deploy
 from rayllm.train.config import TrainConfig
 from rayllm.train.trainer import run as run_train
 
-QUICKSTART_DATA = DataConfig(
+LIFECYCLE_DATA = DataConfig(
     # Shakespeare's paragraphs are speeches, often a line or two of verse: the Gopher rules are
     # relaxed for them; the repetition rules (meant for documents of 50+ words) and C4's line
     # rules (terminal punctuation would strip verse) are off. Language ID and fuzzy dedup are
-    # off to keep the quickstart quick: `rayllm data` runs them all by default.
+    # off to keep the run quick: `rayllm data` runs them all by default.
     language=LanguageConfig(enabled=False),
     gopher_quality=GopherQualityConfig(
         min_words=5,
@@ -51,116 +56,124 @@ QUICKSTART_DATA = DataConfig(
 
 
 class LifecycleConfig(StageConfig):
-    """One config for the whole run; the stage paths all live under ``workdir``."""
+    """One config for the whole run: every stage's own config, chained."""
 
-    workdir: str = "rayllm-work"
+    workdir: str = WORKDIR
+    """Where every path a stage leaves unset goes (data/, model/, runs/, registry/)."""
     model_name: str = "shakespeare"
+    """The registry name the trained model is published and served under."""
     ray: RayConfig = RayConfig()
-    data: DataConfig = QUICKSTART_DATA
+    data: DataConfig = LIFECYCLE_DATA
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     prompts: list[str] = ["ROMEO.\nBut soft, what light", "KING HENRY.\nOnce more unto the breach,"]
+    """Completions asked of the served model; the first one is streamed."""
+    chat: str = "Speak of the sea."
+    """One user message sent to the chat route."""
     max_tokens: int = 48
 
-    def wired(self) -> LifecycleConfig:
-        """Point each stage at the previous one's output, under ``workdir``."""
-        work = absolute_url(self.workdir)
+    @model_validator(mode="after")
+    def _check(self) -> LifecycleConfig:
         check_name(self.model_name)
-        return self.model_copy(
-            update={
-                "data": self.data.model_copy(update={"output": f"{work}/data"}),
-                "train": self.train.model_copy(
-                    update={"data": f"{work}/data", "storage": f"{work}/runs"}
-                ),
-                "registry": self.registry.model_copy(update={"root": f"{work}/registry"})
-                if self.registry.root == RegistryConfig().root
-                else self.registry,
-                "serve": self.serve.model_copy(update={"model": self.model_name}),
-            }
-        )
+        return self
+
+    def stages(self) -> tuple[DataConfig, TrainConfig, str, ServeConfig]:
+        """Each stage's config with its unset paths under ``workdir`` and its inputs taken from
+        the stage before; a conflicting setting is an error that names the key to change."""
+        data = self.data.with_work_paths(self.workdir)
+        train = self.train.with_work_paths(self.workdir)
+        if self.train.data is not None and absolute_url(self.train.data) != absolute_url(
+            data.output
+        ):
+            raise RayllmError(
+                f"train.data is {self.train.data!r} but the lifecycle trains on what its data "
+                f"stage writes ({data.output}); remove train.data or set data.output instead"
+            )
+        train = train.model_copy(update={"data": absolute_url(data.output)})
+        root = self.registry.root_url(self.workdir)
+        if self.serve.registry is not None and absolute_url(self.serve.registry) != root:
+            raise RayllmError(
+                f"serve.registry is {self.serve.registry!r} but the lifecycle publishes to "
+                f"{root}; remove serve.registry or set registry.root instead"
+            )
+        if self.serve.model is not None and split_ref(self.serve.model)[0] != self.model_name:
+            raise RayllmError(
+                f"serve.model is {self.serve.model!r} but the lifecycle serves the version it "
+                f"publishes as {self.model_name!r}; remove serve.model or set model_name instead"
+            )
+        return data, train, root, self.serve.model_copy(update={"registry": root})
 
 
-def code_version() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(rayllm.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return f"rayllm {rayllm.__version__}" + (f" ({commit})" if commit else "")
+@dataclass(frozen=True)
+class LifecycleResult:
+    """The figures of every stage, as the report shows them (also written as JSON)."""
+
+    data: dict[str, Any]
+    train: dict[str, Any]
+    eval: dict[str, Any]
+    registry: dict[str, Any]
+    serve: dict[str, Any]
+    completions: list[dict[str, str]]
+    chat: dict[str, str]
+    seconds: float
 
 
-def run(config: LifecycleConfig) -> dict[str, Any]:
-    """Run every stage; return the figures the report shows."""
-    config = config.wired()
-    report: dict[str, Any] = {"started": time.time()}
+def run(config: LifecycleConfig) -> LifecycleResult:
+    """Run every stage; print the report and write it to ``<workdir>/lifecycle-report.json``."""
+    data_config, train_config, registry_root, serve_config = config.stages()
+    started = time.time()
     connect(config.ray)
 
-    started = time.time()
-    manifest = run_data(config.data)
-    report["data"] = {"seconds": time.time() - started, **manifest["stats"]}
-
-    work = Path(config.workdir).expanduser().resolve()
-    model_dir = work / "model"
-    trained = run_train(config.train, model_dir)
-    for item in (Path(config.data.output) / "tokenizer").iterdir():
-        shutil.copy(item, model_dir / item.name)
-    report["train"] = {"seconds": trained.seconds, **trained.metrics}
+    data = run_data(data_config)
+    trained = run_train(train_config.model_copy(update={"data": data.output}))
 
     with Stage("eval: held-out perplexity") as stage:
-        started = time.time()
-        scores = evaluate(str(model_dir), config.data.output, manifest["shards"]["val"])
-        report["eval"] = {"seconds": time.time() - started, **scores}
+        eval_started = time.time()
+        scores = evaluate(trained.model, data.output, data.manifest["shards"]["val"])
         stage.note(f"perplexity {scores['perplexity']:.1f} over {scores['tokens']:,} tokens")
+    eval_seconds = time.time() - eval_started
 
     with Stage("registry: publish") as stage:
-        started = time.time()
-        registry = Registry(config.registry.root)
-        manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
-        version = registry.publish(
-            config.model_name,
-            model_dir,
-            lineage={
-                "parent": None,
-                "data": {
-                    "url": config.data.output,
-                    "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                },
-                "training": config.train.model_dump(mode="json"),
-                "checkpoint": trained.checkpoint_path,
-                "metrics": {**trained.metrics, **scores},
-                "code": code_version(),
-            },
+        publish_started = time.time()
+        version = import_folder(
+            Registry(registry_root), config.model_name, trained.model, metrics=scores
         )
-        report["registry"] = {
-            "seconds": time.time() - started,
-            "ref": version.ref,
-            "root": registry.url,
-        }
-        stage.note(f"{version.ref} in {registry.url}")
+        stage.note(f"{version.ref} in {registry_root}")
+    publish_seconds = time.time() - publish_started
 
-    started = time.time()
-    endpoint = deploy(config.serve.model_copy(update={"model": version.ref}), registry)
-    report["serve"] = {"seconds": time.time() - started, **endpoint}
+    serve_started = time.time()
+    endpoint = deploy(serve_config.model_copy(update={"model": version.ref}))
+    serve_seconds = time.time() - serve_started
 
-    with Stage("client: completions") as stage:
-        started = time.time()
-        report["completions"] = _query(endpoint, config)
-        report["client"] = {"seconds": time.time() - started}
-        stage.note(f"{len(config.prompts)} prompts answered")
-    report["seconds"] = time.time() - report.pop("started")
-    print_report(report)
-    return report
+    with Stage("client: completions and chat") as stage:
+        client_started = time.time()
+        completions, chat = _query(endpoint.url, endpoint.model, config)
+        stage.note(f"{len(completions)} completions and 1 chat reply")
+
+    result = LifecycleResult(
+        data={"seconds": data.seconds, "output": data.output, **data.stats},
+        train={"seconds": trained.seconds, "model": trained.model, **trained.metrics},
+        eval={"seconds": eval_seconds, **scores},
+        registry={"seconds": publish_seconds, "ref": version.ref, "root": registry_root},
+        serve={"seconds": serve_seconds, **asdict(endpoint)},
+        completions=completions,
+        chat=chat,
+        seconds=time.time() - started,
+    )
+    client_seconds = time.time() - client_started
+    print_report(result, client_seconds)
+    fs, path = filesystem(config.workdir)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/lifecycle-report.json", json.dumps(asdict(result), indent=2).encode())
+    return result
 
 
-def _query(endpoint: dict[str, Any], config: LifecycleConfig) -> list[dict[str, str]]:
+def _query(
+    url: str, model: str, config: LifecycleConfig
+) -> tuple[list[dict[str, str]], dict[str, str]]:
     answers = []
-    with Client(endpoint["url"], endpoint["model"]) as client:
+    with Client(url, model) as client:
         for index, prompt in enumerate(config.prompts):
             console.print(f"\n[bold]{prompt}[/]", end="")
             if index == 0:  # the first one streamed, token by token
@@ -174,12 +187,15 @@ def _query(endpoint: dict[str, Any], config: LifecycleConfig) -> list[dict[str, 
                 console.print(text, markup=False, end="")
             console.print()
             answers.append({"prompt": prompt, "completion": text})
-    return answers
+        reply = client.chat([{"role": "user", "content": config.chat}], config.max_tokens)
+        console.print(f"\n[bold]user:[/] {config.chat}\n[bold]assistant:[/] ", end="")
+        console.print(reply, markup=False)
+    return answers, {"user": config.chat, "assistant": reply}
 
 
-def print_report(report: dict[str, Any]) -> None:
-    data, train, evals = report["data"], report["train"], report["eval"]
-    table = Table(title="rayllm quickstart", show_lines=False)
+def print_report(result: LifecycleResult, client_seconds: float) -> None:
+    data, train, evals = result.data, result.train, result.eval
+    table = Table(title="rayllm lifecycle", show_lines=False)
     table.add_column("stage")
     table.add_column("result")
     table.add_column("time", justify="right")
@@ -201,18 +217,18 @@ def print_report(report: dict[str, Any]) -> None:
     )
     table.add_row(
         "registry",
-        f"{report['registry']['ref']} in {report['registry']['root']}",
-        f"{report['registry']['seconds']:.0f} s",
+        f"{result.registry['ref']} in {result.registry['root']}",
+        f"{result.registry['seconds']:.0f} s",
     )
     table.add_row(
         "serve",
-        f"{report['serve']['url']}/v1  (model {report['serve']['model']})",
-        f"{report['serve']['seconds']:.0f} s",
+        f"{result.serve['url']}/v1  (model {result.serve['model']})",
+        f"{result.serve['seconds']:.0f} s",
     )
     table.add_row(
         "client",
-        f"{len(report['completions'])} completions, 1 streamed",
-        f"{report['client']['seconds']:.0f} s",
+        f"{len(result.completions)} completions (1 streamed), 1 chat reply",
+        f"{client_seconds:.0f} s",
     )
-    table.add_row("total", "", f"{report['seconds']:.0f} s")
+    table.add_row("total", "", f"{result.seconds:.0f} s")
     console.print(table)

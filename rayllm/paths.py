@@ -1,10 +1,26 @@
-"""Turning user paths into URLs every process of the cluster reads the same way."""
+"""Where rayllm reads and writes: URLs every process reads the same way, the cache, and
+publishing a finished folder so that readers never see half of it."""
 
 from __future__ import annotations
 
 import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import fsspec
+
+from rayllm.errors import RayllmError
+
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+"""fsspec protocols whose filesystem ships as a rayllm extra (``pip install 'rayllm[s3]'``)."""
+
+
+def cache_dir() -> Path:
+    """rayllm's cache root: ``$RAYLLM_CACHE`` or ``~/.cache/rayllm``."""
+    return Path(os.environ.get("RAYLLM_CACHE", Path.home() / ".cache" / "rayllm"))
 
 
 def absolute_url(url: str) -> str:
@@ -17,3 +33,82 @@ def absolute_url(url: str) -> str:
 def is_local(url: str) -> bool:
     protocol = fsspec.core.split_protocol(url)[0]
     return protocol in (None, "file", "local")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of ``url``; an unknown protocol, a missing extra or a
+    bucket that does not exist is a user error naming the fix."""
+    protocol = fsspec.core.split_protocol(url)[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(absolute_url(url))
+    except ValueError as err:
+        raise RayllmError(
+            f"{url}: unknown storage protocol {protocol!r} ({err}); use a local path or an "
+            "fsspec URL such as s3://bucket/prefix or gs://bucket/prefix"
+        ) from None
+    except ImportError:
+        extra = EXTRAS.get(protocol or "", protocol)
+        raise RayllmError(
+            f"{url}: the {protocol}:// filesystem is not installed; pip install 'rayllm[{extra}]'"
+        ) from None
+    if protocol in EXTRAS:
+        bucket = path.split("/", 1)[0]
+        try:
+            reachable = fs.exists(bucket)
+        except (OSError, PermissionError) as err:
+            raise RayllmError(f"{url}: cannot reach bucket {bucket!r} ({err})") from None
+        if not reachable:
+            raise RayllmError(
+                f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                "create it or fix the URL"
+            )
+    return fs, path
+
+
+def parent(path: str) -> str:
+    return posixpath.dirname(path.rstrip("/"))
+
+
+def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Local disks need folders made; object stores have none and ignore this."""
+    fs.makedirs(parent(path), exist_ok=True)
+
+
+MARKER = "manifest.json"
+"""What every folder rayllm publishes holds once complete (shards, models, registry versions)."""
+
+
+def check_replaceable(url: str, overwrite: bool, what: str, key: str) -> None:
+    """Refuse to replace a folder rayllm did not write (no manifest) unless ``overwrite``."""
+    fs, path = filesystem(url)
+    if overwrite or not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise RayllmError(f"{what} {url} is a file; choose a folder path with {key}")
+    if fs.ls(path, detail=False) and not fs.exists(f"{path}/{MARKER}"):
+        raise RayllmError(
+            f"{what} {url} exists and was not written by rayllm (no {MARKER}); choose another "
+            f"{key} or pass overwrite=true to replace it"
+        )
+
+
+@contextmanager
+def staged_folder(url: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
+    """Write into a staging folder beside ``url``; on success it replaces ``url``, on failure it
+    is removed. Write ``manifest.json`` last: a reader trusts a folder only once it is there.
+
+    Yields the filesystem and the staging path.
+    """
+    fs, target = filesystem(url)
+    staging = f"{target.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(staging, exist_ok=True)
+    try:
+        yield fs, staging
+    except BaseException:
+        fs.rm(staging, recursive=True)
+        raise
+    if fs.exists(f"{target}/{MARKER}"):
+        fs.rm(f"{target}/{MARKER}")  # unpublish first: readers never see a mixed set
+    if fs.exists(target):
+        fs.rm(target, recursive=True)
+    fs.mv(staging, target, recursive=True)

@@ -1,16 +1,43 @@
-"""Shared fixtures: one isolated local Ray cluster and one tiny end-to-end run per session."""
+"""Shared fixtures: one object store, one Ray cluster and one tiny lifecycle per test session.
+
+- ``s3``: a real S3 API (moto's server) on 127.0.0.1, reached through the same ``s3://`` URLs
+  a user gives for AWS;
+- ``ray_head``: a Ray cluster started the way the README says (``ray start --head``), with its
+  own temp dir, ports and auth token; the test process joins it (``ray_cluster``);
+- ``tiny_run``: the README's ``ray job submit`` of ``jobs/lifecycle.py`` at reduced size,
+  publishing to the S3 registry and leaving its model served for the tests that query it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The session cluster's own token, set before anything imports Ray (which reads it once): a
+# head that finds a token turns authentication on, as one that finds ~/.ray/auth_token does.
+TOKEN = Path(tempfile.mkdtemp(prefix="rayllm-test-token-")) / "auth_token"
+TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN)
+os.environ["RAY_AUTH_MODE"] = "token"  # clients send it only when told to (README, On a cluster)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "rayllm-test"
+
+TINY_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 128}
+"""The smallest decoder vLLM's CPU kernels serve (head size 32)."""
 
 
 def free_port() -> int:
@@ -19,59 +46,156 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def overrides(settings: dict, prefix: str = "") -> list[str]:
+    """``--set`` arguments for a nested dict of settings."""
+    args = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            args += overrides(value, f"{prefix}{key}.")
+        else:
+            args += ["--set", f"{prefix}{key}={json.dumps(value)}"]
+    return args
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray of its own (temp dir, ports), shared by every test that needs one."""
+def s3():
+    """moto's S3 server on a free port; every process of the session (Ray's included, which
+    inherit this environment) reaches it through fsspec's endpoint setting."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ |= {
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    import fsspec
+
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # fsspec is imported
+    fsspec.filesystem("s3").mkdir(BUCKET)
+    yield {"endpoint": endpoint, "bucket": BUCKET}
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3):
+    """``ray start --head`` with its own temp dir, ports and token; stopped at the end."""
+    temp = tempfile.mkdtemp(prefix="rayllm-test-ray-")
+    port, dashboard = free_port(), free_port()
+    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"}
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=8",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for_port(dashboard, timeout_s=120)
+    yield {
+        "address": f"127.0.0.1:{port}",
+        "dashboard": f"http://127.0.0.1:{dashboard}",
+        "env": env,
+        "temp_dir": temp,
+    }
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head):
+    """This test process joined to the session's cluster."""
     import ray
 
-    temp = tempfile.mkdtemp(prefix="rayllm-test-ray-")
-    ray.init(
-        address="local",
-        num_cpus=8,
-        _temp_dir=temp,
-        dashboard_port=free_port(),
-        include_dashboard=True,
-        logging_level="WARNING",
-    )
-    yield
-    from ray import serve
-
-    serve.shutdown()
+    ray.init(address=ray_head["address"], logging_level="WARNING")
+    yield ray_head
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def tiny_run(ray_cluster, tmp_path_factory):
-    """The whole lifecycle at reduced size, run once; several tests read its outputs."""
-    from rayllm.config import build_config
-    from rayllm.lifecycle import LifecycleConfig, run
-
+def tiny_run(ray_cluster, s3, tmp_path_factory):
+    """The README's ``ray job submit`` of the lifecycle, at reduced size, run once; several
+    tests read its report, its registry (on S3) and its served endpoint."""
     work = tmp_path_factory.mktemp("lifecycle")
-    config = build_config(
-        LifecycleConfig,
-        {
-            "workdir": str(work),
-            "model_name": "tiny-shakespeare",
-            "data": {
-                "max_documents": 6000,
-                "tokenizer": {"vocab_size": 1024},
-                "seq_len": 64,
-                "val_fraction": 0.05,
-            },
-            "train": {
-                "steps": 12,
-                "micro_batch_size": 4,
-                "cpus_per_worker": 0.5,
-                "log_every": 4,
-                "eval_every": 6,
-                "checkpoint_every": 6,
-                "eval_batches": 2,
-                "model": {"dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 128},
-            },
-            "serve": {"port": free_port(), "max_replicas": 1, "max_num_seqs": 4},
-            "prompts": ["ROMEO.\n", "JULIET.\n"],
-            "max_tokens": 12,
+    settings = {
+        "workdir": str(work),
+        "model_name": "tiny-shakespeare",
+        "registry": {"root": f"s3://{BUCKET}/registry"},
+        "data": {
+            "max_documents": 6000,
+            "tokenizer": {"vocab_size": 1024},
+            "seq_len": 64,
+            "val_fraction": 0.05,
         },
-    )
-    report = run(config)
-    return {"report": report, "workdir": Path(work), "config": config}
+        "train": {
+            "steps": 12,
+            "micro_batch_size": 4,
+            "cpus_per_worker": 0.5,
+            "log_every": 4,
+            "eval_every": 6,
+            "checkpoint_every": 6,
+            "eval_batches": 2,
+            "model": TINY_MODEL,
+        },
+        "serve": {"port": free_port(), "max_replicas": 1, "max_num_seqs": 4},
+        "prompts": ["ROMEO.\n", "JULIET.\n"],
+        "max_tokens": 12,
+    }
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_cluster["dashboard"],
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "jobs/lifecycle.py",
+        "--config",
+        "jobs/configs/lifecycle.yaml",
+        *overrides(settings),
+    ]
+    env = ray_cluster["env"]  # RAY_AUTH_MODE=token, as the README says
+    job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    report_file = work / "lifecycle-report.json"
+    assert job.returncode == 0 and report_file.exists(), job.stdout[-6000:] + job.stderr[-3000:]
+    return {
+        "report": json.loads(report_file.read_text()),
+        "workdir": work,
+        "job_output": job.stdout,
+        "settings": settings,
+    }

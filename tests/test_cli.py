@@ -20,10 +20,13 @@ def rayllm(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["quickstart", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["lifecycle", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+        (["lifecycle", "--set", "train.data=/x"], "train.data is '/x' but the lifecycle trains"),
+        (["train", "--set", "warmup_steps=500"], "warmup_steps (500) must be"),
+        (["data", "--set", "output=nosuch://b/out"], "unknown storage protocol 'nosuch'"),
         (["train", "--set", "data=/no/such/shards"], "no finished token shards"),
         (["config", "nonsense"], "unknown stage 'nonsense'"),
-        (["quickstart", "--bogus"], "No such option: --bogus"),
+        (["lifecycle", "--bogus"], "No such option: --bogus"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(args, message, tmp_path):
@@ -59,4 +62,21 @@ def test_unreachable_ray_address(tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "cannot reach the Ray cluster at '127.0.0.1:1'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_an_output_rayllm_did_not_write_is_kept(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    done = rayllm("data", "--set", f"output={precious}")
+    assert done.returncode == 2
+    assert "was not written by rayllm" in done.stderr and "overwrite=true" in done.stderr
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_bucket_that_does_not_exist(s3, tmp_path):
+    done = rayllm("registry", "list", "--root", "s3://no-such-bucket/registry")
+    assert done.returncode == 2
+    assert "bucket 'no-such-bucket' does not exist" in done.stderr
     assert "Traceback" not in done.stderr

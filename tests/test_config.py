@@ -46,5 +46,29 @@ def test_offload_needs_zero():
 def test_partial_section_keeps_the_parents_defaults():
     config = load_config(LifecycleConfig, None, ["data.seq_len=64"])
     assert config.data.seq_len == 64
-    assert config.data.c4.enabled is False  # the quickstart's own data default survives
+    assert config.data.c4.enabled is False  # the lifecycle's own data default survives
     assert config.data.gopher_quality.min_words == 5
+
+
+def test_lifecycle_paths_go_under_workdir_and_hand_offs_chain(tmp_path):
+    config = load_config(LifecycleConfig, None, [f"workdir={tmp_path}", "train.output=/models/m"])
+    data, train, root, serve = config.stages()
+    assert data.output == f"{tmp_path}/data"
+    assert train.data == data.output  # the training stage reads what the data stage writes
+    assert train.output == "/models/m"  # a path the user set is kept
+    assert train.storage == f"{tmp_path}/runs"
+    assert serve.registry == root
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("train.data=/elsewhere", "train.data"),
+        ("serve.registry=/other/registry", "serve.registry"),
+        ("serve.model=someone-else@production", "serve.model"),
+    ],
+)
+def test_a_conflicting_hand_off_names_the_key(setting, key):
+    config = load_config(LifecycleConfig, None, [setting])
+    with pytest.raises(RayllmError, match=f"^{key} is .*; remove {key}"):
+        config.stages()

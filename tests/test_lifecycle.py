@@ -1,25 +1,36 @@
-"""The user story of the quickstart, at reduced size: raw text in, served completions out.
+"""The user story of the lifecycle, at reduced size: raw text in, served completions out.
 
-Real Ray Data, Ray Train with DeepSpeed ZeRO-2 on 2 workers, the registry, Ray Serve with the
-vLLM engine, and HTTP through rayllm's client and the openai SDK.
+Submitted with ``ray job submit`` to a ``ray start --head`` cluster as the README says: real
+Ray Data, Ray Train with DeepSpeed ZeRO-2 on 2 workers, the registry on an S3 API, Ray Serve
+with the vLLM engine resolving the version on its replica, and HTTP through rayllm's client
+and the openai SDK.
 """
 
+import hashlib
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from rayllm.client import Client
+from rayllm.paths import cache_dir
 from rayllm.registry.store import Registry
 
 pytestmark = pytest.mark.slow
 
 
-def test_completions_come_back_from_the_served_model(tiny_run):
+def test_the_job_prints_generated_text(tiny_run):
     completions = tiny_run["report"]["completions"]
     assert len(completions) == 2
     assert all(c["completion"].strip() for c in completions)
+    # The console shows the generated text (control characters a tiny model may emit aside).
+    longest_word = max(re.findall(r"[A-Za-z]+", completions[1]["completion"]) or [""], key=len)
+    assert "JULIET." in tiny_run["job_output"]
+    assert longest_word in tiny_run["job_output"]
+    assert tiny_run["report"]["chat"]["assistant"].strip()
+    assert "rayllm lifecycle" in tiny_run["job_output"]  # the report table
 
 
 def test_every_stage_reports_its_figures(tiny_run):
@@ -31,15 +42,24 @@ def test_every_stage_reports_its_figures(tiny_run):
     assert report["train"]["step"] == 12 and report["train"]["tokens_per_s"] > 0
     assert report["train"]["loss"] < math.log(1024)  # better than uniform over the vocabulary
     assert 1 < report["eval"]["perplexity"] < 1024
+    assert report["registry"]["root"] == "s3://rayllm-test/registry"
+    assert report["serve"]["version"] == report["registry"]["ref"] == "tiny-shakespeare:1"
 
 
-def test_published_version_has_lineage_and_loads_in_transformers(tiny_run):
+def test_the_replica_resolved_the_version_from_object_storage(tiny_run):
+    key = hashlib.sha256(b"s3://rayllm-test/registry").hexdigest()[:12]
+    copy = cache_dir() / "registry" / key / "tiny-shakespeare" / "1"
+    assert (copy / ".verified").exists() and (copy / "tokenizer.json").exists()
+
+
+def test_published_version_is_a_complete_hugging_face_model(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    registry = Registry(str(tiny_run["workdir"] / "registry"))
+    registry = Registry("s3://rayllm-test/registry")
     version, folder = registry.local_path("tiny-shakespeare")
     lineage = version.manifest["lineage"]
-    assert lineage["data"]["manifest_sha256"]
+    shards = (tiny_run["workdir"] / "data" / "manifest.json").read_bytes()
+    assert lineage["data"]["manifest_sha256"] == hashlib.sha256(shards).hexdigest()
     assert lineage["training"]["parallel"] == {
         "strategy": "zero",
         "zero_stage": 2,
@@ -50,14 +70,17 @@ def test_published_version_has_lineage_and_loads_in_transformers(tiny_run):
     )
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer("ROMEO.\n", return_tensors="pt").input_ids
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who art thou?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|user|>\nWho art thou?<|endoftext|>\n<|assistant|>\n"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-    shards = json.loads((tiny_run["workdir"] / "data" / "manifest.json").read_text())
-    assert shards["vocab_size"] == len(tokenizer)
+    assert json.loads(shards)["vocab_size"] == len(tokenizer)
 
 
-def test_openai_sdk_and_streaming_against_the_endpoint(tiny_run):
+def test_openai_sdk_completions_chat_and_streaming(tiny_run):
     from openai import OpenAI
 
     endpoint = tiny_run["report"]["serve"]
@@ -66,8 +89,17 @@ def test_openai_sdk_and_streaming_against_the_endpoint(tiny_run):
         model="tiny-shakespeare", prompt="KING.\n", max_tokens=8, temperature=0
     )
     assert reply.choices[0].text
+    chat = sdk.chat.completions.create(
+        model="tiny-shakespeare",
+        messages=[{"role": "user", "content": "Speak."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert chat.choices[0].message.content
     with Client(endpoint["url"], "tiny-shakespeare") as client:
         assert client.models() == ["tiny-shakespeare"]
         pieces = list(client.stream("KING.\n", max_tokens=8, temperature=0))
+        same_chat = client.chat([{"role": "user", "content": "Speak."}], 8, temperature=0)
     assert len(pieces) > 1
     assert "".join(pieces) == reply.choices[0].text
+    assert same_chat == chat.choices[0].message.content

@@ -25,12 +25,13 @@ from typing import Any
 import psutil
 import ray
 
-from rayllm.data.corpora import cache_dir, resolve_source
+from rayllm.data.corpora import resolve_source
 from rayllm.data.dedup import FuzzyDedupConfig, clusters, document_id, near_duplicates
 from rayllm.data.normalise import normalise
 from rayllm.data.pipeline import DataConfig, run
 from rayllm.data.readers import read_documents
 from rayllm.errors import RayllmError
+from rayllm.paths import cache_dir
 from rayllm.progress import Stage
 
 # Folio titles whose spelling differs from the modern file name.
@@ -55,9 +56,9 @@ def dedup_quality(config: FuzzyDedupConfig, partitions: int = 2) -> dict[str, An
     """Run fuzzy dedup over every Shakespeare file (one document each); score the clusters."""
     files = resolve_source("shakespeare-all")
     rows = []
-    for path in files:
+    for index, path in enumerate(files):
         text = normalise(Path(path).read_text(encoding="utf-8", errors="replace"))
-        rows.append({"id": document_id(path), "text": text, "source": path})
+        rows.append({"id": document_id(index, 0), "text": text, "source": path})
     started = time.time()
     result = near_duplicates(ray.data.from_items(rows), config, partitions)
     seconds = time.time() - started

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rayllm.data.corpora import cache_dir, resolve_source
+from rayllm.data.corpora import resolve_source
 from rayllm.data.filters.classifier import ClassifierConfig, QualityModel, synthesise_junk
 from rayllm.data.normalise import normalise
 from rayllm.data.readers import read_documents
 from rayllm.errors import RayllmError
+from rayllm.paths import cache_dir
 
 
 def _sample(corpora: list[str], limit: int, seed: int) -> list[str]:

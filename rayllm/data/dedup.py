@@ -61,9 +61,10 @@ def index_bytes_per_document(config: FuzzyDedupConfig) -> int:
     return 16 * config.bands + 4 * config.bands * config.rows + 160
 
 
-def document_id(source: str) -> int:
-    """A 63-bit id from where a document came from (``file:line``): unique per document."""
-    return xxhash.xxh64_intdigest(source.encode()) & 0x7FFF_FFFF_FFFF_FFFF
+def document_id(file_index: int, position: int) -> int:
+    """A document's id: its file's place in the corpus, then its place in that file. Ids sort
+    in corpus order, so every dedup step keeps the earliest occurrence by keeping the lowest."""
+    return (file_index << 32) | position
 
 
 class MinHasher:
@@ -265,18 +266,18 @@ def near_duplicates(
 
 
 def exact_duplicates(index: ray.data.Dataset, partitions: int) -> np.ndarray:
-    """Ids of the exact duplicates in ``index`` (columns ``id``, ``hash``, ``source``): every
-    document whose content hash is shared, but the first of each group by source."""
+    """Ids of the exact duplicates in ``index`` (columns ``id`` and ``hash``): every document
+    whose content hash is shared, but the first of each group in corpus order (lowest id)."""
     groups = (
         index.groupby("hash", num_partitions=partitions)
-        .aggregate(Count(), Min("source", alias_name="first"))
+        .aggregate(Count(), Min("id", alias_name="first"))
         .map_batches(_shared_hashes, batch_format="pyarrow")
         .materialize()
     )
     if not groups.count():
         return np.empty(0, np.int64)
     copies = index.join(groups, "inner", num_partitions=partitions, on=("hash",)).map_batches(
-        _later_sources, batch_format="pyarrow"
+        _later_copies_of_document, batch_format="pyarrow"
     )
     return np.sort(_columns(copies, "id")[0])
 
@@ -285,8 +286,8 @@ def _shared_hashes(groups: pa.Table) -> pa.Table:
     return groups.select(["hash", "first"]).filter(pc.greater(groups.column("count()"), 1))
 
 
-def _later_sources(batch: pa.Table) -> pa.Table:
-    later = pc.not_equal(batch.column("source"), batch.column("first"))
+def _later_copies_of_document(batch: pa.Table) -> pa.Table:
+    later = pc.not_equal(batch.column("id"), batch.column("first"))
     return batch.select(["id"]).filter(later)
 
 
@@ -324,7 +325,8 @@ def _paragraph_rows(batch: pa.Table, min_chars: int) -> pa.Table:
 
 
 def _later_copies(group: pa.Table) -> pa.Table:
-    """All occurrences of one paragraph but the first (lowest document id, then position)."""
+    """All occurrences of one paragraph but the first in corpus order (lowest document id,
+    then position in the document)."""
     order = sorted(
         range(group.num_rows),
         key=lambda i: (group.column("id")[i].as_py(), group.column("position")[i].as_py()),
@@ -335,8 +337,8 @@ def _later_copies(group: pa.Table) -> pa.Table:
 def paragraph_duplicates(
     docs: ray.data.Dataset, config: ParagraphDedupConfig, partitions: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every repeat of a long paragraph after its first occurrence (lowest document id, then
-    position), as parallel arrays of document ids and paragraph positions sorted by id."""
+    """Every repeat of a long paragraph after its first occurrence in corpus order, as
+    parallel arrays of document ids and paragraph positions sorted by id."""
     rows = docs.map_batches(
         _paragraph_rows, fn_kwargs={"min_chars": config.min_chars}, batch_format="pyarrow"
     ).materialize()

@@ -72,9 +72,3 @@ class ShardWriter:
                 "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
-
-
-def read_shard(url: str) -> np.ndarray:
-    """Load one shard written by :class:`ShardWriter` (any fsspec URL)."""
-    with fsspec.open(url, "rb") as handle:
-        return np.load(io.BytesIO(handle.read()), allow_pickle=False)

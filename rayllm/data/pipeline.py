@@ -19,14 +19,15 @@ import json
 import math
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import fsspec
 import pyarrow as pa
 import ray
+from fsspec.implementations.local import LocalFileSystem
 from tokenizers import Tokenizer
 
 from rayllm.config import StageConfig
@@ -57,15 +58,18 @@ from rayllm.data.normalise import NormaliseConfig, Normaliser
 from rayllm.data.packing import ShardWriter
 from rayllm.data.pii import PII_TYPES, PIIConfig, PIIScrubber
 from rayllm.data.readers import Split, read_documents
+from rayllm.data.shards import MANIFEST
 from rayllm.data.stats import StatsCollector, print_stats
 from rayllm.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
 from rayllm.errors import RayllmError
-from rayllm.paths import absolute_url
+from rayllm.paths import absolute_url, check_replaceable, staged_folder
 from rayllm.progress import Stage
 
 
 class DataConfig(StageConfig):
     """Every knob of the curation stage; each block can be switched off with ``enabled``."""
+
+    work_paths: ClassVar[dict[str, str]] = {"output": "data"}
 
     corpus: str = "shakespeare"
     """A built-in corpus (shakespeare, shakespeare-folio, shakespeare-all, bible, chat), or a
@@ -77,7 +81,10 @@ class DataConfig(StageConfig):
     """Keep only the first N documents read (a quick slice for trials and tests)."""
     strict: bool = False
     """Fail on the first unreadable record instead of counting and skipping it."""
-    output: str = "rayllm-work/data"
+    output: str | None = None
+    """Where the shards, tokenizer and stats go; default rayllm-work/data."""
+    overwrite: bool = False
+    """Replace ``output`` even when it holds something rayllm did not write."""
     normalise: NormaliseConfig = NormaliseConfig()
     language: LanguageConfig = LanguageConfig()
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
@@ -127,13 +134,15 @@ READ_CHUNK = 1024
 
 
 def _read(batch: dict[str, Any], split: str, text_field: str, strict: bool) -> Iterator[pa.Table]:
-    """Ray Data UDF: the documents of each file, streamed out in tables of ``READ_CHUNK``."""
-    for path in batch["path"]:
+    """Ray Data UDF: the documents of each file, streamed out in tables of ``READ_CHUNK``, each
+    with its id in corpus order (:func:`document_id`)."""
+    for path, file_index in zip(batch["path"], batch["file_index"], strict=True):
         chunk = []
-        for doc in read_documents(str(path), split=split, text_field=text_field):
+        documents = read_documents(str(path), split=split, text_field=text_field)
+        for position, doc in enumerate(documents):
             if strict and doc["bad_record"]:
                 raise RayllmError(f"{doc['source']}: {doc['bad_record']} (data.strict is set)")
-            chunk.append(doc)
+            chunk.append(doc | {"id": document_id(int(file_index), position)})
             if len(chunk) == READ_CHUNK:
                 yield pa.Table.from_pylist(chunk)
                 chunk = []
@@ -173,7 +182,7 @@ class _Curate:
             out["text"].append("" if drop else doc["text"])
             out["source"].append(row["source"])
             out["hash"].append(content_hash(doc["text"]))
-            out["id"].append(document_id(row["source"]))
+            out["id"].append(row["id"])
             out["drop"].append(drop)
             out["stage"].append(stage)
             out["example"].append(row["text"][:160] if drop else "")
@@ -208,14 +217,30 @@ class _Tokenise:
         )
 
 
-def run(config: DataConfig, report: bool = True) -> dict[str, Any]:
-    """Curate ``config.corpus`` into ``config.output``; return the manifest (``report``: print
-    the stats table at the end)."""
+@dataclass(frozen=True)
+class DataResult:
+    output: str
+    """The finished shard set: shards, tokenizer, ``stats.json`` and ``manifest.json``."""
+    manifest: dict[str, Any]
+    seconds: float
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.manifest["stats"]
+
+
+def run(config: DataConfig, report: bool = True) -> DataResult:
+    """Curate ``config.corpus`` into ``config.output`` (``report``: print the stats table)."""
     started = time.time()
+    config = config.with_work_paths()
+    output = absolute_url(config.output)
+    check_replaceable(output, config.overwrite, "data.output", "output")
     with Stage("data: reading") as stage:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
-    docs = ray.data.from_items([{"path": f} for f in files]).map_batches(
+    docs = ray.data.from_items(
+        [{"path": f, "file_index": index} for index, f in enumerate(files)]
+    ).map_batches(
         _read,
         batch_size=1,
         fn_kwargs={"split": config.split, "text_field": config.text_field, "strict": config.strict},
@@ -223,19 +248,11 @@ def run(config: DataConfig, report: bool = True) -> dict[str, Any]:
     if config.max_documents:
         docs = docs.limit(config.max_documents)
 
-    staging = absolute_url(f"{config.output.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}")
-    fs, staging_path = fsspec.core.url_to_fs(staging)
-    fs.makedirs(staging_path, exist_ok=True)
-    try:
-        with _data_context(config):
-            manifest = _curate(config, docs, files, fs, staging, started)
-    except BaseException:
-        fs.rm(staging_path, recursive=True)  # nothing half-written is left where others look
-        raise
-    _publish_folder(fs, staging_path, fsspec.core.url_to_fs(config.output)[1])
+    with staged_folder(output) as (fs, staging), _data_context(config):
+        manifest = _curate(config, docs, files, fs, staging, started)
     if report:
         print_stats(manifest["stats"])
-    return manifest
+    return DataResult(output, manifest, time.time() - started)
 
 
 @contextmanager
@@ -300,7 +317,7 @@ def _deduplicate(
     removals = curated.removals
     if config.exact_dedup:
         with Stage("data: exact dedup", timings, "exact_dedup") as stage:
-            removals.remove(exact_duplicates(curated.read(["id", "hash", "source"]), partitions))
+            removals.remove(exact_duplicates(curated.read(["id", "hash"]), partitions))
             stats["exact_duplicates"] = len(removals.ids)
             stage.note(f"{stats['exact_duplicates']:,} exact duplicates removed")
     if config.paragraph_dedup.enabled:
@@ -336,8 +353,9 @@ def _curate(
     removals are applied as the documents stream to the tokenizer: memory holds batches and
     the small dedup index, never the corpus.
     """
-    staging_path = fsspec.core.url_to_fs(staging)[1]
-    work = f"{staging}/work/curated"
+    staging_path = staging
+    staging_url = staging if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(staging)
+    work = f"{staging_url}/work/curated"
     timings: dict[str, float] = {}
     quality = quality_model(config.classifier) if config.classifier.enabled else None
     blocks = build_blocks(config, quality)
@@ -441,35 +459,5 @@ def _curate(
     }
     fs.rm(f"{staging_path}/work", recursive=True)
     fs.pipe_file(f"{staging_path}/stats.json", json.dumps(stats, indent=2).encode())
-    fs.pipe_file(f"{staging_path}/manifest.json", json.dumps(manifest, indent=2).encode())
+    fs.pipe_file(f"{staging_path}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
     return manifest
-
-
-def _publish_folder(fs: fsspec.AbstractFileSystem, staging: str, target: str) -> None:
-    """Replace ``target`` by the finished ``staging`` folder (a rename on local disks)."""
-    if fs.exists(f"{target}/manifest.json"):
-        fs.rm(f"{target}/manifest.json")  # unpublish first: readers never see a mixed set
-    if fs.exists(target):
-        fs.rm(target, recursive=True)
-    fs.mv(staging, target, recursive=True)
-
-
-def load_manifest(url: str) -> dict[str, Any]:
-    """The manifest of a finished shard set, or a clear error when there is none."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(f"{path}/manifest.json"):
-        raise RayllmError(
-            f"{url} holds no finished token shards (no manifest.json); run `rayllm data` first "
-            "or point train.data at the output of a finished data run"
-        )
-    with fs.open(f"{path}/manifest.json") as handle:
-        return json.load(handle)
-
-
-def shard_dataset(url: str, split: str = "train") -> ray.data.Dataset:
-    """A finished shard set's sequences as a Ray Data dataset, one row of ``seq_len + 1``
-    tokens per sequence in column ``data``: for Ray Train's dataset ingestion, or any Ray
-    Data job over the tokens."""
-    manifest = load_manifest(url)
-    root = absolute_url(url).rstrip("/")
-    return ray.data.read_numpy([f"{root}/{shard['path']}" for shard in manifest["shards"][split]])

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from fsspec.implementations.local import LocalFileSystem
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from rayllm.config import StageConfig
+from rayllm.paths import filesystem
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|pad|>"
@@ -71,5 +74,29 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> No
     tokenizer.save_pretrained(str(folder))
 
 
-def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+def load_tokenizer(url: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer saved at ``url`` (a local folder or any fsspec URL)."""
+    fs, path = filesystem(str(url))
+    if isinstance(fs, LocalFileSystem):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    with tempfile.TemporaryDirectory(prefix="rayllm-tokenizer-") as local:
+        fs.get(f"{path}/", local, recursive=True)
+        return PreTrainedTokenizerFast.from_pretrained(local)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""A role-tagged template for base models: each turn is ``<|role|>``, a newline, the text
+and the end-of-text token; a generation prompt opens the assistant's turn."""
+
+
+def with_chat_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The tokenizer with a chat template (its own if it has one, else :data:`CHAT_TEMPLATE`),
+    so ``/v1/chat/completions`` and ``apply_chat_template`` work on any model rayllm trains."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

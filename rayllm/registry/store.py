@@ -5,7 +5,9 @@ Layout under the root::
     <root>/<model>/versions/<n>/                 config.json, *.safetensors, tokenizer files, ...
     <root>/<model>/versions/<n>/manifest.json    written last: size + sha256 of every file, lineage
     <root>/<model>/claims/<n>/<publisher-id>     who is writing version n (removed once published)
-    <root>/<model>/aliases.json                  {"aliases": {"production": 3}, "history": [...]}
+    <root>/<model>/aliases/<n>.json              alias state n: {"aliases": {"production": 3},
+                                                 "history": [...]}; the highest n is current
+    <root>/<model>/claims-aliases/<n>/<writer>   who is writing alias state n
 
 A version is visible only once its manifest exists, so a crashed publish leaves nothing a reader
 can resolve; ``gc`` removes what it left. Version numbers are claimed with a protocol that needs
@@ -21,6 +23,7 @@ import fcntl
 import getpass
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -34,19 +37,29 @@ from typing import Any
 
 import fsspec
 
-from rayllm.config import StageConfig
-from rayllm.data.corpora import cache_dir
+from rayllm.config import WORKDIR, StageConfig
 from rayllm.errors import RayllmError
-from rayllm.paths import absolute_url, is_local
+from rayllm.paths import absolute_url, cache_dir, ensure_parent, filesystem, is_local
 
 MANIFEST = "manifest.json"
+STALE_CLAIM_S = 600.0
+"""A claim this old was left by a writer that crashed; others go on without waiting for it."""
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Model and alias names: letters, digits, '.', '_', '-'; no path can escape the root."""
 
 
 class RegistryConfig(StageConfig):
-    root: str = "rayllm-work/registry"
-    """Any fsspec URL: a local folder, s3://bucket/prefix, gs://..., memory://..."""
+    root: str | None = None
+    """Any fsspec URL: a local folder, s3://bucket/prefix, gs://..., memory://...; default:
+    $RAYLLM_REGISTRY, else rayllm-work/registry."""
+
+    def root_url(self, workdir: str = WORKDIR) -> str:
+        return absolute_url(self.root or default_registry(workdir))
+
+
+def default_registry(workdir: str = WORKDIR) -> str:
+    """$RAYLLM_REGISTRY, else the ``registry`` folder of the work directory."""
+    return os.environ.get("RAYLLM_REGISTRY") or f"{workdir.rstrip('/')}/registry"
 
 
 @dataclass(frozen=True)
@@ -100,7 +113,7 @@ def _who() -> str:
 class Registry:
     def __init__(self, root: str):
         self.url = absolute_url(root)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = filesystem(self.url)
 
     def _model_dir(self, name: str) -> str:
         return f"{self.root}/{check_name(name)}"
@@ -109,18 +122,22 @@ class Registry:
         return f"{self._model_dir(name)}/versions/{number}"
 
     def _numbers(self, folder: str) -> list[int]:
-        if not self.fs.exists(folder):
+        return sorted(int(Path(p).name) for p in self._list(folder) if Path(p).name.isdigit())
+
+    def _list(self, folder: str) -> list[str]:
+        """The entries of ``folder``; none when it does not exist (on object stores a folder
+        vanishes with its last object, possibly between two calls)."""
+        try:
+            return self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
             return []
-        return sorted(
-            int(Path(p).name) for p in self.fs.ls(folder, detail=False) if Path(p).name.isdigit()
-        )
 
     # --- reading -------------------------------------------------------------------------
 
     def models(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
-        return sorted(Path(p).name for p in self.fs.ls(self.root, detail=False) if self.fs.isdir(p))
+        return sorted(Path(p).name for p in self._list(self.root) if self.fs.isdir(p))
 
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name``, oldest first (those with a manifest only)."""
@@ -131,11 +148,8 @@ class Registry:
         ]
 
     def alias_state(self, name: str) -> dict[str, Any]:
-        path = f"{self._model_dir(name)}/aliases.json"
-        if not self.fs.exists(path):
-            return {"aliases": {}, "history": []}
-        with self.fs.open(path) as handle:
-            return json.load(handle)
+        """``{"aliases": {alias: version}, "history": [every move: from, to, by, at, reason]}``."""
+        return self._latest_alias_state(name)[1]
 
     def aliases(self, name: str) -> dict[str, int]:
         return self.alias_state(name)["aliases"]
@@ -244,7 +258,7 @@ class Registry:
         entries = []
         for path in files:
             relative = path.relative_to(folder).as_posix()
-            self._ensure_parent(f"{target}/{relative}")
+            ensure_parent(self.fs, f"{target}/{relative}")
             self.fs.put_file(str(path), f"{target}/{relative}")
             entries.append(
                 {
@@ -268,52 +282,96 @@ class Registry:
         self.fs.rm(claim)
         return Version(name, number, manifest)
 
-    def _ensure_parent(self, path: str) -> None:
-        """Local disks need folders made; object stores have none and ignore this."""
-        self.fs.makedirs(self.fs._parent(path), exist_ok=True)
-
     def _claim_version(self, name: str) -> tuple[int, str]:
         """Reserve the next version number for this publisher (see the module docstring)."""
-        me = f"{uuid.uuid4().hex}"
         claims = f"{self._model_dir(name)}/claims"
         while True:
+            self.fs.invalidate_cache()  # object stores' listings are cached per process
             used = self._numbers(f"{self._model_dir(name)}/versions") + self._numbers(claims)
             number = max(used, default=0) + 1
-            mine = f"{claims}/{number}/{me}"
-            self._ensure_parent(mine)
-            self.fs.pipe_file(mine, json.dumps({"by": _who(), "at": _now()}).encode())
-            others = [
-                p for p in self.fs.ls(f"{claims}/{number}", detail=False) if Path(p).name != me
-            ]
-            taken = self.fs.exists(f"{self._version_dir(name, number)}/{MANIFEST}")
-            if not others and not taken:
-                return number, mine
-            self.fs.rm(mine)
-            time.sleep(random.uniform(0.01, 0.2))
+            claim = self._try_claim(claims, number)
+            if claim is None:
+                continue
+            if not self.fs.exists(f"{self._version_dir(name, number)}/{MANIFEST}"):
+                return number, claim
+            self.fs.rm(claim)
+
+    def _try_claim(self, claims: str, number: int) -> str | None:
+        """Write a claim on ``number``; keep it only if no other live claim is beside it.
+
+        Two writers cannot both keep theirs: whichever lists second sees the other's. A claim
+        older than ``STALE_CLAIM_S`` belongs to a crashed writer and is ignored. The loser
+        removes its claim and waits a random moment before the caller tries again.
+        """
+        mine = f"{claims}/{number}/{uuid.uuid4().hex}"
+        ensure_parent(self.fs, mine)
+        self.fs.pipe_file(mine, json.dumps({"by": _who(), "at": _now()}).encode())
+        self.fs.invalidate_cache()  # what others wrote since must be seen from here on
+        cutoff = time.time() - STALE_CLAIM_S
+        others = [
+            p
+            for p in self._list(f"{claims}/{number}")
+            if p.rstrip("/") != mine and self._modified(p) >= cutoff
+        ]
+        if not others:
+            return mine
+        self.fs.rm(mine)
+        time.sleep(random.uniform(0.01, 0.2))
+        return None
 
     def set_alias(self, name: str, alias: str, version: int, reason: str = "") -> int | None:
-        """Point ``alias`` at ``version``; returns the version it pointed at before."""
+        """Point ``alias`` at ``version``; returns the version it pointed at before.
+
+        Each change writes the next numbered alias state (``aliases/<n>.json``), derived from
+        state ``n - 1`` and claimed like a version number, so concurrent promotes never lose
+        an update: whoever loses the claim reads the winner's state and tries again.
+        """
         check_name(alias, "alias")
         if version not in self.versions(name):
             raise RayllmError(f"{name} has no version {version} (versions: {self.versions(name)})")
-        state = self.alias_state(name)
-        previous = state["aliases"].get(alias)
-        state["history"].append(
-            {
-                "alias": alias,
-                "from": previous,
-                "to": version,
-                "by": _who(),
-                "at": _now(),
-                "reason": reason,
-            }
-        )
-        state["aliases"][alias] = version
-        self._ensure_parent(f"{self._model_dir(name)}/aliases.json")
-        self.fs.pipe_file(
-            f"{self._model_dir(name)}/aliases.json", json.dumps(state, indent=2).encode()
-        )
-        return previous
+        folder = f"{self._model_dir(name)}/aliases"
+        while True:
+            self.fs.invalidate_cache()
+            number, state = self._latest_alias_state(name)
+            claim = self._try_claim(f"{self._model_dir(name)}/claims-aliases", number + 1)
+            if claim is None:
+                continue
+            try:
+                if self.fs.exists(f"{folder}/{number + 1}.json"):
+                    continue  # another writer finished state n + 1 meanwhile: start again
+                previous = state["aliases"].get(alias)
+                state["history"].append(
+                    {
+                        "alias": alias,
+                        "from": previous,
+                        "to": version,
+                        "by": _who(),
+                        "at": _now(),
+                        "reason": reason,
+                    }
+                )
+                state["aliases"][alias] = version
+                ensure_parent(self.fs, f"{folder}/{number + 1}.json")
+                self.fs.pipe_file(
+                    f"{folder}/{number + 1}.json", json.dumps(state, indent=2).encode()
+                )
+                return previous
+            finally:
+                self.fs.rm(claim)
+
+    def _latest_alias_state(self, name: str) -> tuple[int, dict[str, Any]]:
+        """The newest alias state and its number (0: none yet)."""
+        folder = f"{self._model_dir(name)}/aliases"
+        numbers = [
+            int(Path(p).stem)
+            for p in self._list(folder)
+            if Path(p).stem.isdigit() and p.endswith(".json")
+        ]
+        if not numbers:
+            return 0, {"aliases": {}, "history": []}
+        number = max(numbers)
+        with self.fs.open(f"{folder}/{number}.json") as handle:
+            return number, json.load(handle)
 
     def rollback(self, name: str, alias: str, reason: str = "") -> int:
         """Point ``alias`` back at the version it pointed at before its last move."""
@@ -339,11 +397,19 @@ class Registry:
                 ):
                     self.fs.rm(folder, recursive=True)
                     removed.append(f"{name}:{number}")
-            claims = f"{self._model_dir(name)}/claims"
-            for number in self._numbers(claims):
-                if self._newest_change(f"{claims}/{number}") < cutoff:
-                    self.fs.rm(f"{claims}/{number}", recursive=True)
+            for kind in ("claims", "claims-aliases"):
+                claims = f"{self._model_dir(name)}/{kind}"
+                for number in self._numbers(claims):
+                    if self._newest_change(f"{claims}/{number}") < cutoff:
+                        self.fs.rm(f"{claims}/{number}", recursive=True)
         return removed
+
+    def _modified(self, path: str) -> float:
+        """When ``path`` last changed; 0 if it is gone (a claim removed meanwhile)."""
+        try:
+            return self.fs.modified(path).timestamp()
+        except FileNotFoundError:
+            return 0.0
 
     def _live_claim(self, name: str, number: int, cutoff: float) -> bool:
         claims = f"{self._model_dir(name)}/claims/{number}"

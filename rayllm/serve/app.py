@@ -1,26 +1,36 @@
 """Serving: a registry version behind Ray Serve's OpenAI routes, on vLLM, with autoscaling.
 
-The registry reference is resolved to a verified local copy, then handed to
-``ray.serve.llm`` as the model source; rayllm adds only the resolution and CPU-aware defaults.
+The driver pins the reference to one version (``name@production`` -> ``name:3``) so that every
+replica serves the same weights; each replica then resolves that version on its own node
+(``rayllm.serve.replica_source``), so any node can serve from any registry root. rayllm adds
+only that resolution and CPU-aware defaults to ``ray.serve.llm``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import model_validator
 from ray import serve
 
 from rayllm.config import StageConfig
+from rayllm.errors import RayllmError
 from rayllm.progress import Stage
-from rayllm.registry.store import Registry
+from rayllm.registry.store import Registry, Version, default_registry
 
 
 class ServeConfig(StageConfig):
-    model: str = "shakespeare"
-    """Registry reference: ``name``, ``name:3`` or ``name@production``."""
+    model: str | None = None
+    """Registry reference: ``name``, ``name:3`` or ``name@production``; default: the only
+    model in the registry (in the lifecycle: the version it just published)."""
+    registry: str | None = None
+    """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry
+    (in the lifecycle: the root it publishes to)."""
     app_name: str = "rayllm"
+    route_prefix: str = "/"
+    """Where the OpenAI routes live: ``/`` gives ``/v1/...``, ``/a`` gives ``/a/v1/...``."""
     host: str = "127.0.0.1"
     port: int = 8000
     min_replicas: int = 1
@@ -43,26 +53,64 @@ class ServeConfig(StageConfig):
     def _check(self) -> ServeConfig:
         if not 0 < self.min_replicas <= self.max_replicas:
             raise ValueError("need 0 < min_replicas <= max_replicas")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
         return self
 
+    def registry_root(self) -> str:
+        return self.registry or default_registry()
 
-def llm_config(config: ServeConfig, registry: Registry):
-    """The ``ray.serve.llm.LLMConfig`` for the registry version ``config.model`` names."""
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What ``deploy`` started: where to send requests, and which version answers."""
+
+    url: str
+    """Base URL; the OpenAI routes are under ``{url}/v1``."""
+    model: str
+    """The model id requests name."""
+    version: str
+    """The pinned registry version, ``name:N``."""
+    registry: str
+    app_name: str
+
+
+def pin_version(config: ServeConfig, registry: Registry) -> Version:
+    """The one version every replica will serve (aliases and ``latest`` resolved now)."""
+    if config.model is not None:
+        return registry.resolve(config.model)
+    models = registry.models()
+    if len(models) != 1:
+        known = ", ".join(models) or "none yet"
+        raise RayllmError(
+            f"serve.model is not set and the registry at {registry.url} holds {len(models)} "
+            f"models ({known}); set model=NAME, NAME:VERSION or NAME@ALIAS"
+        )
+    return registry.resolve(models[0])
+
+
+def llm_config(config: ServeConfig, version: Version, registry: Registry):
+    """The ``ray.serve.llm.LLMConfig`` serving ``version``, resolved by each replica."""
     from ray.serve.llm import LLMConfig
 
-    version, path = registry.local_path(config.model)
+    from rayllm.serve.replica_source import RegistrySource
+
     engine = {"max_num_seqs": config.max_num_seqs, "enforce_eager": True}
     if config.max_model_len:
         engine["max_model_len"] = config.max_model_len
     if not config.gpus_per_replica:
-        engine["dtype"] = "bfloat16" if _cpu_has_bf16() else "float32"
+        engine["dtype"] = "bfloat16" if cpu_has_bf16() else "float32"
     engine |= config.engine_kwargs
     bundle = {"CPU": config.cpus_per_replica} | (
         {"GPU": config.gpus_per_replica} if config.gpus_per_replica else {}
     )
-    return version, LLMConfig(
-        model_loading_config={"model_id": version.name, "model_source": str(path)},
+    return LLMConfig(
+        model_loading_config={"model_id": version.name, "model_source": version.ref},
         engine_kwargs=engine,
+        callback_config={
+            "callback_class": RegistrySource,
+            "callback_kwargs": {"root": registry.url, "ref": version.ref},
+        },
         placement_group_config={"bundles": [bundle]},
         deployment_config={
             "autoscaling_config": {
@@ -80,37 +128,44 @@ def llm_config(config: ServeConfig, registry: Registry):
     )
 
 
-def _cpu_has_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), from the kernel's
+    CPU flags; elsewhere vLLM serves float32."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return False
+    flags = set(cpuinfo.read_text().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def deploy(config: ServeConfig, registry: Registry) -> dict[str, Any]:
+def deploy(config: ServeConfig) -> Endpoint:
     """Start (or update) the OpenAI app; returns the endpoint and the served version."""
     from ray.serve.llm import build_openai_app
 
+    registry = Registry(config.registry_root())
+    version = pin_version(config, registry)
     with Stage("serve: vLLM behind Ray Serve") as stage:
-        version, llm = llm_config(config, registry)
         serve.start(
             http_options={"host": config.host, "port": config.port},
             logging_config={"log_level": config.log_level},
         )
         app = build_openai_app(
             {
-                "llm_configs": [llm],
+                "llm_configs": [llm_config(config, version, registry)],
                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
             }
         )
         serve.run(
             app,
             name=config.app_name,
-            route_prefix="/",
+            route_prefix=config.route_prefix,
             logging_config={"log_level": config.log_level},
         )
-        url = f"http://{config.host}:{config.port}"
+        url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
         stage.note(
             f"{version.ref} at {url}/v1 ({config.min_replicas}-{config.max_replicas} replicas)"
         )
-    return {"url": url, "model": version.name, "version": version.version}
+    return Endpoint(url, version.name, version.ref, registry.url, config.app_name)
 
 
 def shutdown(config: ServeConfig) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import model_validator
 
@@ -30,10 +30,19 @@ class ParallelConfig(StageConfig):
 
 
 class TrainConfig(StageConfig):
-    data: str = "rayllm-work/data"
-    """The folder (or fsspec URL) of a finished `rayllm data` run."""
-    storage: str = "rayllm-work/runs"
-    """Where Ray Train keeps checkpoints and results (any fsspec URL Ray Train accepts)."""
+    work_paths: ClassVar[dict[str, str]] = {"data": "data", "output": "model", "storage": "runs"}
+
+    data: str | None = None
+    """The folder (or fsspec URL) of a finished `rayllm data` run; default rayllm-work/data
+    (in the lifecycle: what its data stage wrote)."""
+    output: str | None = None
+    """Where the trained model goes, in Hugging Face format with its tokenizer and chat
+    template; default rayllm-work/model."""
+    overwrite: bool = False
+    """Replace ``output`` even when it holds something rayllm did not write."""
+    storage: str | None = None
+    """Where Ray Train keeps checkpoints and results (any fsspec URL Ray Train accepts);
+    default rayllm-work/runs."""
     run_name: str = "rayllm-pretrain"
     model: ModelConfig = ModelConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -46,7 +55,8 @@ class TrainConfig(StageConfig):
     grad_accum_steps: int = 1
     learning_rate: float = 3e-3
     min_learning_rate: float = 3e-4
-    warmup_steps: int = 30
+    warmup_steps: int | None = None
+    """Linear warm-up steps; default: a tenth of ``steps``."""
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -66,6 +76,13 @@ class TrainConfig(StageConfig):
     def _check(self) -> TrainConfig:
         if self.steps < 1 or self.micro_batch_size < 1 or self.grad_accum_steps < 1:
             raise ValueError("steps, micro_batch_size and grad_accum_steps must be at least 1")
-        if self.warmup_steps >= self.steps:
-            self.warmup_steps = max(0, self.steps // 10)
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be at least 0 and below steps "
+                f"({self.steps}); lower warmup_steps or leave it unset (a tenth of steps)"
+            )
         return self
+
+    @property
+    def warmup(self) -> int:
+        return self.steps // 10 if self.warmup_steps is None else self.warmup_steps

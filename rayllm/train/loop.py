@@ -15,7 +15,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from rayllm.data.packing import read_shard
+from rayllm.data.shards import read_shard
 from rayllm.model.hf import save_hf_model
 from rayllm.model.model import Transformer, next_token_loss
 from rayllm.train.config import TrainConfig
@@ -27,7 +27,7 @@ class TokenBatches:
     """Micro-batches of packed sequences for one rank: a seeded shuffle per epoch, strided by rank."""
 
     def __init__(self, data: str, files: list[dict], rank: int, world: int, batch: int, seed: int):
-        self.rows = np.concatenate([read_shard(f"{data}/{f['path']}") for f in files])
+        self.rows = np.concatenate([read_shard(data, f) for f in files])
         self.rank, self.world, self.batch, self.seed = rank, world, batch, seed
         self.per_rank = len(self.rows) // world
 
@@ -72,10 +72,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             start_step = json.loads((Path(folder) / "progress.json").read_text())["step"]
         _log(rank, f"resumed from the checkpoint at step {start_step}")
 
-    tokens_per_step = (
-        world * config.micro_batch_size * config.grad_accum_steps * config.model.max_seq_len
-    )
-    flops_per_token = config.model.flops_per_token(config.model.max_seq_len)
+    seq_len = manifest["seq_len"]
+    tokens_per_step = world * config.micro_batch_size * config.grad_accum_steps * seq_len
+    flops_per_token = config.model.flops_per_token(seq_len)
     peak = peak_tflops(config.peak_tflops_per_worker)
     for step in range(start_step, config.steps):
         started = time.perf_counter()
@@ -166,11 +165,16 @@ def _log(rank: int, text: str) -> None:
         print(f"[train] {text}", flush=True)
 
 
+class _DropTrainReports(logging.Filter):
+    """Ray Train logs every ``ray.train.report`` at INFO (under a logger named by its file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Reporting training result")
+
+
 def _quiet_worker_logs() -> None:
     """Keep the driver's view to rayllm's own progress lines."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # Ray Train logs every report at INFO under a logger named by its file path.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropTrainReports())
     warnings.filterwarnings("ignore", category=FutureWarning)

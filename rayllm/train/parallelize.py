@@ -35,11 +35,9 @@ def lr_schedule(config: TrainConfig):
     """Linear warm-up, then cosine decay to ``min_learning_rate`` (as a LambdaLR factor)."""
 
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = min(
-            1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        )
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
         floor = config.min_learning_rate / config.learning_rate
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,25 +13,30 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rayllm.data.pipeline import load_manifest
+from rayllm.data.shards import load_manifest, manifest_sha256
+from rayllm.data.tokenizer import load_tokenizer, with_chat_template
 from rayllm.errors import RayllmError
-from rayllm.paths import absolute_url
+from rayllm.paths import MARKER, absolute_url, cache_dir, check_replaceable, staged_folder
 from rayllm.progress import Stage, console
 from rayllm.train.config import TrainConfig
 from rayllm.train.loop import train_loop_per_worker
+from rayllm.version import code_version
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
-    hf_model: Path
-    """The consolidated model in Hugging Face format (a local folder)."""
+    model: str
+    """The trained model: a complete Hugging Face folder (weights, config, tokenizer with its
+    chat template, ``manifest.json``), ready for ``rayllm registry publish``."""
+    data: str
+    """The shard set it was trained on."""
     metrics: dict[str, Any]
-    checkpoint_path: str
+    checkpoint: str
     seconds: float
 
 
 def resolve_model_shape(config: TrainConfig, manifest: dict[str, Any]) -> TrainConfig:
-    """Fill the vocabulary and sequence length from the data, and refuse shapes that do not fit."""
+    """Fill an automatic vocabulary size from the data; refuse shapes that do not fit it."""
     vocab = manifest["vocab_size"]
     model = config.model
     if model.vocab_size == 0:
@@ -46,26 +52,24 @@ def resolve_model_shape(config: TrainConfig, manifest: dict[str, Any]) -> TrainC
             f"train.model.max_seq_len is {model.max_seq_len}; raise it or re-run data with a "
             "smaller data.seq_len"
         )
-    model = model.model_copy(update={"max_seq_len": manifest["seq_len"]})
-    return config.model_copy(
-        update={
-            "model": model,
-            "data": absolute_url(config.data),
-            "storage": absolute_url(config.storage),
-        }
+    return config.model_copy(update={"model": model})
+
+
+def run(config: TrainConfig) -> TrainResult:
+    """Train on ``config.data``; publish the Hugging Face-format model to ``config.output``."""
+    config = config.with_work_paths()
+    config = config.model_copy(
+        update={key: absolute_url(getattr(config, key)) for key in ("data", "output", "storage")}
     )
-
-
-def run(config: TrainConfig, output: str | Path) -> TrainResult:
-    """Train on ``config.data``; copy the final Hugging Face-format model to ``output``."""
-    manifest = load_manifest(absolute_url(config.data))
+    manifest = load_manifest(config.data)
+    check_replaceable(config.output, config.overwrite, "train.output", "output")
     config = resolve_model_shape(config, manifest)
     started = time.time()
     with Stage(f"train: {config.parallel.strategy} on {config.num_workers} workers") as stage:
         console.print(
             f"  model {config.model.num_params() / 1e6:.2f} M parameters, "
             f"{config.steps} steps of {config.num_workers * config.micro_batch_size * config.grad_accum_steps}"
-            f" x {config.model.max_seq_len} tokens"
+            f" x {manifest['seq_len']} tokens"
         )
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -89,25 +93,52 @@ def run(config: TrainConfig, output: str | Path) -> TrainResult:
         result = trainer.fit()
         if result.error:
             raise result.error
-        output = Path(output)
-        shutil.rmtree(output, ignore_errors=True)
-        with result.checkpoint.as_directory() as folder:
-            shutil.copytree(Path(folder) / "hf", output)
         metrics = dict(result.metrics or {})
+        with result.checkpoint.as_directory() as folder:
+            write_model(
+                Path(folder) / "hf",
+                config,
+                metrics=metrics,
+                checkpoint=result.checkpoint.path,
+            )
         stage.note(
             f"loss {metrics.get('loss', float('nan')):.3f}, {metrics.get('tokens_per_s', 0):,.0f} tok/s"
+            f" -> {config.output}"
         )
     return TrainResult(
-        hf_model=output,
+        model=config.output,
+        data=config.data,
         metrics=metrics,
-        checkpoint_path=result.checkpoint.path,
+        checkpoint=result.checkpoint.path,
         seconds=time.time() - started,
     )
 
 
+def write_model(weights: Path, config: TrainConfig, metrics: dict, checkpoint: str) -> None:
+    """Publish weights + tokenizer (with a chat template) + manifest to ``config.output``.
+
+    The manifest records where the model came from; ``rayllm registry publish`` reads it as
+    the version's lineage.
+    """
+    tokenizer = with_chat_template(load_tokenizer(f"{config.data}/tokenizer"))
+    with staged_folder(config.output) as (fs, staging):
+        fs.put(f"{weights}/", staging, recursive=True)
+        with tempfile.TemporaryDirectory(prefix="rayllm-tokenizer-") as local:
+            tokenizer.save_pretrained(local)
+            fs.put(f"{local}/", staging, recursive=True)
+        manifest = {
+            "format": "rayllm.model/1",
+            "data": {"url": config.data, "manifest_sha256": manifest_sha256(config.data)},
+            "training": config.model_dump(mode="json"),
+            "checkpoint": checkpoint,
+            "metrics": metrics,
+            "code": code_version(),
+        }
+        fs.pipe_file(f"{staging}/{MARKER}", json.dumps(manifest, indent=2).encode())
+
+
 def _worker_env() -> dict[str, str]:
     """Quiet, deterministic workers; DeepSpeed's compiled C++ ops cached across runs."""
-    from rayllm.data.corpora import cache_dir
 
     return {
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",

@@ -39,7 +39,12 @@ def test_gopher_quality_rules():
     rules = GopherQuality(GopherQualityConfig())
     assert rules.filter(PROSE) is None
     assert rules.filter("Too short to keep.") == "too_few_words"
-    assert rules.filter("#tag " * 60) == "symbol_word_ratio"
+    assert rules.filter("#tag " * 60) == "hash_word_ratio"
+    assert rules.filter("and then they waited... " * 20) == "ellipsis_word_ratio"
+    # Two separate rules against 0.1 each, as in the paper and datatrove: 1 '#' and 1 '...'
+    # in 12 words passes both, though together they are 0.17 per word.
+    mixed = " ".join(["#tag the words of the day and then... the plain words here"] * 5)
+    assert rules.filter(mixed) is None
     assert (
         rules.filter("\n".join(f"- the committee reviewed budget number {i}" for i in range(20)))
         == "bullet_lines"
@@ -160,8 +165,11 @@ def test_reader_streams_chunks_and_strict_mode_names_the_line(tmp_path):
 
     path = tmp_path / "many.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(READ_CHUNK + 5)))
-    tables = list(_read({"path": [str(path)]}, split="line", text_field="text", strict=False))
+    batch = {"path": [str(path)], "file_index": [3]}
+    tables = list(_read(batch, split="line", text_field="text", strict=False))
     assert [t.num_rows for t in tables] == [READ_CHUNK, 5]
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    assert ids == [(3 << 32) | n for n in range(READ_CHUNK + 5)]  # corpus order: file, line
     path.write_text(json.dumps({"text": "fine"}) + "\n{broken\n")
     with pytest.raises(RayllmError, match=r"many.jsonl:2: invalid JSON"):
-        list(_read({"path": [str(path)]}, split="line", text_field="text", strict=True))
+        list(_read(batch, split="line", text_field="text", strict=True))

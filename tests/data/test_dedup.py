@@ -12,6 +12,7 @@ from rayllm.data.dedup import (
     ParagraphDedupConfig,
     Removals,
     clusters,
+    document_id,
     estimated_jaccard,
     exact_duplicates,
     near_duplicates,
@@ -92,13 +93,16 @@ def test_paragraph_dedup_keeps_the_first_copy(ray_cluster):
     assert 3 not in texts  # emptied, so gone
 
 
-def test_exact_dedup_keeps_the_first_source(ray_cluster):
+def test_exact_dedup_keeps_the_first_in_corpus_order(ray_cluster):
+    """File order, then line: line 9 comes before line 10 (a string compare of "f:10" and
+    "f:9" would say otherwise), and the first file's copy before a later file's."""
     rows = [
-        {"id": 10, "hash": "aa", "source": "b.txt:1"},
-        {"id": 11, "hash": "aa", "source": "a.txt:7"},
-        {"id": 12, "hash": "aa", "source": "c.txt:2"},
-        {"id": 13, "hash": "bb", "source": "a.txt:8"},
+        {"id": document_id(0, 10), "hash": "aa"},
+        {"id": document_id(0, 9), "hash": "aa"},
+        {"id": document_id(1, 2), "hash": "aa"},
+        {"id": document_id(1, 0), "hash": "bb"},
+        {"id": document_id(2, 0), "hash": "bb"},
     ]
     removed = exact_duplicates(ray.data.from_items(rows), partitions=2)
-    assert removed.tolist() == [10, 12]
-    assert exact_duplicates(ray.data.from_items(rows[2:]), partitions=2).size == 0
+    assert removed.tolist() == sorted([document_id(0, 10), document_id(1, 2), document_id(2, 0)])
+    assert exact_duplicates(ray.data.from_items(rows[3:4]), partitions=2).size == 0

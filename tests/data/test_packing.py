@@ -3,7 +3,8 @@
 import fsspec
 import numpy as np
 
-from rayllm.data.packing import ShardWriter, read_shard
+from rayllm.data.packing import ShardWriter
+from rayllm.data.shards import read_shard
 
 
 def test_every_token_is_a_target_once(tmp_path):
@@ -13,7 +14,7 @@ def test_every_token_is_a_target_once(tmp_path):
     for doc in np.split(stream, [5, 17, 18, 60]):
         writer.add(doc)
     summary = writer.close()
-    rows = np.concatenate([read_shard(f"{tmp_path}/{f['path']}") for f in summary["files"]])
+    rows = np.concatenate([read_shard(str(tmp_path), f) for f in summary["files"]])
     assert rows.shape[1] == 9 and rows.dtype == np.uint16
     targets = rows[:, 1:].ravel()
     np.testing.assert_array_equal(targets, stream[1 : 1 + len(targets)])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from rayllm.config import build_config
-from rayllm.data.packing import read_shard
-from rayllm.data.pipeline import DataConfig, load_manifest, run, shard_dataset
+from rayllm.data.pipeline import DataConfig, run
+from rayllm.data.shards import load_manifest, read_shard, shard_dataset
 from rayllm.errors import RayllmError
 
 STORY = (
@@ -90,8 +90,8 @@ def test_curation_explains_every_document(ray_cluster, tmp_path):
             },  # the generated chapters repeat phrases on purpose
         },
     )
-    manifest = run(config)
-    stats = manifest["stats"]
+    result = run(config)
+    manifest, stats = result.manifest, result.stats
     assert stats["documents_in"] == 45
     assert stats["dropped"]["read.invalid JSON"] == 1
     assert stats["dropped"]["language.not_en"] == 1
@@ -105,7 +105,7 @@ def test_curation_explains_every_document(ray_cluster, tmp_path):
 
     loaded = load_manifest(str(tmp_path / "out"))
     assert loaded == manifest
-    rows = [read_shard(str(tmp_path / "out" / f["path"])) for f in manifest["shards"]["train"]]
+    rows = [read_shard(str(tmp_path / "out"), f) for f in manifest["shards"]["train"]]
     assert np.concatenate(rows).shape[1] == 33
     through_ray_data = np.stack(
         [r["data"] for r in shard_dataset(str(tmp_path / "out")).take_all()]

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from rayllm.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
 from rayllm.model.hf import save_hf_model
 from rayllm.model.model import ModelConfig, Transformer
 
@@ -26,6 +27,8 @@ def test_registry_commands(tmp_path):
     save_hf_model(
         tmp_path / "hf", config, Transformer(config).state_dict(), bos_token_id=0, eos_token_id=0
     )
+    tokenizer = train_tokenizer(["to be or not to be"] * 8, TokenizerConfig(vocab_size=300))
+    save_tokenizer(tokenizer, tmp_path / "hf")
     root = tmp_path / "registry"
     assert rayllm("import", "tiny", str(tmp_path / "hf"), root=root).returncode == 0
     assert (
@@ -54,3 +57,15 @@ def test_registry_commands(tmp_path):
     assert broken.returncode == 2 and "model.safetensors" in broken.stderr
     bad_name = rayllm("import", "../escape", str(tmp_path / "hf"), root=root)
     assert bad_name.returncode == 2 and "not allowed" in bad_name.stderr
+
+
+def test_a_folder_without_tokenizer_is_refused(tmp_path):
+    config = ModelConfig(
+        vocab_size=128, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=16
+    )
+    save_hf_model(
+        tmp_path / "hf", config, Transformer(config).state_dict(), bos_token_id=0, eos_token_id=0
+    )
+    done = rayllm("publish", "tiny", str(tmp_path / "hf"), root=tmp_path / "registry")
+    assert done.returncode == 2 and "has no tokenizer" in done.stderr
+    assert not (tmp_path / "registry").exists()

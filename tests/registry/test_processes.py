@@ -7,6 +7,9 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
+
+import pytest
 
 from rayllm.registry.store import Registry
 
@@ -19,12 +22,26 @@ def _publish_many(root: str, folder: str, count: int) -> list[int]:
     ]
 
 
-def test_concurrent_publishers_never_share_a_version(tmp_path):
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "s3":
+        return f"s3://{request.getfixturevalue('s3')['bucket']}/registry-{uuid.uuid4().hex}"
+    return str(tmp_path / "registry")
+
+
+def _promote(root: str, version: int, count: int) -> list[int | None]:
+    registry = Registry(root)
+    return [
+        registry.set_alias("shared", "production", version, reason=f"{os.getpid()}")
+        for _ in range(count)
+    ]
+
+
+def test_concurrent_publishers_never_share_a_version(tmp_path, root):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(os.urandom(4096))
-    root = str(tmp_path / "registry")
     context = multiprocessing.get_context("spawn")
     with context.Pool(4) as pool:
         results = pool.starmap(_publish_many, [(root, str(folder), 3)] * 4)
@@ -65,3 +82,19 @@ def test_killed_publish_leaves_no_visible_version(tmp_path):
     again = registry.publish("big", folder, lineage={})
     assert registry.versions("big") == [again.version]
     registry.verify(again)
+
+
+def test_concurrent_promotes_lose_no_update(tmp_path, root):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    registry = Registry(root)
+    for _ in range(2):
+        registry.publish("shared", folder, lineage={})
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        pool.starmap(_promote, [(root, 1 + i % 2, 3) for i in range(4)])
+    history = registry.alias_state("shared")["history"]
+    assert len(history) == 12  # every move recorded, none overwritten by another
+    assert [h["from"] for h in history[1:]] == [h["to"] for h in history[:-1]]
+    assert registry.aliases("shared")["production"] == history[-1]["to"]

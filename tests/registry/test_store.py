@@ -1,4 +1,4 @@
-"""The registry on a local root and on fsspec's memory filesystem."""
+"""The registry on a local root, on fsspec's memory filesystem and on an S3 API."""
 
 import json
 import uuid
@@ -19,10 +19,13 @@ def model_folder(tmp_path):
     return folder
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "s3"])
 def registry(request, tmp_path):
     if request.param == "local":
         return Registry(str(tmp_path / "registry"))
+    if request.param == "s3":
+        bucket = request.getfixturevalue("s3")["bucket"]
+        return Registry(f"s3://{bucket}/registry-{uuid.uuid4().hex}")
     return Registry(f"memory://rayllm-{uuid.uuid4().hex}")
 
 
@@ -116,15 +119,14 @@ def test_export_gives_a_plain_folder(registry, model_folder, tmp_path):
         registry.export("tiny:1", tmp_path / "out")
 
 
-def test_gc_removes_only_stale_unpublished_versions(tmp_path, model_folder):
-    registry = Registry(str(tmp_path / "registry"))
+def test_gc_removes_only_stale_unpublished_versions(registry, model_folder):
     registry.publish("tiny", model_folder, lineage={})
-    leftover = tmp_path / "registry" / "tiny" / "versions" / "2"
-    leftover.mkdir()
-    (leftover / "config.json").write_text("{}")
+    leftover = f"{registry.root}/tiny/versions/2"
+    registry.fs.makedirs(leftover, exist_ok=True)
+    registry.fs.pipe(f"{leftover}/config.json", b"{}")
     assert registry.gc(older_than_s=3600) == []  # too fresh: may be a publish in progress
     assert registry.gc(older_than_s=0) == ["tiny:2"]
-    assert not leftover.exists()
+    assert not registry.fs.exists(f"{leftover}/config.json")
     assert registry.versions("tiny") == [1]
 
 
@@ -140,3 +142,10 @@ def test_concurrent_resolutions_share_one_verified_copy(model_folder, tmp_path, 
     assert (paths[0] / ".verified").exists()
     assert (paths[0] / "model.safetensors").read_bytes() == b"weights" * 100
     assert not list(paths[0].parent.glob("*.partial"))
+
+
+def test_storage_mistakes_are_one_clear_line(s3):
+    with pytest.raises(RayllmError, match="unknown storage protocol 'nosuch'"):
+        Registry("nosuch://bucket/registry")
+    with pytest.raises(RayllmError, match="bucket 'no-such-bucket' does not exist"):
+        Registry("s3://no-such-bucket/registry")

@@ -13,7 +13,14 @@ MANIFEST = {"vocab_size": 1000, "seq_len": 64}
 def test_vocab_is_filled_from_the_tokenizer():
     config = resolve_model_shape(TrainConfig(), MANIFEST)
     assert config.model.vocab_size == 1024
-    assert config.model.max_seq_len == 64
+    assert config.model.max_seq_len == TrainConfig().model.max_seq_len  # the user's, kept
+
+
+def test_warmup_is_a_tenth_of_the_steps_unless_set():
+    assert TrainConfig(steps=50).warmup == 5
+    assert TrainConfig(steps=50, warmup_steps=0).warmup == 0
+    with pytest.raises(ValueError, match="warmup_steps \\(60\\) must be .* below steps \\(50\\)"):
+        TrainConfig(steps=50, warmup_steps=60)
 
 
 def test_vocab_smaller_than_tokenizer_is_refused():

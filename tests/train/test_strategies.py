@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from rayllm.config import build_config
 from rayllm.train.config import TrainConfig
 from rayllm.train.trainer import run
+from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +28,7 @@ def trained(tiny_run, tmp_path_factory):
             {
                 "data": str(tiny_run["workdir"] / "data"),
                 "storage": str(out / "runs"),
+                "output": str(out / "hf"),
                 "run_name": name,
                 "steps": 3,
                 "micro_batch_size": 2,
@@ -36,10 +38,10 @@ def trained(tiny_run, tmp_path_factory):
                 "checkpoint_every": 3,
                 "eval_batches": 1,
                 "parallel": parallel,
-                "model": {"dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 128},
+                "model": TINY_MODEL,
             },
         )
-        result = run(config, out / "hf")
+        result = run(config)
         results[name] = (result, load_file(str(out / "hf" / "model.safetensors")))
     return results
 

@@ -24,7 +24,10 @@ class GopherQualityConfig(StageConfig):
     max_words: int = 100_000
     min_mean_word_length: float = 3.0
     max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1
+    max_hash_word_ratio: float = 0.1
+    """'#' symbols per word (Gopher's symbol-to-word rule, one of two)."""
+    max_ellipsis_word_ratio: float = 0.1
+    """Ellipses ('...' or '…') per word (the other symbol-to-word rule)."""
     max_bullet_lines_fraction: float = 0.9
     max_ellipsis_lines_fraction: float = 0.3
     min_alpha_words_fraction: float = 0.8
@@ -49,9 +52,10 @@ class GopherQuality(TextFilter):
         mean_length = sum(map(len, words)) / len(words)
         if not c.min_mean_word_length <= mean_length <= c.max_mean_word_length:
             return "mean_word_length"
-        symbols = text.count("#") + text.count("...") + text.count("…")
-        if symbols / len(words) > c.max_symbol_word_ratio:
-            return "symbol_word_ratio"
+        if text.count("#") / len(words) > c.max_hash_word_ratio:
+            return "hash_word_ratio"
+        if (text.count("...") + text.count("…")) / len(words) > c.max_ellipsis_word_ratio:
+            return "ellipsis_word_ratio"
         lines = [line for line in text.splitlines() if line.strip()] or [""]
         if (
             sum(line.lstrip().startswith(BULLETS) for line in lines) / len(lines)
