@@ -37,7 +37,7 @@ def test_user_errors_exit_2_without_traceback(args, message, tmp_path):
 
 
 def test_unknown_model_lists_the_registry(tmp_path):
-    done = rayllm("serve", "--root", str(tmp_path / "registry"), "--set", "model=nope")
+    done = rayllm("serve", "--set", f"registry={tmp_path / 'registry'}", "--set", "model=nope")
     assert done.returncode == 2
     assert "model 'nope' is not in the registry" in done.stderr
     assert "Traceback" not in done.stderr

@@ -56,6 +56,12 @@ def block_after(marker: str, language: str = "bash") -> str:
     return re.search(rf"```{language}\n(.*?)```", rest, re.S).group(1)
 
 
+def block_with(text: str, language: str = "bash") -> str:
+    """The ```language block of the README that holds ``text``."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", README, re.S)
+    return next(block for block in blocks if text in block)
+
+
 def commands(block: str) -> list[list[str]]:
     """The ``rayllm ...`` lines of a block, comments stripped, as argument lists."""
     lines = [line.split("  #")[0].strip() for line in block.splitlines()]
@@ -160,7 +166,7 @@ def test_the_registry_commands(scratch):
     (folder / "hf-folder").symlink_to(model)
     for _ in range(2):
         run(["registry", "publish", "shakespeare", str(model)], folder, env)
-    for args in commands(block_after("rayllm registry import smollm2")):
+    for args in commands(block_with("rayllm registry import smollm2")):
         if "smollm2" in args:
             continue
         run(args, folder, env, timeout=120)
