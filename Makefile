@@ -3,7 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lifecycle test lint format
+.PHONY: install lifecycle test lint format bench-setup
 
 install:
 	@bash cluster/install.sh $(VENV)
@@ -15,6 +15,10 @@ test: install
 	$(BIN)/ruff check rayllm jobs tests
 	$(BIN)/ruff format --check rayllm jobs tests
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The datatrove baseline of `rayllm bench data`, in its own environment under $RAYLLM_CACHE.
+bench-setup: install
+	$(BIN)/python -c "from rayllm.bench.data import build_datatrove_env; build_datatrove_env()"
 
 lint: install
 	$(BIN)/ruff check rayllm jobs tests

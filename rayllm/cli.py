@@ -344,8 +344,8 @@ def registry_gc(
 @bench_app.command("dedup")
 def bench_dedup(set: SetOption = None, as_json: JsonOption = False) -> None:
     """Precision and recall of fuzzy dedup on the Shakespeare modern / First Folio pairs."""
+    from rayllm.bench.data import dedup_quality
     from rayllm.cluster import RayConfig, connect
-    from rayllm.data.bench import dedup_quality
     from rayllm.data.dedup import FuzzyDedupConfig
 
     settings = load_config(FuzzyDedupConfig, None, set or ())
@@ -368,47 +368,51 @@ def bench_dedup(set: SetOption = None, as_json: JsonOption = False) -> None:
 @bench_app.command("data")
 def bench_data(
     corpus: str = "bible",
+    copies: Annotated[
+        int, typer.Option(help="Corpus copies, each a near-duplicate (13 Bibles: 54 MB).")
+    ] = 13,
     workers: Annotated[
-        list[int] | None, typer.Option(help="Worker counts to compare (repeatable).")
+        list[int] | None, typer.Option(help="Worker counts (CPUs for both systems; repeatable).")
     ] = None,
     datatrove: Annotated[
-        bool, typer.Option(help="Run datatrove on the same input, in its own environment.")
+        bool, typer.Option(help="Run datatrove too (its environment: make bench-setup).")
     ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Gopher + C4 filters and MinHash dedup: rayllm against datatrove, same input and workers."""
+    """Gopher + C4 filters and MinHash dedup: rayllm against datatrove, same input, same CPUs,
+    each at its own defaults and at the other's."""
     from rich.table import Table
 
-    from rayllm.cluster import RayConfig, connect
-    from rayllm.data.bench import throughput
+    from rayllm.bench.data import throughput
 
-    connect(RayConfig())
-    results = throughput(corpus, workers or [1, 2], datatrove)
+    results = throughput(corpus, copies, workers or [2], datatrove)
     table = Table(
         "system",
+        "MinHash setting",
         "workers",
-        "documents",
         "MB",
         "kept",
         "seconds",
-        "docs/s",
         "MB/s",
         "vs datatrove",
-        title=f"filters + MinHash dedup of {corpus}",
+        "rayllm without tokenizer + packing",
+        title=f"filters + MinHash dedup of {corpus} x {copies}",
     )
-    baseline = {r["workers"]: r for r in results if r["system"] == "datatrove"}
+    baseline = {(r["workers"], r["setting"]): r for r in results if r["system"] == "datatrove"}
     for row in results:
-        other = baseline.get(row["workers"])
+        other = baseline.get((row["workers"], row["setting"]))
         table.add_row(
             row["system"],
+            row["setting"],
             str(row["workers"]),
-            f"{row['documents']:,}",
-            f"{row['megabytes']:.2f}",
+            f"{row['megabytes']:.1f}",
             f"{row['kept']:,}",
             f"{row['seconds']:.1f}",
-            f"{row['documents_per_s']:,.0f}",
             f"{row['mb_per_s']:.3f}",
-            f"{row['documents_per_s'] / other['documents_per_s']:.2f}x" if other else "-",
+            f"{other['seconds'] / row['seconds']:.2f}x" if other else "-",
+            f"{row['seconds_without_tokenizer_and_packing']:.1f} s"
+            if "seconds_without_tokenizer_and_packing" in row
+            else "",
         )
     _emit(as_json, results, table)
 
@@ -429,8 +433,8 @@ def bench_memory(
     """Peak memory of the whole curation pipeline as the corpus grows."""
     from rich.table import Table
 
+    from rayllm.bench.data import memory_scaling
     from rayllm.cluster import RayConfig, connect
-    from rayllm.data.bench import memory_scaling
 
     connect(RayConfig())
     results = memory_scaling(corpus, copies or [1, 4], workers, block_mb, dedup)

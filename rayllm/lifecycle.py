@@ -19,10 +19,10 @@ from rich.table import Table
 from rayllm.client import Client
 from rayllm.cluster import RayConfig, connect
 from rayllm.config import WORKDIR, StageConfig
+from rayllm.data.blocks.c4 import C4Config
+from rayllm.data.blocks.gopher import GopherQualityConfig, GopherRepetitionConfig
+from rayllm.data.blocks.language import LanguageConfig
 from rayllm.data.dedup import FuzzyDedupConfig, ParagraphDedupConfig
-from rayllm.data.filters.c4 import C4Config
-from rayllm.data.filters.gopher import GopherQualityConfig, GopherRepetitionConfig
-from rayllm.data.filters.language import LanguageConfig
 from rayllm.data.pipeline import DataConfig
 from rayllm.data.pipeline import run as run_data
 from rayllm.errors import RayllmError

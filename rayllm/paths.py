@@ -95,9 +95,11 @@ def check_replaceable(url: str, overwrite: bool, what: str, key: str) -> None:
 @contextmanager
 def staged_folder(url: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
     """Write into a staging folder beside ``url``; on success it replaces ``url``, on failure it
-    is removed. Write ``manifest.json`` last: a reader trusts a folder only once it is there.
+    is removed. Write the folder's completion marker (``manifest.json`` for what others read)
+    last: a reader trusts a folder only once it is there.
 
-    Yields the filesystem and the staging path.
+    Yields the filesystem and the staging path. The one place rayllm publishes folders: shard
+    sets, trained models, verified registry copies, fetched corpora.
     """
     fs, target = filesystem(url)
     staging = f"{target.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"

@@ -81,7 +81,8 @@ def s3():
     wait_for_port(port)
     endpoint = f"http://127.0.0.1:{port}"
     os.environ |= {
-        "FSSPEC_S3_ENDPOINT_URL": endpoint,
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,  # s3fs (fsspec's configuration)
+        "AWS_ENDPOINT_URL": endpoint,  # pyarrow's S3 filesystem, which Ray Data uses
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
@@ -136,6 +137,13 @@ def ray_head(s3):
 
 
 @pytest.fixture(scope="session")
+def serve_port(ray_head) -> int:
+    """The HTTP port of the cluster's one Serve proxy: every app of the session uses it (Serve
+    keeps the port it started with)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(ray_head):
     """This test process joined to the session's cluster."""
     import ray
@@ -146,7 +154,7 @@ def ray_cluster(ray_head):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(ray_cluster, s3, tmp_path_factory):
+def tiny_run(ray_cluster, s3, serve_port, tmp_path_factory):
     """The README's ``ray job submit`` of the lifecycle, at reduced size, run once; several
     tests read its report, its registry (on S3) and its served endpoint."""
     work = tmp_path_factory.mktemp("lifecycle")
@@ -170,7 +178,7 @@ def tiny_run(ray_cluster, s3, tmp_path_factory):
             "eval_batches": 2,
             "model": TINY_MODEL,
         },
-        "serve": {"port": free_port(), "max_replicas": 1, "max_num_seqs": 4},
+        "serve": {"port": serve_port, "max_replicas": 1, "max_num_seqs": 4},
         "prompts": ["ROMEO.\n", "JULIET.\n"],
         "max_tokens": 12,
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_MODEL, free_port, overrides
+from tests.conftest import TINY_MODEL, overrides
 
 pytestmark = pytest.mark.slow
 
@@ -86,9 +86,9 @@ def run(args: list[str], folder: Path, env: dict, timeout: int = 600):
     return done
 
 
-def test_the_stages_one_at_a_time(scratch):
+def test_the_stages_one_at_a_time(scratch, serve_port):
     folder, env = scratch
-    port = free_port()
+    port = serve_port
     steps = commands(block_after("The stages one at a time"))
     verbs = [args[0] for args in steps]
     assert verbs == ["data", "train", "registry", "serve", "complete", "chat"]

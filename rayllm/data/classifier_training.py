@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rayllm.data.blocks.classifier import ClassifierConfig, QualityModel, synthesise_junk
+from rayllm.data.blocks.normalise import normalise
 from rayllm.data.corpora import resolve_source
-from rayllm.data.filters.classifier import ClassifierConfig, QualityModel, synthesise_junk
-from rayllm.data.normalise import normalise
 from rayllm.data.readers import read_documents
 from rayllm.errors import RayllmError
 from rayllm.paths import cache_dir

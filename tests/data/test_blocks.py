@@ -6,15 +6,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayllm.data.filters.c4 import C4, BadWords, BadWordsConfig, C4Config
-from rayllm.data.filters.gopher import (
+from rayllm.data.blocks.c4 import C4, BadWords, BadWordsConfig, C4Config
+from rayllm.data.blocks.gopher import (
     GopherQuality,
     GopherQualityConfig,
     GopherRepetition,
     GopherRepetitionConfig,
 )
+from rayllm.data.blocks.normalise import NormaliseConfig, Normaliser, normalise
 from rayllm.data.hashing import content_hash
-from rayllm.data.normalise import NormaliseConfig, Normaliser, normalise
 from rayllm.data.readers import read_documents
 
 PROSE = (
@@ -140,13 +140,13 @@ def test_empty_documents_are_dropped(text):
 
 
 def test_quality_classifier_separates_reference_from_junk():
-    from rayllm.data.classifier_training import _sample
-    from rayllm.data.filters.classifier import (
+    from rayllm.data.blocks.classifier import (
         ClassifierConfig,
         QualityClassifier,
         QualityModel,
         synthesise_junk,
     )
+    from rayllm.data.classifier_training import _sample
 
     good = _sample(["bible"], 1200, seed=0)
     junk = synthesise_junk(good, seed=1)

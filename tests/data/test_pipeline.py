@@ -4,6 +4,7 @@ import json
 import random
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from rayllm.config import build_config
@@ -96,12 +97,16 @@ def test_curation_explains_every_document(ray_cluster, tmp_path):
     assert stats["dropped"]["read.invalid JSON"] == 1
     assert stats["dropped"]["language.not_en"] == 1
     assert stats["dropped"]["gopher_quality.stop_words"] == 1
-    assert stats["pii"]["email"] == 1 and stats["pii"]["phone"] == 1
+    assert stats["columns"]["pii_email"] == 1 and stats["columns"]["pii_phone"] == 1
     assert stats["exact_duplicates"] == 1
     assert stats["fuzzy"]["fuzzy_removed"] == 1
     assert stats["documents_kept"] == 45 - 3 - 1 - 1
     assert stats["examples"]["language.not_en"][0]["source"].endswith("corpus.jsonl:43")
-    assert stats["languages"]["en"] >= 40
+    assert stats["columns"]["language"]["en"] >= 40
+    assert 0.5 < stats["columns"]["language_score"]["median"] <= 1.0
+    curated = pq.read_table(tmp_path / "out" / "curated")
+    assert curated.num_rows == 45
+    assert {"language", "language_score", "pii_email", "drop"} <= set(curated.column_names)
 
     loaded = load_manifest(str(tmp_path / "out"))
     assert loaded == manifest
@@ -112,6 +117,13 @@ def test_curation_explains_every_document(ray_cluster, tmp_path):
     )
     assert sorted(map(tuple, through_ray_data)) == sorted(map(tuple, np.concatenate(rows)))
     assert not list(tmp_path.glob("out.staging-*"))
+
+    damaged = manifest["shards"]["train"][0]
+    (tmp_path / "out" / damaged["path"]).write_bytes(b"not the shard it was")
+    with pytest.raises(RayllmError, match=f"shard .*{damaged['path']} does not match the sha256"):
+        read_shard(str(tmp_path / "out"), damaged)
+    with pytest.raises(Exception, match=f"{damaged['path']} does not match the sha256"):
+        shard_dataset(str(tmp_path / "out")).take_all()
 
 
 def test_a_corpus_filtered_to_nothing_leaves_nothing_behind(ray_cluster, tmp_path):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rayllm.data.filters.language import LanguageConfig, LanguageId
-from rayllm.data.pii import PIIConfig, PIIScrubber, iban_valid, luhn_valid
+from rayllm.data.blocks.language import LanguageConfig, LanguageId
+from rayllm.data.blocks.pii import PIIConfig, PIIScrubber, iban_valid, luhn_valid
 
 
 def scrub(text: str, **config) -> dict:

@@ -141,7 +141,7 @@ def test_concurrent_resolutions_share_one_verified_copy(model_folder, tmp_path, 
     assert len(set(paths)) == 1
     assert (paths[0] / ".verified").exists()
     assert (paths[0] / "model.safetensors").read_bytes() == b"weights" * 100
-    assert not list(paths[0].parent.glob("*.partial"))
+    assert not list(paths[0].parent.glob("*.staging-*"))
 
 
 def test_storage_mistakes_are_one_clear_line(s3):

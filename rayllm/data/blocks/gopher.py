@@ -12,7 +12,7 @@ import re
 from collections import Counter
 
 from rayllm.config import StageConfig
-from rayllm.data.filters.base import WORD, TextFilter
+from rayllm.data.blocks.base import WORD, TextFilter
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "▪", "-", "*", "–", "—")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from rayllm.config import StageConfig
-from rayllm.data.filters.base import WORD, Document
+from rayllm.data.blocks.base import WORD, Block, Document
 
 END_PUNCTUATION = (".", "?", "!", '"', "'", "”", "’")
 POLICY = (
@@ -36,7 +36,7 @@ class C4Config(StageConfig):
     drop_policy_lines: bool = True
 
 
-class C4:
+class C4(Block):
     """Keeps lines that end in terminal punctuation and hold enough words; drops code and filler."""
 
     name = "c4"
@@ -82,7 +82,7 @@ class BadWordsConfig(StageConfig):
     max_hits: int = 0
 
 
-class BadWords:
+class BadWords(Block):
     name = "bad_words"
 
     def __init__(self, config: BadWordsConfig):

@@ -6,7 +6,7 @@ import re
 import unicodedata
 
 from rayllm.config import StageConfig
-from rayllm.data.filters.base import Document
+from rayllm.data.blocks.base import Block, Document
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPACES = re.compile(r"[ \t\u00a0]+")
@@ -26,7 +26,7 @@ def normalise(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-class Normaliser:
+class Normaliser(Block):
     name = "normalise"
 
     def __init__(self, config: NormaliseConfig):

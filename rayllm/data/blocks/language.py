@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rayllm.config import StageConfig
-from rayllm.data.filters.base import Document
+from rayllm.data.blocks.base import Block, Column, Document
 
 
 class LanguageConfig(StageConfig):
@@ -16,10 +16,11 @@ class LanguageConfig(StageConfig):
     """Identify on the first N characters: long documents cost no more than this."""
 
 
-class LanguageId:
+class LanguageId(Block):
     """Records ``language`` and ``language_score``; drops languages not in ``keep``."""
 
     name = "language"
+    columns = {"language": Column("", "top"), "language_score": Column(None, "distribution")}
 
     def __init__(self, config: LanguageConfig):
         from lingua import LanguageDetectorBuilder

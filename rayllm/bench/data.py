@@ -19,15 +19,20 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import ray
 
+from rayllm.config import build_config
+from rayllm.data.blocks.c4 import C4Config
+from rayllm.data.blocks.normalise import normalise
 from rayllm.data.corpora import resolve_source
 from rayllm.data.dedup import FuzzyDedupConfig, clusters, document_id, near_duplicates
-from rayllm.data.normalise import normalise
 from rayllm.data.pipeline import DataConfig, run
 from rayllm.data.readers import read_documents
 from rayllm.errors import RayllmError
@@ -91,13 +96,25 @@ DATATROVE = ("datatrove[processing]==0.10.1", "spacy==3.8.18", "orjson==3.13.0")
 """The baseline's environment: datatrove, and spaCy for its English word tokenizer."""
 
 
-def datatrove_python() -> Path:
-    """The interpreter of a virtual environment holding datatrove, built once in the cache.
+def datatrove_home() -> Path:
+    return cache_dir() / "bench" / "datatrove-0.10.1"
 
-    datatrove is never a rayllm dependency: the benchmark installs it from PyPI beside rayllm,
-    into a staging folder that is renamed into place only once the install succeeded.
-    """
-    home = cache_dir() / "bench" / "datatrove-0.10.1"
+
+def datatrove_python() -> Path:
+    """The interpreter of the baseline's environment; ``make bench-setup`` builds it."""
+    python = datatrove_home() / "bin" / "python"
+    if not python.exists():
+        raise RayllmError(
+            f"the datatrove baseline's environment is not built ({datatrove_home()}); run "
+            "`make bench-setup` once, or pass --no-datatrove"
+        )
+    return python
+
+
+def build_datatrove_env() -> Path:
+    """Install datatrove from PyPI into its own virtual environment in the cache, never into
+    rayllm's: built in a staging folder and renamed into place once it imports."""
+    home = datatrove_home()
     if (home / "bin" / "python").exists():
         return home / "bin" / "python"
     staging = home.with_name(f"{home.name}.staging-{os.getpid()}")
@@ -114,7 +131,7 @@ def datatrove_python() -> Path:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise RayllmError(
                     f"could not install the datatrove baseline: {done.stderr.strip()[-500:]}; "
-                    "check that PyPI is reachable, or run with --no-datatrove"
+                    "check that PyPI is reachable"
                 )
         staging.rename(home)
     return home / "bin" / "python"
@@ -146,63 +163,151 @@ def write_input(corpus: str, folder: Path, parts: int, copies: int = 1) -> dict[
     return {"documents": len(texts), "megabytes": sum(len(t.encode()) for t in texts) / 1e6}
 
 
-def equivalent_config(source: str, output: str, workers: int) -> DataConfig:
+@dataclass(frozen=True)
+class MinHashSetting:
+    """One MinHash setting of the comparison, given to both systems."""
+
+    name: str
+    ngram: int
+    bands: int
+    rows: int
+    threshold: float
+    """rayllm's check of LSH candidates against their signatures (datatrove has none: 0)."""
+    c4_min_sentences: int
+
+
+SETTINGS = {
+    "rayllm defaults": MinHashSetting(
+        "rayllm defaults",
+        **{
+            k: v
+            for k, v in FuzzyDedupConfig().model_dump().items()
+            if k in ("ngram", "bands", "rows", "threshold")
+        },
+        c4_min_sentences=C4Config().min_sentences,
+    ),
+    # datatrove 0.10.1's MinhashConfig() and C4QualityFilter() defaults.
+    "datatrove defaults": MinHashSetting("datatrove defaults", 5, 14, 8, 0.0, 5),
+}
+"""Each system runs at its own defaults and, as the shared setting, at the other's."""
+
+
+def equivalent_config(
+    source: str, output: str, workers: int, setting: MinHashSetting
+) -> DataConfig:
     """rayllm doing what the datatrove baseline does: Gopher and C4 rules, then MinHash dedup."""
     off = {"enabled": False}
-    return DataConfig(
-        corpus=source,
-        output=output,
-        workers=workers,
-        language=off,
-        bad_words=off,
-        pii=off,
-        exact_dedup=False,
-        paragraph_dedup=off,
+    return build_config(
+        DataConfig,
+        {
+            "corpus": source,
+            "output": output,
+            "workers": workers,
+            "language": off,
+            "bad_words": off,
+            "pii": off,
+            "exact_dedup": False,
+            "paragraph_dedup": off,
+            "keep_curated": False,
+            "c4": {"min_sentences": setting.c4_min_sentences},
+            "fuzzy_dedup": {
+                "ngram": setting.ngram,
+                "bands": setting.bands,
+                "rows": setting.rows,
+                "threshold": setting.threshold,
+            },
+        },
     )
 
 
-def throughput(corpus: str, workers: list[int], datatrove: bool = True) -> list[dict[str, Any]]:
-    """Gopher + C4 filters and MinHash dedup on ``corpus`` by rayllm and by datatrove.
+def throughput(
+    corpus: str, copies: int, workers: list[int], datatrove: bool = True
+) -> list[dict[str, Any]]:
+    """Gopher + C4 filters and MinHash dedup on ``corpus`` (repeated ``copies`` times, each
+    copy a near-duplicate) by rayllm and by datatrove, at each system's defaults.
 
-    Both read the same JSON-lines files and are timed over the same work (reading, filtering,
-    deduplicating); rayllm's tokenizer training and packing, which datatrove does not do, are
-    reported apart. Each worker count runs both systems back to back.
+    Both read the same JSON-lines files with the same CPUs: the Ray cluster this starts has
+    exactly ``workers`` CPUs, datatrove runs ``workers`` processes. Both are timed over the
+    same window, from reading to written output (datatrove: deduplicated JSON lines; rayllm:
+    token shards, so its time also covers tokenizer training and packing, which datatrove does
+    not do; its time without them is reported beside).
     """
     python = datatrove_python() if datatrove else None
     results = []
     with tempfile.TemporaryDirectory(prefix="rayllm-bench-") as tmp:
         source = Path(tmp) / "input"
-        size = write_input(corpus, source, parts=max(8, 4 * max(workers)))
+        size = write_input(corpus, source, parts=max(8, 4 * max(workers)), copies=copies)
         for count in workers:
-            config = equivalent_config(str(source), f"{tmp}/rayllm-{count}", count)
-            stats = run(config, report=False)["stats"]
-            curate = stats["stage_seconds"]["curate"] + stats["stage_seconds"]["fuzzy_dedup"]
-            results.append(
-                _row("rayllm", count, size, stats["documents_kept"], curate)
-                | {"seconds_with_packing": stats["seconds"]}
-            )
-            if python is None:
-                continue
-            fuzzy = config.fuzzy_dedup
-            with Stage(f"bench: datatrove with {count} workers") as stage:
-                baseline = subprocess.run(
-                    [
-                        str(python),
-                        str(Path(__file__).with_name("datatrove_baseline.py")),
-                        str(source),
-                        f"{tmp}/datatrove-{count}",
-                        *map(str, (count, fuzzy.ngram, fuzzy.bands, fuzzy.rows)),
-                        str(config.c4.min_sentences),
-                    ],
-                    capture_output=True,
-                    text=True,
+            for setting in SETTINGS.values():
+                config = equivalent_config(str(source), f"{tmp}/rayllm", count, setting)
+                with _ray_with_cpus(count):
+                    started = time.time()
+                    stats = run(config, report=False).stats
+                    seconds = time.time() - started
+                stage = stats["stage_seconds"]
+                results.append(
+                    _row("rayllm", setting, count, size, seconds)
+                    | {
+                        "seconds_without_tokenizer_and_packing": round(
+                            seconds - stage["tokenizer"] - stage["pack"], 1
+                        ),
+                        "kept": stats["documents_kept"],
+                        "kept_per_stage": {
+                            **{s["stage"]: s["documents_out"] for s in stats["stages"]},
+                            "fuzzy_dedup": stats["documents_kept"],
+                        },
+                    }
                 )
-                if baseline.returncode:
-                    raise RayllmError(f"the datatrove baseline failed: {baseline.stderr[-2000:]}")
-                measured = json.loads(baseline.stdout.strip().splitlines()[-1])
-                stage.note(f"{measured['kept']:,} kept")
-            results.append(_row("datatrove", count, size, measured["kept"], measured["seconds"]))
+                if python is not None:
+                    results.append(
+                        _datatrove(python, source, f"{tmp}/datatrove", count, setting, size)
+                    )
     return results
+
+
+@contextmanager
+def _ray_with_cpus(cpus: int) -> Iterator[None]:
+    """A local Ray cluster of exactly ``cpus`` CPUs for one measured run."""
+    if os.environ.get("RAY_ADDRESS"):
+        raise RayllmError(
+            "rayllm bench data starts its own Ray cluster with exactly --workers CPUs, the "
+            "datatrove baseline's share; unset RAY_ADDRESS"
+        )
+    ray.shutdown()
+    ray.init(num_cpus=cpus, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _datatrove(
+    python: Path, source: Path, work: str, workers: int, setting: MinHashSetting, size: dict
+) -> dict[str, Any]:
+    shutil.rmtree(work, ignore_errors=True)
+    with Stage(f"bench: datatrove, {setting.name}, {workers} workers") as stage:
+        started = time.time()
+        baseline = subprocess.run(
+            [
+                str(python),
+                str(Path(__file__).with_name("datatrove_baseline.py")),
+                str(source),
+                work,
+                *map(str, (workers, setting.ngram, setting.bands, setting.rows)),
+                str(setting.c4_min_sentences),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.time() - started
+        if baseline.returncode:
+            raise RayllmError(f"the datatrove baseline failed: {baseline.stderr[-2000:]}")
+        measured = json.loads(baseline.stdout.strip().splitlines()[-1])
+        stage.note(f"{measured['kept']:,} kept")
+    return _row("datatrove", setting, workers, size, seconds) | {
+        "kept": measured["kept"],
+        "kept_per_stage": measured["kept_per_stage"],
+    }
 
 
 class MemorySampler(threading.Thread):
@@ -267,7 +372,7 @@ def memory_scaling(
                 config.exact_dedup = config.paragraph_dedup.enabled = False
                 config.fuzzy_dedup.enabled = False
             with MemorySampler() as sampler:
-                stats = run(config, report=False)["stats"]
+                stats = run(config, report=False).stats
         results.append(
             {
                 "copies": count,
@@ -283,13 +388,13 @@ def memory_scaling(
 
 
 def _row(
-    system: str, workers: int, size: dict[str, float], kept: int, seconds: float
+    system: str, setting: MinHashSetting, workers: int, size: dict[str, float], seconds: float
 ) -> dict[str, Any]:
     return {
         "system": system,
+        "setting": setting.name,
         "workers": workers,
         "documents": int(size["documents"]),
-        "kept": kept,
         "megabytes": size["megabytes"],
         "seconds": round(seconds, 1),
         "documents_per_s": size["documents"] / seconds,

@@ -7,7 +7,8 @@ filter and sign, bucket, cluster, then drop the duplicates, each stage on a
 
     python datatrove_baseline.py INPUT_FOLDER WORK_FOLDER WORKERS NGRAM BANDS ROWS C4_MIN_SENTENCES
 
-prints one JSON object: documents in and kept, and seconds per stage and in all.
+prints one JSON object: documents in and kept, the documents each step passed on (from
+datatrove's own stats), and seconds per stage and in all.
 """
 
 import gzip
@@ -92,11 +93,24 @@ def main(
             {
                 "documents": documents,
                 "kept": kept,
+                "kept_per_stage": _passed_on(f"{work}/logs/filter_+_sign")
+                | {"minhash_dedup": kept},
                 "seconds": round(time.time() - started, 2),
                 "stages": seconds,
             }
         )
     )
+
+
+def _passed_on(logs: str) -> dict[str, int]:
+    """Documents each filter of a stage passed on, from the stats.json datatrove writes."""
+    steps = json.loads(Path(logs, "stats.json").read_text())
+    passed = {}
+    for step in steps:
+        stats = step.get("stats", {})
+        if "forwarded" in stats:
+            passed[step["name"].split(" ", 1)[-1].strip()] = stats["forwarded"]
+    return passed
 
 
 def _lines(path: Path):

@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 
 from rayllm.config import StageConfig
-from rayllm.data.filters.base import Document
+from rayllm.data.blocks.base import Block, Column, Document
 
 FEATURES = 1 << 18
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -106,8 +106,9 @@ class QualityModel:
         return self
 
 
-class QualityClassifier:
+class QualityClassifier(Block):
     name = "classifier"
+    columns = {"quality_score": Column(None, "distribution")}
 
     def __init__(self, config: ClassifierConfig, model: QualityModel):
         self.threshold = config.threshold

@@ -11,7 +11,7 @@ import ipaddress
 import re
 
 from rayllm.config import StageConfig
-from rayllm.data.filters.base import Document
+from rayllm.data.blocks.base import Block, Column, Document
 
 PII_TYPES = ("email", "phone", "ip", "credit_card", "iban", "national_id")
 
@@ -79,10 +79,11 @@ _PATTERNS: dict[str, tuple[re.Pattern, object]] = {
 }
 
 
-class PIIScrubber:
+class PIIScrubber(Block):
     """Replaces each detected item by ``<type>`` and adds ``pii_<type>`` counts to the document."""
 
     name = "pii"
+    columns = {f"pii_{kind}": Column(0, "sum") for kind in PII_TYPES}
 
     def __init__(self, config: PIIConfig):
         unknown = set(config.types) - set(PII_TYPES)

@@ -1,0 +1,1 @@
+"""Benchmarks behind `rayllm bench`: measurements, never tests."""

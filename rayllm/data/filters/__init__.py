@@ -1,1 +1,0 @@
-"""Document filters: each a small block with its own config, answering keep or (drop, reason)."""
