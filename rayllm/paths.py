@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from rayllm.errors import RayllmError
 
@@ -109,8 +110,19 @@ def staged_folder(url: str) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
     except BaseException:
         fs.rm(staging, recursive=True)
         raise
+    fs.invalidate_cache()  # object stores' listings are cached; others wrote into staging
     if fs.exists(f"{target}/{MARKER}"):
         fs.rm(f"{target}/{MARKER}")  # unpublish first: readers never see a mixed set
     if fs.exists(target):
         fs.rm(target, recursive=True)
-    fs.mv(staging, target, recursive=True)
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(staging, target, recursive=True)  # a rename
+        return
+    # Object stores have no rename: copy every object, the marker last, then drop the staging.
+    # (Folder markers, keys ending in '/' that some writers leave, need no copy.)
+    files = [path for path in fs.find(staging) if not path.endswith("/")]
+    marker = [path for path in files if path.endswith(f"/{MARKER}")]
+    for batch in ([path for path in files if path not in marker], marker):
+        if batch:
+            fs.copy(batch, [f"{target}{path[len(staging) :]}" for path in batch])
+    fs.rm(staging, recursive=True)

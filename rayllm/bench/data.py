@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import ray
 
+from rayllm.cluster import quiet_ray_consoles
 from rayllm.config import build_config
 from rayllm.data.blocks.c4 import C4Config
 from rayllm.data.blocks.normalise import normalise
@@ -275,6 +276,7 @@ def _ray_with_cpus(cpus: int) -> Iterator[None]:
         )
     ray.shutdown()
     ray.init(num_cpus=cpus, logging_level="WARNING")
+    quiet_ray_consoles()
     try:
         yield
     finally:

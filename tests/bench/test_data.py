@@ -3,6 +3,7 @@ rayllm's side of the comparison through the command line."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -53,7 +54,7 @@ def test_rayllm_side_of_the_datatrove_comparison(tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(done.stdout[done.stdout.index("[") :])
+    rows = json.loads(done.stdout[re.search(r"^\[$", done.stdout, re.M).start() :])
     assert [(r["system"], r["setting"]) for r in rows] == [
         ("rayllm", "rayllm defaults"),
         ("rayllm", "datatrove defaults"),

@@ -149,3 +149,8 @@ def test_storage_mistakes_are_one_clear_line(s3):
         Registry("nosuch://bucket/registry")
     with pytest.raises(RayllmError, match="bucket 'no-such-bucket' does not exist"):
         Registry("s3://no-such-bucket/registry")
+    # gcsfs is the optional 'gcs' extra, not installed with the test dependencies.
+    with pytest.raises(
+        RayllmError, match=r"gs:// filesystem is not installed; pip install 'rayllm\[gcs\]'"
+    ):
+        Registry("gs://bucket/registry")
