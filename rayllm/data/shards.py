@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ import pyarrow as pa
 import ray
 
 from rayllm.errors import RayllmError
-from rayllm.paths import absolute_url, filesystem
+from rayllm.paths import absolute_url, cache_dir, filesystem, is_local
 
 MANIFEST = "manifest.json"
 
@@ -43,10 +45,7 @@ def manifest_sha256(url: str) -> str:
 def decode_shard(payload: bytes, entry: dict[str, Any], where: str) -> np.ndarray:
     """The rows of one shard, after checking its bytes against the manifest's sha256."""
     if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
-        raise RayllmError(
-            f"shard {where} does not match the sha256 in its manifest: it is damaged or was "
-            "replaced; re-run `rayllm data` to rebuild the shard set"
-        )
+        raise _damaged(where)
     return np.load(io.BytesIO(payload), allow_pickle=False)
 
 
@@ -57,10 +56,52 @@ def read_shard(data: str, entry: dict[str, Any]) -> np.ndarray:
     try:
         payload = fs.cat_file(f"{path}/{entry['path']}")
     except FileNotFoundError:
-        raise RayllmError(
-            f"shard {where} is missing; re-run `rayllm data` to rebuild the shard set"
-        ) from None
+        raise _missing(where) from None
     return decode_shard(payload, entry, where)
+
+
+def open_shard(data: str, entry: dict[str, Any]) -> np.ndarray:
+    """The shard ``entry`` memory-mapped: its rows are read from disk as they are used, so a
+    reader never holds the whole set in memory. A shard on object storage is first copied
+    into the local cache (once, named by its sha256); either way its sha256 is checked."""
+    fs, path = filesystem(data)
+    where = f"{data.rstrip('/')}/{entry['path']}"
+    if is_local(data):
+        local = Path(path) / entry["path"]
+    else:
+        local = cache_dir() / "shards" / f"{entry['sha256']}.npy"
+    if not local.exists():
+        if is_local(data):
+            raise _missing(where)
+        _download(fs, f"{path}/{entry['path']}", local, where)
+    with local.open("rb") as handle:
+        matches = hashlib.file_digest(handle, "sha256").hexdigest() == entry["sha256"]
+    if not matches:
+        if not is_local(data):
+            local.unlink()  # a bad download: fetch it again next time
+        raise _damaged(where)
+    return np.load(local, mmap_mode="r", allow_pickle=False)
+
+
+def _download(fs, remote: str, local: Path, where: str) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_suffix(f".{os.getpid()}.part")
+    try:
+        fs.get_file(remote, str(partial))
+    except FileNotFoundError:
+        raise _missing(where) from None
+    partial.replace(local)
+
+
+def _missing(where: str) -> RayllmError:
+    return RayllmError(f"shard {where} is missing; re-run `rayllm data` to rebuild the shard set")
+
+
+def _damaged(where: str) -> RayllmError:
+    return RayllmError(
+        f"shard {where} does not match the sha256 in its manifest: it is damaged or was "
+        "replaced; re-run `rayllm data` to rebuild the shard set"
+    )
 
 
 def _decode_batch(batch: pa.Table, entries: dict[str, dict[str, Any]]) -> pa.Table:

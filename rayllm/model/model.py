@@ -82,11 +82,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (
-            config.n_heads,
-            config.n_kv_heads,
-            config.head_dim,
-        )
+        # Head counts follow from the projections' widths, so a tensor-parallel rank that
+        # holds some of the heads runs this code unchanged.
+        self.head_dim = config.head_dim
         kv_dim = config.n_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.dim, config.dim, bias=False)
         self.k_proj = nn.Linear(config.dim, kv_dim, bias=False)
@@ -95,9 +93,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -138,7 +136,9 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        # A dict keyed "0", "1", ...: a pipeline stage deletes the layers it does not run and
+        # the rest keep their names (and their Hugging Face names).
+        self.layers = nn.ModuleDict({str(i): Block(config) for i in range(config.n_layers)})
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         cos, sin = rotary_tables(config, config.max_seq_len)
@@ -160,11 +160,15 @@ class Transformer(nn.Module):
             nn.init.normal_(param, mean=0.0, std=std * scale)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A pipeline stage sets the parts it does not hold to None: the first stage takes
+        token ids, later stages take the previous stage's hidden states."""
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
+        x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        for layer in self.layers.values():
             x = layer(x, cos, sin)
+        if self.lm_head is None:
+            return x
         return self.lm_head(self.norm(x))
 
 

@@ -11,22 +11,76 @@ from rayllm.model.model import ModelConfig
 
 
 class ParallelConfig(StageConfig):
-    """How the model is spread over the workers.
+    """How the model is spread over the workers: one device mesh of
+    ``pp x dp_replicate x dp_shard x tp`` ranks, or DeepSpeed ZeRO.
 
-    ``zero`` is DeepSpeed ZeRO (stage 1 shards optimizer state, 2 also gradients, 3 also
-    parameters); ``ddp`` is PyTorch DistributedDataParallel, every worker holding everything.
+    ``strategy`` says how the data-parallel ranks hold the model: ``ddp`` every rank all of it
+    (PyTorch DDP), ``fsdp`` sharded (FSDP2 ``fully_shard``; with ``dp_replicate`` > 1, sharded
+    within groups and replicated across them: HSDP), ``zero`` DeepSpeed ZeRO (stage 1 shards
+    optimizer state, 2 also gradients, 3 also parameters). ``tp`` and ``pp`` split each
+    data-parallel replica further; the data-parallel size is what remains of the workers.
     """
 
-    strategy: Literal["zero", "ddp"] = "zero"
+    strategy: Literal["ddp", "fsdp", "zero"] = "zero"
+    tp: int = 1
+    """Tensor-parallel size: attention heads, KV heads and MLP channels split over this many ranks."""
+    sequence_parallel: bool = False
+    """With tp > 1, also split the norms' activations along the sequence."""
+    pp: int = 1
+    """Pipeline-parallel size: the layers split into this many stages."""
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp_microbatches: int | None = None
+    """Micro-batches the pipeline splits each micro-batch into; default: ``pp``."""
+    dp_replicate: int = 1
+    """With ``fsdp``: replicate groups (HSDP); the data-parallel ranks are split into this many."""
+    fsdp_offload: bool = False
+    """With ``fsdp``: keep parameters, gradients and optimizer state on the CPU (FSDP2 offload)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
-    """Keep optimizer state on the CPU (ZeRO-Offload); uses DeepSpeed's CPU Adam."""
+    """With ``zero``: keep optimizer state on the CPU (ZeRO-Offload); uses DeepSpeed's CPU Adam."""
+    offload_params: bool = False
+    """With ``zero`` stage 3: keep parameters on the CPU too (ZeRO-Infinity)."""
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
-        if self.offload_optimizer and (self.strategy != "zero" or self.zero_stage == 0):
+        if min(self.tp, self.pp, self.dp_replicate) < 1:
+            raise ValueError(
+                "parallel.tp, parallel.pp and parallel.dp_replicate must be at least 1"
+            )
+        zero = self.strategy == "zero"
+        if self.offload_optimizer and (not zero or self.zero_stage == 0):
             raise ValueError("offload_optimizer needs strategy 'zero' with zero_stage 1, 2 or 3")
+        if self.offload_params and (not zero or self.zero_stage != 3):
+            raise ValueError("offload_params needs strategy 'zero' with zero_stage 3")
+        if zero and (self.tp > 1 or self.pp > 1):
+            raise ValueError(
+                "DeepSpeed ZeRO runs without tensor or pipeline parallelism here (ZeRO-2/3 do "
+                "not compose with pipelines); use strategy 'fsdp' (or 'ddp') with tp / pp"
+            )
+        if self.fsdp_offload and self.strategy != "fsdp":
+            raise ValueError("fsdp_offload needs strategy 'fsdp'")
+        if self.dp_replicate > 1 and self.strategy != "fsdp":
+            raise ValueError("dp_replicate (HSDP) needs strategy 'fsdp'; 'ddp' replicates already")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel needs tp > 1")
+        if self.pp_microbatches is not None and self.pp == 1:
+            raise ValueError("pp_microbatches needs pp > 1")
         return self
+
+    @property
+    def microbatches(self) -> int:
+        return self.pp_microbatches or self.pp
+
+    def describe(self) -> str:
+        """A short name for logs: ``fsdp``, ``fsdp x tp2``, ``zero-3 + offload``, ..."""
+        if self.strategy == "zero":
+            name = f"zero-{self.zero_stage}"
+            offloads = [k for k in ("optimizer", "params") if getattr(self, f"offload_{k}")]
+            return name + (f" + {'/'.join(offloads)} offload" if offloads else "")
+        parts = [self.strategy if self.dp_replicate == 1 else f"hsdp{self.dp_replicate}"]
+        parts += [f"tp{self.tp}"] * (self.tp > 1)
+        parts += [f"pp{self.pp} {self.pp_schedule}"] * (self.pp > 1)
+        return " x ".join(parts)
 
 
 class TrainConfig(StageConfig):
@@ -49,7 +103,12 @@ class TrainConfig(StageConfig):
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16: autocast for ddp / tp / pp, bf16 compute with fp32 reductions and master weights
+    for fsdp, DeepSpeed's bf16 for zero. fp16 needs GPUs."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation checkpointing: every layer (full) or every ``recompute_every``-th (selective)."""
+    recompute_every: int = 2
     steps: int = 300
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
@@ -57,6 +116,10 @@ class TrainConfig(StageConfig):
     min_learning_rate: float = 3e-4
     warmup_steps: int | None = None
     """Linear warm-up steps; default: a tenth of ``steps``."""
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"
+    """After warm-up: cosine decay to ``min_learning_rate``, or warmup-stable-decay (constant,
+    then a linear decay over the last ``decay_fraction`` of the steps)."""
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -67,8 +130,12 @@ class TrainConfig(StageConfig):
     keep_checkpoints: int = 2
     max_failures: int = 1
     """Restarts from the latest checkpoint after a worker dies."""
+    resume: bool = False
+    """Continue the earlier run of this ``run_name`` from its latest checkpoint (it must have
+    the same model, parallel layout and data). False starts over, replacing that run."""
     peak_tflops_per_worker: float | None = None
-    """Peak dense TFLOP/s of one worker's device, for MFU; known GPUs are looked up."""
+    """Peak dense TFLOP/s of one worker's device, for MFU; default: measured by a short
+    matmul probe on each worker at start."""
     timeout_s: int = 600
     """Collective-operation timeout: a hung worker fails the run instead of stalling it."""
 
@@ -76,6 +143,19 @@ class TrainConfig(StageConfig):
     def _check(self) -> TrainConfig:
         if self.steps < 1 or self.micro_batch_size < 1 or self.grad_accum_steps < 1:
             raise ValueError("steps, micro_batch_size and grad_accum_steps must be at least 1")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError(
+                "precision fp16 needs GPUs (CPUs have no fp16 matmuls); use bf16 or fp32 on CPU"
+            )
+        if self.precision == "fp16" and self.parallel.strategy != "zero":
+            raise ValueError(
+                "precision fp16 needs loss scaling, which rayllm takes from DeepSpeed: use "
+                "strategy 'zero', or bf16"
+            )
+        if self.recompute_every < 1:
+            raise ValueError("recompute_every must be at least 1")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError("decay_fraction must be in (0, 1]")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must be at least 0 and below steps "

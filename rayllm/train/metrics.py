@@ -1,29 +1,73 @@
-"""Throughput and model FLOPs utilisation, computed in one place for every step."""
+"""Throughput, model FLOPs utilisation and memory, computed in one place for every step, and
+the run's metrics log (one JSON line per logged step)."""
 
 from __future__ import annotations
 
+import json
+import resource
+import time
+
 import torch
 
-# Dense bf16 peak TFLOP/s per device, for MFU when the config gives none.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0}
+from rayllm.paths import filesystem
 
 
-def peak_tflops(configured: float | None) -> float | None:
-    if configured:
-        return configured
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return None
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Dense matmul TFLOP/s this worker reaches on its own device: the peak MFU is taken
+    against, measured at start so it reflects the threads and hardware the run really has."""
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up
+    _synchronize(device)
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or count < 3:
+        torch.matmul(a, b)
+        count += 1
+        _synchronize(device)
+    return 2 * size**3 * count / elapsed / 1e12
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this rank has held: GPU memory allocated, or on CPU the process's
+    peak resident set (which also counts the Python runtime and libraries)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def step_metrics(
-    *, tokens: int, seconds: float, flops_per_token: float, workers: int, peak: float | None
+    *, tokens: int, seconds: float, flops_per_token: float, workers: int, peak: float
 ) -> dict[str, float]:
-    """tokens/s over all workers, achieved TFLOP/s per worker, and MFU when the peak is known."""
+    """tokens/s over all workers and per worker, achieved TFLOP/s per worker, and MFU."""
     tokens_per_s = tokens / seconds
     tflops = tokens_per_s * flops_per_token / workers / 1e12
-    metrics = {"tokens_per_s": tokens_per_s, "tflops_per_worker": tflops}
-    if peak:
-        metrics["mfu"] = tflops / peak
-    return metrics
+    return {
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_worker": tokens_per_s / workers,
+        "tflops_per_worker": tflops,
+        "mfu": tflops / peak,
+    }
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the run folder (any fsspec URL), rewritten whole at each logged
+    step since object stores cannot append; a resumed run keeps the lines before its start."""
+
+    def __init__(self, url: str, start_step: int):
+        self.fs, self.path = filesystem(url)
+        self.lines: list[str] = []
+        if start_step and self.fs.exists(self.path):
+            text = self.fs.cat_file(self.path).decode()
+            self.lines = [
+                line for line in text.splitlines() if json.loads(line)["step"] <= start_step
+            ]
+
+    def write(self, metrics: dict) -> None:
+        self.lines.append(json.dumps(metrics))
+        self.fs.pipe_file(self.path, ("\n".join(self.lines) + "\n").encode())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

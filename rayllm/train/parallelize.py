@@ -1,191 +1,125 @@
-"""Apply a parallelism strategy to a plain model: DeepSpeed ZeRO or PyTorch DDP.
+"""Apply parallelism to a plain model from outside, over the device mesh (torchtitan's shape).
 
-Both return a :class:`ParallelModel` with the same small surface (forward, backward, step,
-save / load, full state dict), so the training loop does not know which one it drives.
+Order matters and follows torchtitan: tensor parallel first (it rewrites the linear layers'
+weights as DTensors over the ``tp`` mesh), then activation recomputation per layer, then data
+parallel: FSDP2 ``fully_shard`` per layer and at the root over ``dp_shard`` (or the 2-D
+``dp_replicate x dp_shard`` mesh for HSDP), or DDP over ``dp_replicate``. Pipeline stages are
+cut before this (``rayllm.train.pipeline``) and each stage is parallelized the same way.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
-from typing import Protocol
+import functools
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
+from rayllm.model.model import Transformer
 from rayllm.train.config import TrainConfig
+from rayllm.train.mesh import MeshShape
 
 
-class ParallelModel(Protocol):
-    every_rank_saves: bool
-    """True when each rank writes its own shard of a checkpoint (ZeRO), else rank 0 alone."""
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> None: ...
-    def learning_rate(self) -> float: ...
-    def train(self, mode: bool = True) -> None: ...
-    def save(self, folder: Path) -> None: ...
-    def load(self, folder: Path) -> None: ...
-    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
-
-
-def lr_schedule(config: TrainConfig):
-    """Linear warm-up, then cosine decay to ``min_learning_rate`` (as a LambdaLR factor)."""
-
-    def factor(step: int) -> float:
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
-        floor = config.min_learning_rate / config.learning_rate
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def parallelize(
+    model: Transformer, mesh: DeviceMesh, shape: MeshShape, config: TrainConfig
+) -> nn.Module:
+    """``model`` (a whole model or one pipeline stage) ready to train on this rank."""
+    if shape.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], config.parallel.sequence_parallel)
+    if config.recompute != "none":
+        every = 1 if config.recompute == "full" else config.recompute_every
+        apply_recompute(model, every)
+    if shape.dp == 1:
+        return model
+    if config.parallel.strategy == "ddp" and shape.tp == shape.pp == 1:
+        return DistributedDataParallel(model, process_group=mesh["dp_replicate"].get_group())
+    # FSDP2 over dp_shard; with dp_replicate > 1 it shards within groups and replicates
+    # across them (HSDP). DDP under tensor or pipeline parallelism is the same with shard
+    # groups of one: pure replication, which (unlike DistributedDataParallel) composes
+    # with DTensor weights and with pipeline schedules.
+    dims = ("dp_replicate", "dp_shard") if shape.dp_replicate > 1 else ("dp_shard",)
+    apply_fsdp(model, mesh[dims], config)
+    return model
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only, not on norms."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-class DeepSpeedModel:
-    """DeepSpeed ZeRO engine; it owns gradient accumulation, clipping and the schedule."""
-
-    every_rank_saves = True
-
-    def __init__(self, model: nn.Module, config: TrainConfig):
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
-        import deepspeed
-
-        zero: dict = {"stage": config.parallel.zero_stage}
-        if config.parallel.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(
-                _param_groups(model, config.weight_decay),
-                lr=config.learning_rate,
-                betas=(0.9, 0.95),
-                adamw_mode=True,
-            )
-        else:
-            optimizer = torch.optim.AdamW(
-                _param_groups(model, config.weight_decay),
-                lr=config.learning_rate,
-                betas=(0.9, 0.95),
-            )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "gradient_accumulation_steps": config.grad_accum_steps,
-            "gradient_clipping": config.grad_clip,
-            "zero_optimization": zero,
-            "bf16": {"enabled": config.precision == "bf16"},
-            "steps_per_print": 1 << 30,
-            "zero_allow_untested_optimizer": True,
-        }
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Megatron-style: q/k/v and gate/up split by output (column-wise, whole heads per rank),
+    o and down split by input (row-wise) so each block needs one all-reduce per half; the
+    embedding split by vocabulary, the head by vocabulary and gathered. With sequence
+    parallelism the norms and residual stream are split along the sequence instead of
+    replicated."""
+    between_blocks = Shard(1) if sequence_parallel else Replicate()
+    ends = {}
+    if model.embed_tokens is not None:
+        ends["embed_tokens"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=between_blocks
         )
-        self.stage = config.parallel.zero_stage
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.engine(tokens)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-
-    def step(self) -> None:
-        self.engine.step()  # a no-op until the last micro-batch of an accumulation window
-
-    def learning_rate(self) -> float:
-        return self.engine.get_lr()[0]
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
-
-    def save(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder), tag="state")
-
-    def load(self, folder: Path) -> None:
-        self.engine.load_checkpoint(str(folder), tag="state")
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every rank must call this: ZeRO-3 gathers the partitioned parameters."""
-        module = self.engine.module
-        if self.stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
-
-
-class DDPModel:
-    """PyTorch DDP with AdamW; accumulation, clipping and the schedule done here."""
-
-    every_rank_saves = False
-
-    def __init__(self, model: nn.Module, config: TrainConfig):
-        import ray.train.torch
-
-        self.module = ray.train.torch.prepare_model(model)
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.95)
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
-        self.accum, self.clip, self.micro = config.grad_accum_steps, config.grad_clip, 0
-        self.autocast = config.precision == "bf16"
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        device = "cuda" if tokens.is_cuda else "cpu"
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.module(tokens)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accum).backward()
-
-    def step(self) -> None:
-        self.micro += 1
-        if self.micro % self.accum:
-            return
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
-    def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
-
-    def _plain(self) -> nn.Module:
-        return getattr(self.module, "module", self.module)
-
-    def save(self, folder: Path) -> None:
-        state = {
-            "model": self._plain().state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+    if model.lm_head is not None:
+        ends["lm_head"] = ColwiseParallel(input_layouts=between_blocks, output_layouts=Replicate())
+        if sequence_parallel:
+            ends["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, ends)
+    for block in model.layers.values():
+        plan = {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=between_blocks),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=between_blocks),
         }
-        torch.save(state, folder / "state.pt")
+        if sequence_parallel:
+            plan |= {
+                "input_layernorm": SequenceParallel(),
+                "post_attention_layernorm": SequenceParallel(),
+                "self_attn": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None),
+                    desired_input_layouts=(Replicate(), None, None),
+                ),
+                "mlp": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+            }
+        parallelize_module(block, tp_mesh, plan)
 
-    def load(self, folder: Path) -> None:
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        self._plain().load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu() for k, v in self._plain().state_dict().items()}
+def apply_recompute(model: Transformer, every: int) -> None:
+    """Recompute every ``every``-th layer's activations in the backward pass instead of keeping
+    them. The layer's ``forward`` is wrapped in place, so parameter names do not change."""
+    for index, block in enumerate(model.layers.values()):
+        if index % every == 0:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def parallelize(model: nn.Module, config: TrainConfig) -> DeepSpeedModel | DDPModel:
-    """Wrap ``model`` for the strategy ``config.parallel`` names."""
-    if config.parallel.strategy == "zero":
-        return DeepSpeedModel(model, config)
-    return DDPModel(model, config)
+def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, config: TrainConfig) -> None:
+    """FSDP2: each layer is one all-gather / reduce-scatter unit, the root holds the rest."""
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    options = {
+        "mesh": dp_mesh,
+        "mp_policy": mixed if config.precision == "bf16" else MixedPrecisionPolicy(),
+        "offload_policy": (
+            CPUOffloadPolicy(pin_memory=config.use_gpu)
+            if config.parallel.fsdp_offload
+            else OffloadPolicy()
+        ),
+    }
+    for block in model.layers.values():
+        fully_shard(block, **options)
+    fully_shard(model, **options)

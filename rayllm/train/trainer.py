@@ -16,11 +16,25 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rayllm.data.shards import load_manifest, manifest_sha256
 from rayllm.data.tokenizer import load_tokenizer, with_chat_template
 from rayllm.errors import RayllmError
-from rayllm.paths import MARKER, absolute_url, cache_dir, check_replaceable, staged_folder
+from rayllm.model.hf import save_hf_model
+from rayllm.paths import (
+    MARKER,
+    absolute_url,
+    cache_dir,
+    check_replaceable,
+    filesystem,
+    staged_folder,
+)
 from rayllm.progress import Stage, console
+from rayllm.train.checkpoint import check_resumable, consolidate, run_layout
 from rayllm.train.config import TrainConfig
-from rayllm.train.loop import train_loop_per_worker
+from rayllm.train.loop import NON_FINITE, train_loop_per_worker
+from rayllm.train.mesh import mesh_shape
 from rayllm.version import code_version
+
+METRICS_LOG = "metrics.jsonl"
+RAY_TRAIN_MARKER = ".validate_storage_marker"
+"""A file Ray Train writes into every run folder it creates."""
 
 
 @dataclass(frozen=True)
@@ -64,16 +78,30 @@ def run(config: TrainConfig) -> TrainResult:
     manifest = load_manifest(config.data)
     check_replaceable(config.output, config.overwrite, "train.output", "output")
     config = resolve_model_shape(config, manifest)
+    shape = mesh_shape(config)
+    check_shards(config.data, manifest)
+    layout = run_layout(config, manifest_sha256(config.data), manifest)
+    run_folder = f"{config.storage.rstrip('/')}/{config.run_name}"
     started = time.time()
-    with Stage(f"train: {config.parallel.strategy} on {config.num_workers} workers") as stage:
+    with Stage(f"train: {config.parallel.describe()} on {config.num_workers} workers") as stage:
+        if config.resume:
+            step = check_resumable(run_folder, layout)
+            console.print(f"  resuming {run_folder} from step {step}")
+        else:
+            start_over(run_folder, config.overwrite)
         console.print(
-            f"  model {config.model.num_params() / 1e6:.2f} M parameters, "
-            f"{config.steps} steps of {config.num_workers * config.micro_batch_size * config.grad_accum_steps}"
+            f"  model {config.model.num_params() / 1e6:.2f} M parameters, mesh {shape}, "
+            f"{config.steps} steps of {shape.dp * config.micro_batch_size * config.grad_accum_steps}"
             f" x {manifest['seq_len']} tokens"
         )
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": config.model_dump(mode="json"), "manifest": manifest},
+            train_loop_config={
+                "config": config.model_dump(mode="json"),
+                "manifest": manifest,
+                "layout": layout,
+                "metrics_log": f"{run_folder}/{METRICS_LOG}",
+            },
             torch_config=TorchConfig(
                 backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s
             ),
@@ -92,15 +120,25 @@ def run(config: TrainConfig) -> TrainResult:
         )
         result = trainer.fit()
         if result.error:
-            raise result.error
+            raise _user_error_in(result.error) or result.error
         metrics = dict(result.metrics or {})
-        with result.checkpoint.as_directory() as folder:
-            write_model(
-                Path(folder) / "hf",
-                config,
-                metrics=metrics,
-                checkpoint=result.checkpoint.path,
+        if NON_FINITE in metrics:
+            kept = result.checkpoint.path if result.checkpoint else "none was written"
+            raise RayllmError(
+                f"the loss became NaN or infinite at step {metrics[NON_FINITE]}; training "
+                f"stopped there. The last good checkpoint: {kept}. Lower learning_rate or "
+                "grad_clip, or check the data"
             )
+        with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as hf:
+            model_config, state, _ = consolidate(Path(folder))
+            save_hf_model(
+                hf,
+                model_config,
+                state,
+                bos_token_id=manifest["eos_token_id"],
+                eos_token_id=manifest["eos_token_id"],
+            )
+            write_model(Path(hf), config, metrics=metrics, checkpoint=result.checkpoint.path)
         stage.note(
             f"loss {metrics.get('loss', float('nan')):.3f}, {metrics.get('tokens_per_s', 0):,.0f} tok/s"
             f" -> {config.output}"
@@ -112,6 +150,52 @@ def run(config: TrainConfig) -> TrainResult:
         checkpoint=result.checkpoint.path,
         seconds=time.time() - started,
     )
+
+
+def check_shards(data: str, manifest: dict[str, Any]) -> None:
+    """Every shard the manifest lists exists with its recorded size (workers check sha256)."""
+    fs, path = filesystem(data)
+    for split in ("train", "val"):
+        for entry in manifest["shards"][split]:
+            where = f"{path}/{entry['path']}"
+            if not fs.exists(where) or fs.size(where) != entry["bytes"]:
+                raise RayllmError(
+                    f"shard {data.rstrip('/')}/{entry['path']} is missing or has the wrong "
+                    "size; re-run `rayllm data` to rebuild the shard set"
+                )
+
+
+def start_over(run_folder: str, overwrite: bool) -> None:
+    """Remove an earlier Ray Train run of the same name, so that Ray Train does not resume it."""
+    fs, path = filesystem(run_folder)
+    if not fs.exists(path):
+        return
+    if not fs.exists(f"{path}/{RAY_TRAIN_MARKER}") and not overwrite:
+        raise RayllmError(
+            f"{run_folder} exists and is not a Ray Train run; pick another train.run_name or "
+            "train.storage, or set train.overwrite=true to replace it"
+        )
+    console.print(
+        f"  starting over: replacing the earlier run in {run_folder} "
+        "(set train.resume=true to continue it instead)"
+    )
+    fs.rm(path, recursive=True)
+    fs.invalidate_cache()
+
+
+def _user_error_in(error: BaseException) -> RayllmError | None:
+    """A :class:`RayllmError` raised inside a worker (a damaged shard, say), if that is what
+    failed the run: it is reported as the user error it is, not as a worker traceback."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, RayllmError):
+            return RayllmError(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    marker = "rayllm.errors.RayllmError: "
+    if marker in text:
+        return RayllmError(text.split(marker, 1)[1].strip().splitlines()[0])
+    return None
 
 
 def write_model(weights: Path, config: TrainConfig, metrics: dict, checkpoint: str) -> None:

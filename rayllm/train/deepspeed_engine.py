@@ -1,0 +1,78 @@
+"""DeepSpeed ZeRO behind the engine interface: it owns accumulation, clipping and the schedule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from rayllm.model.model import Transformer, next_token_loss
+from rayllm.train.config import TrainConfig
+from rayllm.train.engine import Batch
+from rayllm.train.optim import BETAS, build_optimizer, lr_schedule, param_groups
+
+TAG = "state"
+"""The folder DeepSpeed writes a checkpoint's shards to, inside a Ray Train checkpoint."""
+
+
+class DeepSpeedEngine:
+    def __init__(self, config: TrainConfig, device: torch.device):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
+        import deepspeed
+
+        model = Transformer(config.model).to(device)
+        parallel = config.parallel
+        zero: dict = {"stage": parallel.zero_stage}
+        if parallel.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if parallel.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        if parallel.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(
+                param_groups([model], config.weight_decay),
+                lr=config.learning_rate,
+                betas=BETAS,
+                adamw_mode=True,
+            )
+        else:
+            optimizer = build_optimizer([model], config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": config.micro_batch_size,
+            "gradient_accumulation_steps": config.grad_accum_steps,
+            "gradient_clipping": config.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": config.precision == "bf16"},
+            "fp16": {"enabled": config.precision == "fp16"},
+            "steps_per_print": 1 << 30,
+            "zero_allow_untested_optimizer": True,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+
+    def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
+        total = torch.zeros((), device=self.engine.device)
+        for inputs, targets in batches:
+            loss = next_token_loss(self.engine(inputs), targets)
+            self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
+            self.engine.step()  # a no-op until the last micro-batch of the window
+            total += loss.detach()
+        norm = self.engine.get_global_grad_norm()
+        return total / len(batches), float(norm) if norm is not None else float("nan")
+
+    def evaluate(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return next_token_loss(self.engine(batch[0]), batch[1])
+
+    def learning_rate(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=TAG)
+
+    def load(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder), tag=TAG)

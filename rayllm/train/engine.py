@@ -1,0 +1,172 @@
+"""The training engines behind one small interface: PyTorch over the device mesh (DDP,
+FSDP2, tensor and pipeline parallel and their combinations) or DeepSpeed ZeRO.
+
+An engine owns the model, the optimizer and the schedule; the loop hands it the micro-batches
+of one optimizer step and gets back the loss, so it does not know which strategy it drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
+from rayllm.model.model import Transformer, next_token_loss
+from rayllm.train.config import TrainConfig
+from rayllm.train.mesh import MeshShape, build_mesh
+from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
+from rayllm.train.parallelize import parallelize
+from rayllm.train.pipeline import build_schedule, cut_stage
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Engine(Protocol):
+    def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
+        """One optimizer step over the micro-batches of an accumulation window: the mean loss
+        of this data-parallel rank's batches (on every rank) and the gradient norm."""
+
+    def evaluate(self, batch: Batch) -> torch.Tensor:
+        """The loss of ``batch``, without gradients, on every rank."""
+
+    def learning_rate(self) -> float: ...
+
+    def save(self, folder: Path) -> None:
+        """Every rank calls this and writes its own part of the checkpoint into ``folder``."""
+
+    def load(self, folder: Path) -> None:
+        """Every rank reads its part back from the whole checkpoint in ``folder``."""
+
+
+def build_engine(config: TrainConfig, shape: MeshShape, device: torch.device) -> Engine:
+    if config.parallel.strategy == "zero":
+        from rayllm.train.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(config, device)
+    return TorchEngine(config, shape, device)
+
+
+class TorchEngine:
+    """PyTorch-native strategies over one ``pp x dp_replicate x dp_shard x tp`` mesh."""
+
+    def __init__(self, config: TrainConfig, shape: MeshShape, device: torch.device):
+        mesh = build_mesh(shape, device.type)
+        model = Transformer(config.model).to(device)  # same seed everywhere: same weights
+        self.pp_group, self.schedule = None, None
+        if shape.pp > 1:
+            pp_mesh = mesh["pp"]
+            stage = pp_mesh.get_local_rank()
+            model = cut_stage(model, stage, shape.pp)
+            self.first_stage, self.last_stage = stage == 0, stage == shape.pp - 1
+            self.pp_group = pp_mesh.get_group()
+        self.model = parallelize(model, mesh, shape, config)
+        self.optimizer = build_optimizer([model], config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
+        self.accum, self.grad_clip = config.grad_accum_steps, config.grad_clip
+        self.autocast = config.precision == "bf16" and config.parallel.strategy != "fsdp"
+        self.device = device
+        if shape.pp > 1:
+            self.loss_scale = config.parallel.microbatches * config.grad_accum_steps
+            self.schedule = build_schedule(
+                self.model,
+                pp_mesh,
+                device,
+                config.parallel.pp_schedule,
+                config.parallel.microbatches,
+                loss_fn=lambda logits, targets: next_token_loss(logits, targets) / self.loss_scale,
+            )
+
+    def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
+        total = torch.zeros((), device=self.device)
+        for index, batch in enumerate(batches):
+            with self._gradient_sync(last=index == len(batches) - 1):
+                total += self._forward_backward(batch)
+        norm = clip_grad_norm(list(self.model.parameters()), self.grad_clip, self.pp_group)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._from_last_stage(total / len(batches)), norm
+
+    def evaluate(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            if self.schedule is None:
+                with self._precision():
+                    return next_token_loss(self.model(batch[0]), batch[1])
+            losses: list[torch.Tensor] = []
+            with self._precision():
+                self._run_pipeline(batch, losses, self.schedule.eval)
+            loss = sum(losses) * self.accum if losses else torch.zeros((), device=self.device)
+            return self._from_last_stage(loss)
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path) -> None:
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
+        state = {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        dcp.save(state, checkpoint_id=str(folder))
+
+    def load(self, folder: Path) -> None:
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
+        state = {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=_OPTIONS,
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _forward_backward(self, batch: Batch) -> torch.Tensor:
+        """This micro-batch's loss; its gradients, divided by the accumulation steps, added."""
+        if self.schedule is None:
+            with self._precision():
+                loss = next_token_loss(self.model(batch[0]), batch[1])
+            (loss / self.accum).backward()
+            return loss.detach()
+        losses: list[torch.Tensor] = []
+        with self._precision():
+            self._run_pipeline(batch, losses, self.schedule.step)
+        return sum(losses).detach() * self.accum if losses else torch.zeros((), device=self.device)
+
+    def _run_pipeline(self, batch: Batch, losses: list, run) -> None:
+        """The first stage feeds the token ids, the last one the targets; others relay."""
+        inputs = (batch[0],) if self.first_stage else ()
+        if self.last_stage:
+            run(*inputs, target=batch[1], losses=losses, return_outputs=False)
+        else:
+            run(*inputs)
+
+    def _from_last_stage(self, loss: torch.Tensor) -> torch.Tensor:
+        """Pipelines know the loss on their last stage only; share it with the others."""
+        if self.pp_group is not None:
+            loss = loss.clone()
+            dist.all_reduce(loss, group=self.pp_group)
+        return loss
+
+    def _precision(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def _gradient_sync(self, last: bool):
+        """Data-parallel gradients are reduced once per accumulation window, not per micro-batch."""
+        if isinstance(self.model, DistributedDataParallel) and not last:
+            return self.model.no_sync()
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
