@@ -26,7 +26,7 @@ NON_FINITE = "non_finite_loss_at_step"
 
 
 def train_loop_per_worker(settings: dict[str, Any]) -> None:
-    _quiet_worker_logs()
+    quiet_worker_logs()
     config = TrainConfig.model_validate(settings["config"])
     manifest, layout = settings["manifest"], settings["layout"]
     context = ray.train.get_context()
@@ -164,7 +164,7 @@ class _DropTrainReports(logging.Filter):
         return not record.getMessage().startswith("Reporting training result")
 
 
-def _quiet_worker_logs() -> None:
+def quiet_worker_logs() -> None:
     """Keep the driver's view to rayllm's own progress lines."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     # DTensor advises on reduction layouts at WARNING, once per rank and shape.

@@ -1,0 +1,114 @@
+"""Checkpoints that survive: a worker killed mid-run restarts the worker group from the last
+checkpoint and ends where an uninterrupted run ends; a crashed run resumed explicitly does the
+same; a resume that does not fit the checkpoint is refused before any worker starts."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from ray.util.state import list_actors
+
+from rayllm.config import build_config
+from rayllm.errors import RayllmError
+from rayllm.train.checkpoint import latest_checkpoint
+from rayllm.train.config import TrainConfig
+from rayllm.train.trainer import METRICS_LOG, run
+from tests.conftest import TINY_MODEL
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY = 150, 30
+
+
+def config_for(tiny_run, tmp_path, name: str, **changes) -> TrainConfig:
+    settings = {
+        "data": str(tiny_run["workdir"] / "data"),
+        "storage": str(tmp_path / "runs"),
+        "output": str(tmp_path / name),
+        "run_name": name,
+        "steps": STEPS,
+        "micro_batch_size": 4,
+        "cpus_per_worker": 0.5,
+        "log_every": 10,
+        "eval_every": STEPS,
+        "checkpoint_every": EVERY,
+        "eval_batches": 1,
+        "parallel": {"strategy": "fsdp"},
+        "model": TINY_MODEL,
+    }
+    return build_config(TrainConfig, settings | changes)
+
+
+def losses(config: TrainConfig) -> dict[int, float]:
+    log = Path(config.storage) / config.run_name / METRICS_LOG
+    return {m["step"]: m["loss"] for m in map(json.loads, log.read_text().splitlines())}
+
+
+def run_killing_a_worker(config: TrainConfig):
+    """Run ``config`` in a thread; SIGKILL one worker process as soon as the first checkpoint
+    is written. Returns the run's outcome (its result or its exception)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = run(config)
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    folder = f"{config.storage}/{config.run_name}"
+    pids: list[int] = []
+    deadline = time.time() + 300
+    while latest_checkpoint(folder) is None:
+        assert time.time() < deadline and thread.is_alive(), outcome
+        if not pids:
+            alive = list_actors(
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            )
+            pids = [actor.pid for actor in alive]
+        time.sleep(0.02)
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_run, ray_cluster, tmp_path_factory):
+    config = config_for(tiny_run, tmp_path_factory.mktemp("straight"), "straight")
+    return config, run(config)
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint_and_ends_the_same(
+    straight, tiny_run, tmp_path
+):
+    config = config_for(tiny_run, tmp_path, "killed", max_failures=1)
+    outcome = run_killing_a_worker(config)
+    assert "result" in outcome, outcome
+    reference_config, reference = straight
+    assert outcome["result"].metrics["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-5)
+    assert losses(config) == pytest.approx(losses(reference_config), abs=1e-5)
+
+
+def test_a_crashed_run_resumes_explicitly_and_ends_the_same(straight, tiny_run, tmp_path):
+    config = config_for(tiny_run, tmp_path, "crashed", max_failures=0)
+    outcome = run_killing_a_worker(config)
+    assert "error" in outcome, outcome
+    step = latest_checkpoint(f"{config.storage}/crashed")[1]["step"]
+    assert 0 < step < STEPS
+
+    other = config.model_copy(update={"resume": True, "parallel": {"strategy": "ddp"}})
+    with pytest.raises(RayllmError, match="different parallel"):
+        run(build_config(TrainConfig, other.model_dump()))
+
+    resumed = run(config.model_copy(update={"resume": True}))
+    reference_config, reference = straight
+    assert resumed.metrics["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-5)
+    assert losses(config) == pytest.approx(losses(reference_config), abs=1e-5)
+
+    with pytest.raises(RayllmError, match="already finished"):
+        run(config.model_copy(update={"resume": True}))
