@@ -461,6 +461,39 @@ def bench_memory(
     _emit(as_json, results, table)
 
 
+@bench_app.command("train")
+def bench_train(
+    data: Annotated[str, typer.Option(help="A finished shard set.")] = "rayllm-work/data",
+    workers: Annotated[int, typer.Option(help="Ranks every layout runs on.")] = 2,
+    steps: Annotated[int, typer.Option(help="Timed steps per layout (after one warm-up).")] = 3,
+    global_batch: Annotated[int, typer.Option(help="Sequences per step, over all ranks.")] = 8,
+    cpus_per_worker: float = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Every training layout on one table (tokens/s, TFLOP/s, MFU against the measured matmul
+    peak), and the trainer at one worker against a plain PyTorch loop (the floor)."""
+    from rich.table import Table
+
+    from rayllm.bench.train import benchmark
+    from rayllm.cluster import RayConfig, connect
+
+    connect(RayConfig())
+    title, rows = benchmark(data, workers, steps, global_batch, cpus_per_worker)
+    table = Table(
+        "layout", "workers", "tokens/s", "TFLOP/s per worker", "MFU", "vs floor", title=title
+    )
+    for row in rows:
+        table.add_row(
+            row["layout"],
+            str(row["workers"]),
+            f"{row['tokens_per_s']:,.0f}",
+            f"{row['tflops_per_worker']:.3f}",
+            f"{row['mfu']:.1%}" if "mfu" in row else "-",
+            f"{row['vs_floor']:.2f}x",
+        )
+    _emit(as_json, rows, table)
+
+
 def main() -> None:
     try:
         app()  # bad flags and arguments: typer prints the usage and exits 2

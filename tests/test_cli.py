@@ -25,6 +25,12 @@ def rayllm(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
         (["train", "--set", "warmup_steps=500"], "warmup_steps (500) must be"),
         (["data", "--set", "output=nosuch://b/out"], "unknown storage protocol 'nosuch'"),
         (["train", "--set", "data=/no/such/shards"], "no finished token shards"),
+        (
+            ["train", "--set", "parallel.strategy=fsdp", "--set", "parallel.tp=3"],
+            "num_workers (2) is not a multiple of parallel.tp x parallel.pp (3 x 1)",
+        ),
+        (["train", "--set", "parallel.pp=2"], "DeepSpeed ZeRO runs without tensor or pipeline"),
+        (["train", "--set", "precision=fp16"], "precision fp16 needs GPUs"),
         (["config", "nonsense"], "unknown stage 'nonsense'"),
         (["lifecycle", "--bogus"], "No such option: --bogus"),
     ],

@@ -60,11 +60,8 @@ def test_published_version_is_a_complete_hugging_face_model(tiny_run):
     lineage = version.manifest["lineage"]
     shards = (tiny_run["workdir"] / "data" / "manifest.json").read_bytes()
     assert lineage["data"]["manifest_sha256"] == hashlib.sha256(shards).hexdigest()
-    assert lineage["training"]["parallel"] == {
-        "strategy": "zero",
-        "zero_stage": 2,
-        "offload_optimizer": False,
-    }
+    assert lineage["training"]["parallel"]["strategy"] == "zero"
+    assert lineage["training"]["parallel"]["zero_stage"] == 2
     assert lineage["metrics"]["perplexity"] == pytest.approx(
         tiny_run["report"]["eval"]["perplexity"]
     )

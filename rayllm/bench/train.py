@@ -24,6 +24,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rayllm.data.shards import load_manifest
 from rayllm.errors import RayllmError
+from rayllm.model.model import Transformer, next_token_loss
+from rayllm.paths import absolute_url
 from rayllm.train.batches import TokenBatches
 from rayllm.train.checkpoint import write_progress
 from rayllm.train.config import ParallelConfig, TrainConfig
@@ -182,3 +184,84 @@ def _compare_loop(settings: dict[str, Any]) -> None:
             (Path(folder) / RESULTS).write_text(json.dumps(results))
         checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
         ray.train.report({}, checkpoint=checkpoint)
+
+
+BENCH_MODEL = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 1408}
+"""About 28 M parameters with a 4,096-token vocabulary: big enough that the matmuls, not the
+framework, take the time."""
+
+
+def plain_loop(
+    data: str, model: dict[str, Any], micro_batch: int, steps: int, threads: int
+) -> list[float]:
+    """The floor: step times of a plain single-process PyTorch loop (AdamW, no Ray, no
+    process group) on the same model, batches and threads as the rayllm trainer's."""
+    manifest = load_manifest(data)
+    config = resolve_model_shape(
+        TrainConfig.model_validate({"data": data, "model": model}), manifest
+    )
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    network = Transformer(config.model)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate)
+    batches = TokenBatches(
+        data, manifest["shards"]["train"], dp_rank=0, dp_size=1, batch=micro_batch, seed=0
+    )
+    seconds = []
+    for step in range(steps):
+        inputs, targets = batches.get(step)
+        started = time.perf_counter()
+        next_token_loss(network(inputs), targets).backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def benchmark(
+    data: str, workers: int, steps: int, global_batch: int, cpus_per_worker: float
+) -> tuple[str, list[dict[str, Any]]]:
+    """``rayllm bench train``: every layout that fits ``workers`` on :data:`BENCH_MODEL`, the
+    trainer on one worker, and the plain loop, over the same ``steps`` timed steps (after one
+    warm-up step each); a title and one row per system."""
+    data = absolute_url(data)
+    manifest = load_manifest(data)
+    fitting = [layout for layout in LAYOUTS if fits(layout, workers, global_batch)]
+    common = {"global_batch": global_batch, "steps": steps + 1, "model": BENCH_MODEL}
+    results = compare_strategies(
+        data, fitting, workers=workers, cpus_per_worker=cpus_per_worker, **common
+    )
+    (single,) = compare_strategies(
+        data, [{"strategy": "ddp"}], workers=1, cpus_per_worker=cpus_per_worker, **common
+    ).values()
+    floor = plain_loop(data, BENCH_MODEL, global_batch, steps + 1, max(1, int(cpus_per_worker)))
+    config = resolve_model_shape(TrainConfig.model_validate({"model": BENCH_MODEL}), manifest)
+    tokens = global_batch * manifest["seq_len"]
+    flops = config.model.flops_per_token(manifest["seq_len"])
+
+    def row(name: str, ranks: int, seconds: list[float], peak: float | None) -> dict[str, Any]:
+        tokens_per_s = tokens / (sum(seconds[1:]) / steps)
+        tflops = tokens_per_s * flops / ranks / 1e12
+        measured = {"layout": name, "workers": ranks, "tokens_per_s": tokens_per_s}
+        return measured | {"tflops_per_worker": tflops} | ({"mfu": tflops / peak} if peak else {})
+
+    rows = [row(name, workers, r["step_seconds"], r["peak_tflops"]) for name, r in results.items()]
+    rows.append(row("rayllm, 1 worker", 1, single["step_seconds"], single["peak_tflops"]))
+    rows.append(row("plain PyTorch loop (floor)", 1, floor, None))
+    for measured in rows:
+        measured["vs_floor"] = measured["tokens_per_s"] / rows[-1]["tokens_per_s"]
+    title = (
+        f"{config.model.num_params() / 1e6:.0f} M parameters, {global_batch} x "
+        f"{manifest['seq_len']} tokens per step, fp32, {cpus_per_worker:g} CPU per worker"
+    )
+    return title, rows
+
+
+def fits(layout: dict[str, Any], workers: int, global_batch: int) -> bool:
+    """Whether ``layout`` has a mesh on ``workers`` ranks that splits ``global_batch``."""
+    parallel = ParallelConfig.model_validate(layout)
+    model_ranks = parallel.tp * parallel.pp
+    if workers % model_ranks or (workers // model_ranks) % parallel.dp_replicate:
+        return False
+    return global_batch % (workers // model_ranks) == 0

@@ -1,6 +1,7 @@
-"""Micro-batches of packed sequences for one data-parallel rank, read from memory-mapped shards.
+"""Micro-batches of packed sequences for one data-parallel rank: from memory-mapped shards in
+a global order (:class:`TokenBatches`), or streamed by Ray Data (:class:`StreamedBatches`).
 
-The order is a function of the seed and the batch index alone: batch ``i`` of the run is the
+The memory-mapped order is a function of the seed and the batch index alone: batch ``i`` of the run is the
 ``i``-th slice of a seeded permutation of all sequences (a new permutation each epoch), and
 rank ``r`` takes its part of that slice. So every split of the same global batch over ranks
 sees the same sequences, and a resumed run continues at the exact sample it stopped at.
@@ -57,3 +58,44 @@ class TokenBatches:
     def _row(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
         return self.shards[shard][index - self.starts[shard]]
+
+
+class StreamedBatches:
+    """This rank's split of the shard set, streamed by Ray Data (``ray.train.get_dataset_shard``),
+    shuffled within a buffer, one epoch after another. Every rank gets as many batches as the
+    others (Ray Train splits the rows equally; the last partial batch is dropped)."""
+
+    def __init__(self, batch: int, seed: int):
+        import ray.train
+
+        self.shard = ray.train.get_dataset_shard("train")
+        self.batch, self.seed, self.epoch, self.position = batch, seed, 0, 0
+        self.batches = self._epoch()
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of this rank's stream; batches are read in order, so a resumed run
+        skips the ones it already trained on."""
+        while self.position <= index:
+            rows = self._next()
+            self.position += 1
+        tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def _next(self) -> np.ndarray:
+        try:
+            return next(self.batches)["data"]
+        except StopIteration:
+            self.epoch += 1
+            self.batches = self._epoch()
+            return next(self.batches)["data"]
+
+    def _epoch(self):
+        return iter(
+            self.shard.iter_batches(
+                batch_size=self.batch,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=8 * self.batch,
+                local_shuffle_seed=self.seed + self.epoch,
+            )
+        )

@@ -106,6 +106,11 @@ class TrainConfig(StageConfig):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """bf16: autocast for ddp / tp / pp, bf16 compute with fp32 reductions and master weights
     for fsdp, DeepSpeed's bf16 for zero. fp16 needs GPUs."""
+    data_loader: Literal["mmap", "ray_data"] = "mmap"
+    """How ranks read the shards: ``mmap``, each rank its slice of a seeded global order from
+    memory-mapped shards (every layout sees the same batches; resume is exact), or
+    ``ray_data``, streamed through Ray Data (``ray.train.get_dataset_shard``), each rank its
+    split; for data-parallel layouts (no tp / pp), resuming skips the batches already seen."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation checkpointing: every layer (full) or every ``recompute_every``-th (selective)."""
     recompute_every: int = 2
@@ -151,6 +156,11 @@ class TrainConfig(StageConfig):
             raise ValueError(
                 "precision fp16 needs loss scaling, which rayllm takes from DeepSpeed: use "
                 "strategy 'zero', or bf16"
+            )
+        if self.data_loader == "ray_data" and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ValueError(
+                "data_loader ray_data gives every rank its own batches, but tensor and pipeline "
+                "ranks must share theirs; use data_loader mmap with tp / pp"
             )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")

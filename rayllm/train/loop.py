@@ -14,7 +14,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from rayllm.train.batches import TokenBatches
+from rayllm.train.batches import StreamedBatches, TokenBatches
 from rayllm.train.checkpoint import read_progress, write_progress
 from rayllm.train.config import TrainConfig
 from rayllm.train.engine import Engine, build_engine
@@ -39,8 +39,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     shape = mesh_shape(config)
     engine = build_engine(config, shape, device)
     dp_rank = (rank // shape.tp) % shape.dp  # ranks are laid out pp, dp_replicate, dp_shard, tp
-    data = {
-        split: TokenBatches(
+
+    def memory_mapped(split: str) -> TokenBatches:
+        return TokenBatches(
             config.data,
             manifest["shards"][split],
             dp_rank=dp_rank,
@@ -48,8 +49,10 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             batch=config.micro_batch_size,
             seed=config.seed,
         )
-        for split in ("train", "val")
-    }
+
+    streamed = config.data_loader == "ray_data"
+    train = StreamedBatches(config.micro_batch_size, config.seed) if streamed else None
+    data = {"train": train or memory_mapped("train"), "val": memory_mapped("val")}
     start_step = _resume(engine, rank)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     peak = config.peak_tflops_per_worker or measure_peak_tflops(device, dtype)

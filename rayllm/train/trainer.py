@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rayllm.data.shards import load_manifest, manifest_sha256
+from rayllm.data.shards import load_manifest, manifest_sha256, shard_dataset
 from rayllm.data.tokenizer import load_tokenizer, with_chat_template
 from rayllm.errors import RayllmError
 from rayllm.model.hf import save_hf_model
@@ -75,10 +76,10 @@ def run(config: TrainConfig) -> TrainResult:
     config = config.model_copy(
         update={key: absolute_url(getattr(config, key)) for key in ("data", "output", "storage")}
     )
+    shape = mesh_shape(config)
     manifest = load_manifest(config.data)
     check_replaceable(config.output, config.overwrite, "train.output", "output")
     config = resolve_model_shape(config, manifest)
-    shape = mesh_shape(config)
     check_shards(config.data, manifest)
     layout = run_layout(config, manifest_sha256(config.data), manifest)
     run_folder = f"{config.storage.rstrip('/')}/{config.run_name}"
@@ -105,6 +106,7 @@ def run(config: TrainConfig) -> TrainResult:
             torch_config=TorchConfig(
                 backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s
             ),
+            datasets=_datasets(config),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.num_workers,
                 use_gpu=config.use_gpu,
@@ -150,6 +152,23 @@ def run(config: TrainConfig) -> TrainResult:
         checkpoint=result.checkpoint.path,
         seconds=time.time() - started,
     )
+
+
+def _datasets(config: TrainConfig) -> dict[str, ray.data.Dataset]:
+    """With ``data_loader: ray_data``, the train split as a Ray Data dataset that Ray Train
+    splits over the ranks. Ray Data needs CPUs of its own beside the workers' (without them
+    the run stalls silently), so the workers may not take all of the cluster's."""
+    if config.data_loader != "ray_data":
+        return {}
+    spare = ray.cluster_resources().get("CPU", 0) - config.num_workers * config.cpus_per_worker
+    if spare < 1:
+        raise RayllmError(
+            f"data_loader ray_data needs at least 1 CPU beside the workers' "
+            f"{config.num_workers} x {config.cpus_per_worker:g}, and the cluster has "
+            f"{spare + config.num_workers * config.cpus_per_worker:g}; lower cpus_per_worker "
+            "or num_workers, or use data_loader mmap"
+        )
+    return {"train": shard_dataset(config.data, "train")}
 
 
 def check_shards(data: str, manifest: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ import pytest
 
 from rayllm.errors import RayllmError
 from rayllm.train.config import TrainConfig
-from rayllm.train.parallelize import lr_schedule
+from rayllm.train.mesh import MeshShape, mesh_shape
+from rayllm.train.optim import lr_schedule
 from rayllm.train.trainer import resolve_model_shape
 
 MANIFEST = {"vocab_size": 1000, "seq_len": 64}
@@ -36,3 +37,114 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert factor(9) == pytest.approx(1.0)
     assert factor(55) < factor(20) < 1.0
     assert factor(100) == pytest.approx(0.1)
+
+
+def test_warmup_stable_decay_holds_then_decays_over_the_last_fraction():
+    config = TrainConfig(
+        steps=100,
+        warmup_steps=10,
+        lr_schedule="wsd",
+        decay_fraction=0.2,
+        learning_rate=1e-3,
+        min_learning_rate=1e-4,
+    )
+    factor = lr_schedule(config)
+    assert factor(4) == pytest.approx(0.5)
+    assert factor(10) == factor(79) == 1.0
+    assert factor(90) == pytest.approx(0.55)
+    assert factor(100) == pytest.approx(0.1)
+
+
+def layout(**settings) -> TrainConfig:
+    model = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 256}
+    return TrainConfig.model_validate({"model": model} | settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "shape"),
+    [
+        ({"num_workers": 4, "parallel": {"strategy": "ddp"}}, MeshShape(1, 4, 1, 1)),
+        ({"num_workers": 4, "parallel": {"strategy": "fsdp"}}, MeshShape(1, 1, 4, 1)),
+        (
+            {"num_workers": 8, "parallel": {"strategy": "fsdp", "dp_replicate": 2}},
+            MeshShape(1, 2, 4, 1),
+        ),
+        (
+            {"num_workers": 8, "parallel": {"strategy": "fsdp", "tp": 2, "pp": 2}},
+            MeshShape(2, 1, 2, 2),
+        ),
+        ({"num_workers": 4, "parallel": {"strategy": "zero"}}, MeshShape(1, 4, 1, 1)),
+    ],
+)
+def test_the_mesh_is_what_the_workers_leave_after_tp_and_pp(settings, shape):
+    assert mesh_shape(layout(**settings)) == shape
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_workers": 3, "parallel": {"strategy": "fsdp", "tp": 2}}, "not a multiple of"),
+        ({"num_workers": 6, "parallel": {"strategy": "fsdp", "dp_replicate": 4}}, "do not split"),
+        (
+            {"num_workers": 8, "parallel": {"strategy": "fsdp", "tp": 8}},
+            "n_heads \\(4\\) is not divisible",
+        ),
+        (
+            {"num_workers": 4, "parallel": {"strategy": "fsdp", "tp": 4}},
+            "n_kv_heads \\(2\\) is not divisible",
+        ),
+        (
+            {"num_workers": 8, "parallel": {"strategy": "ddp", "pp": 8}},
+            "fewer than the parallel.pp",
+        ),
+        (
+            {
+                "num_workers": 2,
+                "micro_batch_size": 6,
+                "parallel": {"strategy": "ddp", "pp": 2, "pp_microbatches": 4},
+            },
+            "does not split into",
+        ),
+    ],
+)
+def test_layouts_that_do_not_fit_are_refused_with_the_reason(settings, message):
+    with pytest.raises(RayllmError, match=message):
+        mesh_shape(layout(**settings))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"parallel": {"strategy": "zero", "pp": 2}}, "ZeRO-2/3 do not compose with pipelines"),
+        (
+            {"parallel": {"strategy": "zero", "zero_stage": 2, "offload_params": True}},
+            "zero_stage 3",
+        ),
+        ({"parallel": {"strategy": "ddp", "fsdp_offload": True}}, "fsdp_offload needs"),
+        ({"parallel": {"strategy": "ddp", "dp_replicate": 2}}, "needs strategy 'fsdp'"),
+        ({"parallel": {"strategy": "fsdp", "sequence_parallel": True}}, "needs tp > 1"),
+        ({"precision": "fp16"}, "fp16 needs GPUs"),
+        ({"data_loader": "ray_data", "parallel": {"strategy": "fsdp", "tp": 2}}, "must share"),
+        (
+            {"precision": "fp16", "use_gpu": True, "parallel": {"strategy": "fsdp"}},
+            "use strategy 'zero'",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        layout(**settings)
+
+
+def test_the_readme_training_layout_loads_and_fits():
+    """The YAML example of the README's Training section is a valid layout on its workers."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Training") :]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    config = TrainConfig.model_validate(example)
+    assert mesh_shape(config) == MeshShape(pp=2, dp_replicate=1, dp_shard=2, tp=2)

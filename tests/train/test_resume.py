@@ -4,6 +4,7 @@ same; a resume that does not fit the checkpoint is refused before any worker sta
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -112,3 +113,29 @@ def test_a_crashed_run_resumes_explicitly_and_ends_the_same(straight, tiny_run, 
 
     with pytest.raises(RayllmError, match="already finished"):
         run(config.model_copy(update={"resume": True}))
+
+
+def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_run, ray_cluster, tmp_path
+):
+    config = config_for(
+        tiny_run, tmp_path, "diverging", learning_rate=1e4, warmup_steps=0, checkpoint_every=1
+    )
+    with pytest.raises(RayllmError, match=r"NaN or infinite at step (\d+)") as error:
+        run(config)
+    step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    url, progress = latest_checkpoint(f"{config.storage}/diverging")
+    assert progress["step"] == step - 1
+    assert url in str(error.value)
+    assert not Path(config.output).exists()
+
+
+def test_ray_data_ingestion_streams_each_rank_its_split(tiny_run, ray_cluster, tmp_path):
+    config = config_for(
+        tiny_run, tmp_path, "streamed", data_loader="ray_data", steps=40, checkpoint_every=40
+    )
+    result = run(config)
+    logged = losses(config)
+    assert sorted(logged) == [10, 20, 30, 40]
+    assert logged[40] < logged[10] - 0.1
+    assert result.metrics["val_loss"] < 7.0

@@ -1,0 +1,77 @@
+"""Recomputation and gradient accumulation change memory and batch shape, never the gradients."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rayllm.model.model import ModelConfig, Transformer, next_token_loss
+from rayllm.train.config import TrainConfig
+from rayllm.train.engine import TorchEngine
+from rayllm.train.mesh import mesh_shape
+from rayllm.train.parallelize import apply_recompute
+from tests.conftest import free_port
+
+MODEL = {"vocab_size": 128, "dim": 64, "n_layers": 4, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 128}
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A process group of one: the engine's mesh needs one even on a single process."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def batch(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(
+        0, MODEL["vocab_size"], (rows, 33), generator=torch.Generator().manual_seed(1)
+    )
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def gradients(every: int | None) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.model_validate(MODEL))
+    if every:
+        apply_recompute(model, every)
+    inputs, targets = batch(4)
+    next_token_loss(model(inputs), targets).backward()
+    return {name: param.grad for name, param in model.named_parameters()}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_recomputed_layers_give_the_same_gradients(every):
+    plain, recomputed = gradients(None), gradients(every)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], msg=name)
+
+
+def test_accumulated_micro_batches_give_the_same_step(one_rank):
+    inputs, targets = batch(8)
+    outcomes = []
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):
+        config = TrainConfig.model_validate(
+            {
+                "num_workers": 1,
+                "model": MODEL,
+                "micro_batch_size": micro,
+                "grad_accum_steps": accum,
+                "parallel": {"strategy": "ddp"},
+            }
+        )
+        torch.manual_seed(0)
+        engine = TorchEngine(config, mesh_shape(config), torch.device("cpu"))
+        window = [
+            (inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro])
+            for i in range(accum)
+        ]
+        loss, norm = engine.train_step(window)
+        outcomes.append((loss.item(), norm, dict(engine.model.state_dict())))
+    loss, norm, weights = outcomes[0]
+    for other_loss, other_norm, other_weights in outcomes[1:]:
+        assert other_loss == pytest.approx(loss, rel=1e-5)
+        assert other_norm == pytest.approx(norm, rel=1e-5)
+        for name in weights:
+            torch.testing.assert_close(other_weights[name], weights[name], msg=name)
