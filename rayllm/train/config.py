@@ -72,13 +72,14 @@ class ParallelConfig(StageConfig):
         return self.pp_microbatches or self.pp
 
     def describe(self) -> str:
-        """A short name for logs: ``fsdp``, ``fsdp x tp2``, ``zero-3 + offload``, ..."""
+        """A short name for logs: ``fsdp``, ``fsdp x tp2 + sp``, ``zero-3 + offload``, ..."""
         if self.strategy == "zero":
             name = f"zero-{self.zero_stage}"
             offloads = [k for k in ("optimizer", "params") if getattr(self, f"offload_{k}")]
             return name + (f" + {'/'.join(offloads)} offload" if offloads else "")
         parts = [self.strategy if self.dp_replicate == 1 else f"hsdp{self.dp_replicate}"]
-        parts += [f"tp{self.tp}"] * (self.tp > 1)
+        parts[0] += " + offload" * self.fsdp_offload
+        parts += [f"tp{self.tp}" + " + sp" * self.sequence_parallel] * (self.tp > 1)
         parts += [f"pp{self.pp} {self.pp_schedule}"] * (self.pp > 1)
         return " x ".join(parts)
 

@@ -74,7 +74,8 @@ class TorchEngine:
         self.optimizer = build_optimizer([model], config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
         self.accum, self.grad_clip = config.grad_accum_steps, config.grad_clip
-        self.autocast = config.precision == "bf16" and config.parallel.strategy != "fsdp"
+        # bf16 compute: FSDP2's mixed-precision policy where FSDP2 wraps the model, else autocast.
+        self.autocast = config.precision == "bf16" and not isinstance(self.model, FSDPModule)
         self.device = device
         if shape.pp > 1:
             self.loss_scale = config.parallel.microbatches * config.grad_accum_steps

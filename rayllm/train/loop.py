@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -33,9 +34,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
-    device = (
-        torch.device("cuda", context.get_local_rank()) if config.use_gpu else torch.device("cpu")
-    )
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and the device mesh use the current device
     shape = mesh_shape(config)
     engine = build_engine(config, shape, device)
     dp_rank = (rank // shape.tp) % shape.dp  # ranks are laid out pp, dp_replicate, dp_shard, tp

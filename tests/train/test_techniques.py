@@ -75,3 +75,28 @@ def test_accumulated_micro_batches_give_the_same_step(one_rank):
         assert other_norm == pytest.approx(norm, rel=1e-5)
         for name in weights:
             torch.testing.assert_close(other_weights[name], weights[name], msg=name)
+
+
+def test_bf16_trains_close_to_fp32(one_rank):
+    """bf16 compute (autocast for ddp, FSDP2's policy for fsdp) keeps fp32 weights and lands
+    near the fp32 loss."""
+    inputs, targets = batch(8)
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        for precision in ("fp32", "bf16"):
+            config = TrainConfig.model_validate(
+                {
+                    "num_workers": 1,
+                    "model": MODEL,
+                    "precision": precision,
+                    "parallel": {"strategy": strategy},
+                }
+            )
+            torch.manual_seed(0)
+            engine = TorchEngine(config, mesh_shape(config), torch.device("cpu"))
+            for _ in range(3):
+                loss, _ = engine.train_step([(inputs, targets)])
+            assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+            losses[strategy, precision] = loss.item()
+        assert losses[strategy, "bf16"] == pytest.approx(losses[strategy, "fp32"], rel=2e-2)
+        assert losses[strategy, "bf16"] != losses[strategy, "fp32"]  # bf16 did compute
