@@ -23,7 +23,15 @@ class DeepSpeedEngine:
 
         model = Transformer(config.model).to(device)
         parallel = config.parallel
-        zero: dict = {"stage": parallel.zero_stage}
+        # Bucket sizes follow the model (Hugging Face's "auto" values) instead of DeepSpeed's
+        # fixed 5e8 elements, which ZeRO-3 allocates up front: 2 GB for any model size.
+        dim = config.model.dim
+        zero: dict = {
+            "stage": parallel.zero_stage,
+            "reduce_bucket_size": dim * dim,
+            "stage3_prefetch_bucket_size": int(0.9 * dim * dim),
+            "stage3_param_persistence_threshold": 10 * dim,
+        }
         if parallel.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
         if parallel.offload_params:
