@@ -479,10 +479,11 @@ def bench_train(
 
     connect(RayConfig())
     title, rows = benchmark(data, workers, steps, global_batch, cpus_per_worker)
-    table = Table(
-        "layout", "workers", "tokens/s", "TFLOP/s per worker", "MFU", "vs floor", title=title
-    )
+    columns = ["layout", "workers", "tokens/s", "TFLOP/s per worker", "MFU", "vs floor"]
+    columns += ["params + grads + optimizer MB per rank", "ZeRO paper's figure"]
+    table = Table(*columns, title=title)
     for row in rows:
+        theory = row.get("theory_mb_per_rank")
         table.add_row(
             row["layout"],
             str(row["workers"]),
@@ -490,6 +491,8 @@ def bench_train(
             f"{row['tflops_per_worker']:.3f}",
             f"{row['mfu']:.1%}" if "mfu" in row else "-",
             f"{row['vs_floor']:.2f}x",
+            f"{row['held_mb_per_rank']:,.1f}" if "held_mb_per_rank" in row else "-",
+            f"{theory:,.1f}" if theory else "-",
         )
     _emit(as_json, rows, table)
 

@@ -54,6 +54,23 @@ LAYOUTS: list[dict[str, Any]] = [
 2-D and 3-D meshes (the data-parallel size is what the workers leave)."""
 
 
+def theory_mb(parallel: dict[str, Any], params: int, workers: int) -> float | None:
+    """Bytes per rank of parameters + gradients + optimizer state in fp32 with Adam by the ZeRO
+    paper's accounting, for data-parallel layouts: 4 bytes of parameters, 4 of gradients, 8 of
+    moments per parameter, and 4 more of fp32 master weights where DeepSpeed keeps them, each
+    divided by the data-parallel size where the layout shards it."""
+    config = ParallelConfig.model_validate(parallel)
+    if config.tp > 1 or config.pp > 1:
+        return None
+    n = workers
+    per_param = {
+        "ddp": 16,
+        "fsdp": 16 / n,
+        "zero": [16, 4 + 4 + 12 / n, 4 + 16 / n, 20 / n][config.zero_stage],
+    }[config.strategy]
+    return per_param * params / 2**20
+
+
 def layout_name(parallel: dict[str, Any], workers: int) -> str:
     """``fsdp x tp2 (dp 2)``: the strategy and the data-parallel size it gets."""
     config = ParallelConfig.model_validate(parallel)
@@ -173,10 +190,13 @@ def _compare_loop(settings: dict[str, Any]) -> None:
                 write_progress(
                     folder, config.steps, {"model": raw["model"], "parallel": raw["parallel"]}
                 )
+        held: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(held, engine.held_memory())
         results[name] = {
             "losses": losses,
             "step_seconds": seconds,
             "peak_tflops": peak,
+            "held_mb": [sum(rank.values()) / 2**20 for rank in held],
         }
         del engine
         gc.collect()
@@ -243,14 +263,23 @@ def benchmark(
     tokens = global_batch * manifest["seq_len"]
     flops = config.model.flops_per_token(manifest["seq_len"])
 
-    def row(name: str, ranks: int, seconds: list[float], peak: float | None) -> dict[str, Any]:
+    params = config.model.num_params()
+
+    def row(name: str, ranks: int, seconds: list[float], result: dict | None) -> dict[str, Any]:
         tokens_per_s = tokens / (sum(seconds[1:]) / steps)
         tflops = tokens_per_s * flops / ranks / 1e12
         measured = {"layout": name, "workers": ranks, "tokens_per_s": tokens_per_s}
-        return measured | {"tflops_per_worker": tflops} | ({"mfu": tflops / peak} if peak else {})
+        measured["tflops_per_worker"] = tflops
+        if result:
+            measured["mfu"] = tflops / result["peak_tflops"]
+            measured["held_mb_per_rank"] = max(result["held_mb"])
+        return measured
 
-    rows = [row(name, workers, r["step_seconds"], r["peak_tflops"]) for name, r in results.items()]
-    rows.append(row("rayllm, 1 worker", 1, single["step_seconds"], single["peak_tflops"]))
+    rows = []
+    for layout, (name, result) in zip(fitting, results.items(), strict=True):
+        rows.append(row(name, workers, result["step_seconds"], result))
+        rows[-1]["theory_mb_per_rank"] = theory_mb(layout, params, workers)
+    rows.append(row("rayllm, 1 worker", 1, single["step_seconds"], single))
     rows.append(row("plain PyTorch loop (floor)", 1, floor, None))
     for measured in rows:
         measured["vs_floor"] = measured["tokens_per_s"] / rows[-1]["tokens_per_s"]

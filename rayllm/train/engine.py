@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rayllm.model.model import Transformer, next_token_loss
 from rayllm.train.config import TrainConfig
 from rayllm.train.mesh import MeshShape, build_mesh
+from rayllm.train.metrics import held_bytes
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
 from rayllm.train.pipeline import build_schedule, cut_stage
@@ -41,6 +42,9 @@ class Engine(Protocol):
         """The loss of ``batch``, without gradients, on every rank."""
 
     def learning_rate(self) -> float: ...
+
+    def held_memory(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state this rank held at the last step."""
 
     def save(self, folder: Path) -> None:
         """Every rank calls this and writes its own part of the checkpoint into ``folder``."""
@@ -93,8 +97,19 @@ class TorchEngine:
         for index, batch in enumerate(batches):
             with self._gradient_sync(last=index == len(batches) - 1):
                 total += self._forward_backward(batch)
-        norm = clip_grad_norm(list(self.model.parameters()), self.grad_clip, self.pp_group)
+        params = list(self.model.parameters())
+        norm = clip_grad_norm(params, self.grad_clip, self.pp_group)
+        self.memory = {
+            "params": held_bytes(params),
+            "grads": held_bytes(p.grad for p in params),
+        }
         self.optimizer.step()
+        self.memory["optimizer"] = held_bytes(
+            value
+            for state in self.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor) and value.dim() > 0
+        )
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self._from_last_stage(total / len(batches)), norm
@@ -112,6 +127,9 @@ class TorchEngine:
 
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def held_memory(self) -> dict[str, int]:
+        return self.memory
 
     def save(self, folder: Path) -> None:
         model, optimizer = get_state_dict(self.model, self.optimizer, options=_OPTIONS)

@@ -8,6 +8,7 @@ import resource
 import time
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from rayllm.paths import filesystem
 
@@ -34,6 +35,20 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def held_bytes(tensors) -> int:
+    """Bytes of the storage behind ``tensors`` on this rank, each storage counted once (views
+    into one flat buffer are one buffer); a DTensor counts its local shard."""
+    storages = {}
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def step_metrics(

@@ -10,7 +10,7 @@ compared.
 import pytest
 import torch
 
-from rayllm.bench.train import LAYOUTS, compare_strategies, layout_name
+from rayllm.bench.train import LAYOUTS, compare_strategies, layout_name, theory_mb
 from rayllm.train.checkpoint import consolidate
 
 pytestmark = pytest.mark.slow
@@ -56,3 +56,23 @@ def test_every_layout_consolidates_to_the_ddp_weights(compared):
             torch.testing.assert_close(
                 weights[key], reference[key], rtol=1e-3, atol=1e-4, msg=f"{layout}: {key}"
             )
+
+
+def test_sharded_layouts_hold_their_share_of_the_state(compared):
+    """Parameters + gradients + optimizer state per rank, measured on the tensors each engine
+    holds: DDP holds all of it, ZeRO-3 and FSDP2 their 1/N share (the ZeRO paper's figures,
+    DeepSpeed's fp32 master copy included), within 15%."""
+    results, checkpoints = compared
+    _, weights, _ = consolidate(checkpoints / "0")
+    params = sum(tensor.numel() for tensor in weights.values())
+    for layout in (
+        {"strategy": "ddp"},
+        {"strategy": "zero", "zero_stage": 3},
+        {"strategy": "fsdp"},
+    ):
+        held = max(results[layout_name(layout, WORKERS)]["held_mb"])
+        assert held == pytest.approx(theory_mb(layout, params, WORKERS), rel=0.15), layout
+    for stage in (1, 2):
+        layout = {"strategy": "zero", "zero_stage": stage}
+        held = max(results[layout_name(layout, WORKERS)]["held_mb"])
+        assert held <= theory_mb(layout, params, WORKERS) * 1.15, layout
