@@ -48,6 +48,7 @@ LAYOUTS: list[dict[str, Any]] = [
     {"strategy": "fsdp", "tp": 2, "sequence_parallel": True},
     {"strategy": "ddp", "pp": 2, "pp_schedule": "gpipe"},
     {"strategy": "fsdp", "pp": 2, "pp_schedule": "1f1b"},
+    {"strategy": "fsdp", "pp": 2, "pp_schedule": "interleaved_1f1b"},
     {"strategy": "fsdp", "pp": 2, "tp": 2},
 ]
 """The layouts compared by default: each ZeRO stage and each torch strategy, alone and on

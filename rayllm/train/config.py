@@ -28,7 +28,8 @@ class ParallelConfig(StageConfig):
     """With tp > 1, also split the norms' activations along the sequence."""
     pp: int = 1
     """Pipeline-parallel size: the layers split into this many stages."""
-    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """``interleaved_1f1b`` gives each rank two stages (of ``2 x pp``), shrinking the bubble."""
     pp_microbatches: int | None = None
     """Micro-batches the pipeline splits each micro-batch into; default: ``pp``."""
     dp_replicate: int = 1
@@ -70,6 +71,10 @@ class ParallelConfig(StageConfig):
     @property
     def microbatches(self) -> int:
         return self.pp_microbatches or self.pp
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self.pp_schedule == "interleaved_1f1b" else 1
 
     def describe(self) -> str:
         """A short name for logs: ``fsdp``, ``fsdp x tp2 + sp``, ``zero-3 + offload``, ..."""

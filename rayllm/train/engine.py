@@ -8,12 +8,14 @@ of one optimizer step and gets back the loss, so it does not know which strategy
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -28,7 +30,7 @@ from rayllm.train.mesh import MeshShape, build_mesh
 from rayllm.train.metrics import held_bytes
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
-from rayllm.train.pipeline import build_schedule, cut_stage
+from rayllm.train.pipeline import build_schedule, cut_stage, stage_indices
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -62,63 +64,81 @@ def build_engine(config: TrainConfig, shape: MeshShape, device: torch.device) ->
 
 
 class TorchEngine:
-    """PyTorch-native strategies over one ``pp x dp_replicate x dp_shard x tp`` mesh."""
+    """PyTorch-native strategies over one ``pp x dp_replicate x dp_shard x tp`` mesh.
+
+    The model is held as parts: the whole model, or this rank's pipeline stages (one, or
+    several with interleaved 1F1B), each parallelized and with its own optimizer, as in
+    torchtitan; their parameter names are the whole model's, so checkpoints merge them.
+    """
 
     def __init__(self, config: TrainConfig, shape: MeshShape, device: torch.device):
         mesh = build_mesh(shape, device.type)
         model = Transformer(config.model).to(device)  # same seed everywhere: same weights
         self.pp_group, self.schedule = None, None
+        stages: list[tuple[int, nn.Module]] = [(0, model)]
         if shape.pp > 1:
             pp_mesh = mesh["pp"]
-            stage = pp_mesh.get_local_rank()
-            model = cut_stage(model, stage, shape.pp)
-            self.first_stage, self.last_stage = stage == 0, stage == shape.pp - 1
             self.pp_group = pp_mesh.get_group()
-        self.model = parallelize(model, mesh, shape, config)
-        self.optimizer = build_optimizer([model], config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
+            rank, total = pp_mesh.get_local_rank(), shape.pp * config.parallel.stages_per_rank
+            stages = [
+                (index, cut_stage(copy.deepcopy(model), index, total))
+                for index in stage_indices(rank, shape.pp, config.parallel.stages_per_rank)
+            ]
+            self.first_stage, self.last_stage = rank == 0, rank == shape.pp - 1
+        self.parts = [parallelize(part, mesh, shape, config) for _, part in stages]
+        self.optimizers = [build_optimizer([part], config) for part in self.parts]
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+            for optimizer in self.optimizers
+        ]
         self.accum, self.grad_clip = config.grad_accum_steps, config.grad_clip
         # bf16 compute: FSDP2's mixed-precision policy where FSDP2 wraps the model, else autocast.
-        self.autocast = config.precision == "bf16" and not isinstance(self.model, FSDPModule)
+        fsdp = isinstance(self.parts[0], FSDPModule)
+        self.autocast = config.precision == "bf16" and not fsdp
         self.device = device
         if shape.pp > 1:
             self.loss_scale = config.parallel.microbatches * config.grad_accum_steps
             self.schedule = build_schedule(
-                self.model,
+                [(index, part) for (index, _), part in zip(stages, self.parts, strict=True)],
                 pp_mesh,
                 device,
-                config.parallel.pp_schedule,
-                config.parallel.microbatches,
+                config.parallel,
                 loss_fn=lambda logits, targets: next_token_loss(logits, targets) / self.loss_scale,
             )
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [param for part in self.parts for param in part.parameters()]
 
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
         total = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
             with self._gradient_sync(last=index == len(batches) - 1):
                 total += self._forward_backward(batch)
-        params = list(self.model.parameters())
+        params = self.parameters()
         norm = clip_grad_norm(params, self.grad_clip, self.pp_group)
         self.memory = {
             "params": held_bytes(params),
             "grads": held_bytes(p.grad for p in params),
         }
-        self.optimizer.step()
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
         self.memory["optimizer"] = held_bytes(
             value
-            for state in self.optimizer.state.values()
+            for optimizer in self.optimizers
+            for state in optimizer.state.values()
             for value in state.values()
             if isinstance(value, torch.Tensor) and value.dim() > 0
         )
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         return self._from_last_stage(total / len(batches)), norm
 
     def evaluate(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
             if self.schedule is None:
                 with self._precision():
-                    return next_token_loss(self.model(batch[0]), batch[1])
+                    return next_token_loss(self.parts[0](batch[0]), batch[1])
             losses: list[torch.Tensor] = []
             with self._precision():
                 self._run_pipeline(batch, losses, self.schedule.eval)
@@ -126,34 +146,47 @@ class TorchEngine:
             return self._from_last_stage(loss)
 
     def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.schedulers[0].get_last_lr()[0]
 
     def held_memory(self) -> dict[str, int]:
         return self.memory
 
     def save(self, folder: Path) -> None:
-        model, optimizer = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
-        state = {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        state, _ = self._state()
         dcp.save(state, checkpoint_id=str(folder))
 
     def load(self, folder: Path) -> None:
-        model, optimizer = get_state_dict(self.model, self.optimizer, options=_OPTIONS)
-        state = {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
+        state, keys = self._state()
         dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-            options=_OPTIONS,
-        )
-        self.scheduler.load_state_dict(state["scheduler"])
+        for part, optimizer, (model_keys, optimizer_keys) in zip(
+            self.parts, self.optimizers, keys, strict=True
+        ):
+            set_state_dict(
+                part,
+                optimizer,
+                model_state_dict={k: state["model"][k] for k in model_keys},
+                optim_state_dict={k: state["optimizer"][k] for k in optimizer_keys},
+                options=_OPTIONS,
+            )
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state["scheduler"])
+
+    def _state(self) -> tuple[dict, list[tuple[list[str], list[str]]]]:
+        """The parts' states merged under their whole-model names, and each part's keys."""
+        state: dict = {"model": {}, "optimizer": {}, "scheduler": self.schedulers[0].state_dict()}
+        keys = []
+        for part, optimizer in zip(self.parts, self.optimizers, strict=True):
+            model, optim = get_state_dict(part, optimizer, options=_OPTIONS)
+            state["model"] |= model
+            state["optimizer"] |= optim
+            keys.append((list(model), list(optim)))
+        return state, keys
 
     def _forward_backward(self, batch: Batch) -> torch.Tensor:
         """This micro-batch's loss; its gradients, divided by the accumulation steps, added."""
         if self.schedule is None:
             with self._precision():
-                loss = next_token_loss(self.model(batch[0]), batch[1])
+                loss = next_token_loss(self.parts[0](batch[0]), batch[1])
             (loss / self.accum).backward()
             return loss.detach()
         losses: list[torch.Tensor] = []
@@ -181,10 +214,12 @@ class TorchEngine:
 
     def _gradient_sync(self, last: bool):
         """Data-parallel gradients are reduced once per accumulation window, not per micro-batch."""
-        if isinstance(self.model, DistributedDataParallel) and not last:
-            return self.model.no_sync()
-        if isinstance(self.model, FSDPModule):
-            self.model.set_requires_gradient_sync(last)
+        (part,) = self.parts if self.schedule is None else (None,)
+        if isinstance(part, DistributedDataParallel) and not last:
+            return part.no_sync()
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
 

@@ -58,10 +58,11 @@ def mesh_shape(config: TrainConfig) -> MeshShape:
             )
     if model.ffn_dim % parallel.tp:
         raise RayllmError(f"model.ffn_dim ({model.ffn_dim}) is not divisible by parallel.tp")
-    if model.n_layers < parallel.pp:
+    stages = parallel.pp * parallel.stages_per_rank
+    if model.n_layers < stages:
         raise RayllmError(
-            f"model.n_layers ({model.n_layers}) is fewer than the parallel.pp ({parallel.pp}) "
-            "pipeline stages"
+            f"model.n_layers ({model.n_layers}) is fewer than the {stages} pipeline stages of "
+            f"parallel.pp = {parallel.pp} with the {parallel.pp_schedule} schedule"
         )
     if parallel.pp > 1 and config.micro_batch_size % parallel.microbatches:
         raise RayllmError(

@@ -1,5 +1,6 @@
 """Pipeline parallelism with ``torch.distributed.pipelining``: cut the model into stages by
-layers, one stage per ``pp`` rank, and drive micro-batches through a GPipe or 1F1B schedule.
+layers, one stage per ``pp`` rank (two with interleaving), and drive micro-batches through a
+GPipe, 1F1B or interleaved 1F1B schedule.
 
 Each stage is the whole model with the parts other stages run deleted, so its parameters
 keep the names they have in the whole model (checkpoints and consolidation rely on it).
@@ -12,11 +13,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
 
 from rayllm.model.model import Transformer
+from rayllm.train.config import ParallelConfig
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+}
 
 
 def stage_layers(n_layers: int, stages: int, index: int) -> range:
@@ -41,17 +52,32 @@ def cut_stage(model: Transformer, index: int, stages: int) -> Transformer:
     return model
 
 
+def stage_indices(rank: int, ranks: int, per_rank: int) -> list[int]:
+    """The stages of pipeline rank ``rank``: one, or with interleaving ``per_rank`` stages
+    placed round-robin (rank 0 holds stages 0 and ``ranks``, ...), so the first stage and
+    the last are on the first rank and the last."""
+    return [rank + round_ * ranks for round_ in range(per_rank)]
+
+
 def build_schedule(
-    stage_module: nn.Module,
+    stages: list[tuple[int, nn.Module]],
     pp_mesh: DeviceMesh,
     device: torch.device,
-    kind: str,
-    microbatches: int,
+    parallel: ParallelConfig,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ):
-    """The schedule for this rank's stage. Gradients are not rescaled by the schedule:
-    ``loss_fn`` already divides by the number of micro-batches."""
-    stage = PipelineStage(
-        stage_module, pp_mesh.get_local_rank(), pp_mesh.size(), device, group=pp_mesh.get_group()
+    """The schedule over this rank's ``(stage index, module)`` pairs. Gradients are not
+    rescaled by the schedule: ``loss_fn`` already divides by the number of micro-batches."""
+    total = pp_mesh.size() * parallel.stages_per_rank
+    pipeline_stages = [
+        PipelineStage(module, index, total, device, group=pp_mesh.get_group())
+        for index, module in stages
+    ]
+    schedule = SCHEDULES[parallel.pp_schedule]
+    if parallel.pp_schedule == "interleaved_1f1b":
+        stage_arg = pipeline_stages
+    else:
+        (stage_arg,) = pipeline_stages
+    return schedule(
+        stage_arg, n_microbatches=parallel.microbatches, loss_fn=loss_fn, scale_grads=False
     )
-    return SCHEDULES[kind](stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

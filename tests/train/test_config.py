@@ -95,7 +95,14 @@ def test_the_mesh_is_what_the_workers_leave_after_tp_and_pp(settings, shape):
         ),
         (
             {"num_workers": 8, "parallel": {"strategy": "ddp", "pp": 8}},
-            "fewer than the parallel.pp",
+            "fewer than the 8 pipeline stages",
+        ),
+        (
+            {
+                "num_workers": 4,
+                "parallel": {"strategy": "ddp", "pp": 4, "pp_schedule": "interleaved_1f1b"},
+            },
+            "fewer than the 8 pipeline stages",
         ),
         (
             {

@@ -2,7 +2,8 @@
 
 One worker group of 8 ranks runs them all in turn (DDP, ZeRO-1/2/3, ZeRO-3 with optimizer and
 parameter offload, FSDP2, FSDP2 with CPU offload, HSDP, FSDP2 x TP with and without sequence
-parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B, and PP x TP x FSDP2), 10 steps each on
+parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B, and
+PP x TP x FSDP2), 10 steps each on
 the same global batches in fp32, then each layout's sharded checkpoint is consolidated and
 compared.
 """
@@ -16,8 +17,8 @@ from rayllm.train.checkpoint import consolidate
 pytestmark = pytest.mark.slow
 
 WORKERS = 8
-MODEL = {"dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "ffn_dim": 128}
-"""Tiny, with whole heads and KV heads for tensor parallel 2 and a layer per pipeline stage."""
+MODEL = {"dim": 64, "n_layers": 4, "n_heads": 2, "n_kv_heads": 2, "ffn_dim": 128}
+"""Tiny, with whole heads and KV heads for tensor parallel 2 and a layer per interleaved stage."""
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def test_accumulated_micro_batches_give_the_same_step(one_rank):
             for i in range(accum)
         ]
         loss, norm = engine.train_step(window)
-        outcomes.append((loss.item(), norm, dict(engine.model.state_dict())))
+        outcomes.append((loss.item(), norm, dict(engine.parts[0].state_dict())))
     loss, norm, weights = outcomes[0]
     for other_loss, other_norm, other_weights in outcomes[1:]:
         assert other_loss == pytest.approx(loss, rel=1e-5)
@@ -96,7 +96,7 @@ def test_bf16_trains_close_to_fp32(one_rank):
             engine = TorchEngine(config, mesh_shape(config), torch.device("cpu"))
             for _ in range(3):
                 loss, _ = engine.train_step([(inputs, targets)])
-            assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+            assert all(p.dtype == torch.float32 for p in engine.parameters())
             losses[strategy, precision] = loss.item()
         assert losses[strategy, "bf16"] == pytest.approx(losses[strategy, "fp32"], rel=2e-2)
         assert losses[strategy, "bf16"] != losses[strategy, "fp32"]  # bf16 did compute
