@@ -3,9 +3,8 @@
 One worker group of 8 ranks runs them all in turn (DDP, ZeRO-1/2/3, ZeRO-3 with optimizer and
 parameter offload, FSDP2, FSDP2 with CPU offload, HSDP, FSDP2 x TP with and without sequence
 parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B, and
-PP x TP x FSDP2), 10 steps each on
-the same global batches in fp32, then each layout's sharded checkpoint is consolidated and
-compared.
+PP x TP x FSDP2), 10 steps each on the same global batches in fp32; then each layout's sharded
+checkpoint is consolidated and compared, and the memory each rank holds is checked.
 """
 
 import pytest
