@@ -14,7 +14,7 @@ lifecycle: install
 test: install
 	$(BIN)/ruff check rayllm jobs tests
 	$(BIN)/ruff format --check rayllm jobs tests
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 # The datatrove baseline of `rayllm bench data`, in its own environment under $RAYLLM_CACHE.
 bench-setup: install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -15,15 +16,24 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from rayllm.paths import filesystem
 from rayllm.train.batches import StreamedBatches, TokenBatches
 from rayllm.train.checkpoint import read_progress, write_progress
 from rayllm.train.config import TrainConfig
 from rayllm.train.engine import Engine, build_engine
 from rayllm.train.mesh import mesh_shape
-from rayllm.train.metrics import MetricsLog, measure_peak_tflops, peak_memory_mb, step_metrics
+from rayllm.train.metrics import (
+    METRICS_LOG,
+    MetricsLog,
+    measure_peak_tflops,
+    peak_memory_mb,
+    step_metrics,
+)
 
-NON_FINITE = "non_finite_loss_at_step"
-"""Reported instead of a loss when it became NaN or infinite; the run stops there."""
+STOPPED = "stopped.json"
+"""Written into the run folder when the loss became NaN or infinite: the run stops there, its
+last checkpoint the last good one. (Ray Train hands the driver only the metrics that came with
+a checkpoint, so the reason travels as a file.)"""
 
 
 def train_loop_per_worker(settings: dict[str, Any]) -> None:
@@ -57,7 +67,8 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     start_step = _resume(engine, rank)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     peak = config.peak_tflops_per_worker or measure_peak_tflops(device, dtype)
-    log = MetricsLog(settings["metrics_log"], start_step) if rank == 0 else None
+    run_folder = settings["run_folder"]
+    log = MetricsLog(f"{run_folder}/{METRICS_LOG}", start_step) if rank == 0 else None
     tokens_per_step = (
         shape.dp * config.micro_batch_size * config.grad_accum_steps * manifest["seq_len"]
     )
@@ -73,7 +84,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         loss_value = _mean_over_ranks(loss)
         if not math.isfinite(loss_value):
             _log(rank, f"loss is {loss_value} at step {step + 1}: stopping")
-            ray.train.report({"step": step + 1, NON_FINITE: step + 1})
+            if rank == 0:
+                fs, path = filesystem(f"{run_folder}/{STOPPED}")
+                fs.pipe_file(path, json.dumps({"step": step + 1, "loss": loss_value}).encode())
             return
         metrics = {
             "step": step + 1,

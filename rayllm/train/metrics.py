@@ -65,6 +65,9 @@ def step_metrics(
     }
 
 
+METRICS_LOG = "metrics.jsonl"
+
+
 class MetricsLog:
     """``metrics.jsonl`` in the run folder (any fsspec URL), rewritten whole at each logged
     step since object stores cannot append; a resumed run keeps the lines before its start."""

@@ -29,11 +29,10 @@ from rayllm.paths import (
 from rayllm.progress import Stage, console
 from rayllm.train.checkpoint import check_resumable, consolidate, run_layout
 from rayllm.train.config import TrainConfig
-from rayllm.train.loop import NON_FINITE, train_loop_per_worker
+from rayllm.train.loop import STOPPED, train_loop_per_worker
 from rayllm.train.mesh import mesh_shape
 from rayllm.version import code_version
 
-METRICS_LOG = "metrics.jsonl"
 RAY_TRAIN_MARKER = ".validate_storage_marker"
 """A file Ray Train writes into every run folder it creates."""
 
@@ -88,6 +87,9 @@ def run(config: TrainConfig) -> TrainResult:
         if config.resume:
             step = check_resumable(run_folder, layout)
             console.print(f"  resuming {run_folder} from step {step}")
+            fs, stopped = filesystem(f"{run_folder}/{STOPPED}")
+            if fs.exists(stopped):  # a run stopped by a NaN loss, resumed with new settings
+                fs.rm(stopped)
         else:
             start_over(run_folder, config.overwrite)
         console.print(
@@ -101,7 +103,7 @@ def run(config: TrainConfig) -> TrainResult:
                 "config": config.model_dump(mode="json"),
                 "manifest": manifest,
                 "layout": layout,
-                "metrics_log": f"{run_folder}/{METRICS_LOG}",
+                "run_folder": run_folder,
             },
             torch_config=TorchConfig(
                 backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s
@@ -124,12 +126,14 @@ def run(config: TrainConfig) -> TrainResult:
         if result.error:
             raise _user_error_in(result.error) or result.error
         metrics = dict(result.metrics or {})
-        if NON_FINITE in metrics:
+        fs, stopped = filesystem(f"{run_folder}/{STOPPED}")
+        if fs.exists(stopped):
+            step = json.loads(fs.cat_file(stopped))["step"]
             kept = result.checkpoint.path if result.checkpoint else "none was written"
             raise RayllmError(
-                f"the loss became NaN or infinite at step {metrics[NON_FINITE]}; training "
-                f"stopped there. The last good checkpoint: {kept}. Lower learning_rate or "
-                "grad_clip, or check the data"
+                f"the loss became NaN or infinite at step {step}; training stopped there. The "
+                f"last good checkpoint: {kept}. Lower learning_rate or grad_clip, or check the "
+                "data; train.resume=true continues from that checkpoint"
             )
         with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as hf:
             model_config, state, _ = consolidate(Path(folder))

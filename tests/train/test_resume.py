@@ -17,7 +17,8 @@ from rayllm.config import build_config
 from rayllm.errors import RayllmError
 from rayllm.train.checkpoint import latest_checkpoint
 from rayllm.train.config import TrainConfig
-from rayllm.train.trainer import METRICS_LOG, run
+from rayllm.train.metrics import METRICS_LOG
+from rayllm.train.trainer import run
 from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.slow
