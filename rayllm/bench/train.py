@@ -199,6 +199,11 @@ def _compare_loop(settings: dict[str, Any]) -> None:
             "peak_tflops": peak,
             "held_mb": [sum(rank.values()) / 2**20 for rank in held],
         }
+        if rank == 0:
+            print(
+                f"[compare] {name}: loss {losses[-1]:.4f}, {sum(seconds) / len(seconds):.3f} s/step",
+                flush=True,
+            )
         del engine
         gc.collect()
         dist.barrier()
