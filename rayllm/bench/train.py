@@ -66,7 +66,7 @@ def theory_mb(parallel: dict[str, Any], params: int, workers: int) -> float | No
     n = workers
     per_param = {
         "ddp": 16,
-        "fsdp": 16 / n,
+        "fsdp": 16 / (n // config.dp_replicate),  # HSDP shards within a replica group
         "zero": [16, 4 + 4 + 12 / n, 4 + 16 / n, 20 / n][config.zero_stage],
     }[config.strategy]
     return per_param * params / 2**20
