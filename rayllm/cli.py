@@ -476,7 +476,10 @@ def bench_train(
 
     from rayllm.bench.train import benchmark
     from rayllm.cluster import RayConfig, connect
+    from rayllm.data.shards import load_manifest
+    from rayllm.paths import absolute_url
 
+    load_manifest(absolute_url(data))  # a missing shard set is named before Ray starts
     connect(RayConfig())
     title, rows = benchmark(data, workers, steps, global_batch, cpus_per_worker)
     columns = ["layout", "workers", "tokens/s", "TFLOP/s per worker", "MFU", "vs floor"]

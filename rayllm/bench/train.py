@@ -256,7 +256,7 @@ def benchmark(
     warm-up step each); a title and one row per system."""
     data = absolute_url(data)
     manifest = load_manifest(data)
-    fitting = [layout for layout in LAYOUTS if fits(layout, workers, global_batch)]
+    fitting = [layout for layout in LAYOUTS if fits(layout, workers, global_batch, BENCH_MODEL)]
     common = {"global_batch": global_batch, "steps": steps + 1, "model": BENCH_MODEL}
     results = compare_strategies(
         data, fitting, workers=workers, cpus_per_worker=cpus_per_worker, **common
@@ -296,10 +296,14 @@ def benchmark(
     return title, rows
 
 
-def fits(layout: dict[str, Any], workers: int, global_batch: int) -> bool:
-    """Whether ``layout`` has a mesh on ``workers`` ranks that splits ``global_batch``."""
+def fits(layout: dict[str, Any], workers: int, global_batch: int, model: dict[str, Any]) -> bool:
+    """Whether ``layout`` has a mesh for ``model`` on ``workers`` ranks that splits
+    ``global_batch`` (the layouts that do not are left out of the benchmark)."""
     parallel = ParallelConfig.model_validate(layout)
-    model_ranks = parallel.tp * parallel.pp
-    if workers % model_ranks or (workers // model_ranks) % parallel.dp_replicate:
+    dp = workers // (parallel.tp * parallel.pp) or 1
+    settings = {"model": model, "parallel": layout, "num_workers": workers}
+    try:
+        mesh_shape(TrainConfig.model_validate(settings | {"micro_batch_size": global_batch // dp}))
+    except (RayllmError, ValueError):
         return False
-    return global_batch % (workers // model_ranks) == 0
+    return global_batch % dp == 0
