@@ -214,9 +214,8 @@ class TorchEngine:
 
     def _gradient_sync(self, last: bool):
         """Data-parallel gradients are reduced once per accumulation window, not per micro-batch."""
-        (part,) = self.parts if self.schedule is None else (None,)
-        if isinstance(part, DistributedDataParallel) and not last:
-            return part.no_sync()
+        if isinstance(self.parts[0], DistributedDataParallel) and not last:
+            return self.parts[0].no_sync()  # DDP wraps whole models only: one part
         for part in self.parts:
             if isinstance(part, FSDPModule):
                 part.set_requires_gradient_sync(last)
