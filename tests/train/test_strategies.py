@@ -1,10 +1,11 @@
 """Every parallel layout trains the same model to the same numbers as DDP.
 
-One worker group of 8 ranks runs them all in turn (DDP, ZeRO-1/2/3, ZeRO-3 with optimizer and
+One worker group of 4 ranks runs them all in turn (DDP, ZeRO-1/2/3, ZeRO-3 with optimizer and
 parameter offload, FSDP2, FSDP2 with CPU offload, HSDP, FSDP2 x TP with and without sequence
-parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B, and
-PP x TP x FSDP2), 10 steps each on the same global batches in fp32; then each layout's sharded
-checkpoint is consolidated and compared, and the memory each rank holds is checked.
+parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B), and one of
+8 ranks the 3-D layout PP x TP x FSDP2, 10 steps each on the same global batches in fp32; then
+each layout's sharded checkpoint is consolidated and compared, and the memory each rank holds
+is checked.
 """
 
 import pytest
@@ -15,7 +16,9 @@ from rayllm.train.checkpoint import consolidate
 
 pytestmark = pytest.mark.slow
 
-WORKERS = 8
+WORKERS = 4
+THREE_D = {"strategy": "fsdp", "pp": 2, "tp": 2}
+"""Needs 2 x 2 x 2 ranks: its own worker group of 8."""
 MODEL = {"dim": 64, "n_layers": 4, "n_heads": 2, "n_kv_heads": 2, "ffn_dim": 128}
 """Tiny, with whole heads and KV heads for tensor parallel 2 and a layer per interleaved stage."""
 
@@ -23,22 +26,32 @@ MODEL = {"dim": 64, "n_layers": 4, "n_heads": 2, "n_kv_heads": 2, "ffn_dim": 128
 @pytest.fixture(scope="module")
 def compared(tiny_run, tmp_path_factory):
     checkpoints = tmp_path_factory.mktemp("layouts")
+    common = {"global_batch": 8, "steps": 10, "model": MODEL}
+    data = str(tiny_run["workdir"] / "data")
+    layouts = [layout for layout in LAYOUTS if layout != THREE_D]
     results = compare_strategies(
-        str(tiny_run["workdir"] / "data"),
-        LAYOUTS,
+        data,
+        layouts,
         workers=WORKERS,
-        global_batch=8,
-        steps=10,
-        model=MODEL,
-        cpus_per_worker=0.25,
-        checkpoints=str(checkpoints),
+        cpus_per_worker=0.5,
+        checkpoints=str(checkpoints / "4"),
+        **common,
     )
-    return results, checkpoints
+    results |= compare_strategies(
+        data,
+        [THREE_D],
+        workers=8,
+        cpus_per_worker=0.25,
+        checkpoints=str(checkpoints / "8"),
+        **common,
+    )
+    folders = [checkpoints / "4" / str(index) for index in range(len(layouts))]
+    return results, layouts, folders + [checkpoints / "8" / "0"]
 
 
 def test_every_layout_follows_the_ddp_loss_curve(compared):
-    results, _ = compared
-    names = [layout_name(layout, WORKERS) for layout in LAYOUTS]
+    results, layouts, _ = compared
+    names = [layout_name(layout, WORKERS) for layout in layouts] + [layout_name(THREE_D, 8)]
     assert list(results) == names
     reference = results[names[0]]["losses"]
     assert reference[-1] < reference[0] - 0.1  # it learns
@@ -47,14 +60,14 @@ def test_every_layout_follows_the_ddp_loss_curve(compared):
 
 
 def test_every_layout_consolidates_to_the_ddp_weights(compared):
-    _, checkpoints = compared
-    _, reference, _ = consolidate(checkpoints / "0")
-    for index, layout in enumerate(LAYOUTS[1:], start=1):
-        _, weights, _ = consolidate(checkpoints / str(index))
-        assert weights.keys() == reference.keys(), layout
+    _, _, folders = compared
+    _, reference, _ = consolidate(folders[0])
+    for folder in folders[1:]:
+        _, weights, _ = consolidate(folder)
+        assert weights.keys() == reference.keys(), folder
         for key in reference:
             torch.testing.assert_close(
-                weights[key], reference[key], rtol=1e-3, atol=1e-4, msg=f"{layout}: {key}"
+                weights[key], reference[key], rtol=1e-3, atol=1e-4, msg=f"{folder}: {key}"
             )
 
 
@@ -62,8 +75,8 @@ def test_sharded_layouts_hold_their_share_of_the_state(compared):
     """Parameters + gradients + optimizer state per rank, measured on the tensors each engine
     holds: DDP holds all of it, ZeRO-3 and FSDP2 their 1/N share (the ZeRO paper's figures,
     DeepSpeed's fp32 master copy included), within 15%."""
-    results, checkpoints = compared
-    _, weights, _ = consolidate(checkpoints / "0")
+    results, _, folders = compared
+    _, weights, _ = consolidate(folders[0])
     params = sum(tensor.numel() for tensor in weights.values())
     for layout in (
         {"strategy": "ddp"},
