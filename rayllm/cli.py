@@ -65,14 +65,16 @@ def data(config: ConfigOption = None, set: SetOption = None) -> None:
 
 @app.command()
 def train(config: ConfigOption = None, set: SetOption = None) -> None:
-    """Pretrain on finished token shards with Ray Train (ZeRO or DDP)."""
+    """Pretrain on finished token shards with Ray Train (DDP, FSDP2, TP, PP or ZeRO)."""
     from rayllm.cluster import RayConfig, connect
     from rayllm.data.shards import load_manifest
     from rayllm.train.config import TrainConfig
+    from rayllm.train.mesh import mesh_shape
     from rayllm.train.trainer import run
 
     settings = load_config(TrainConfig, config, set or ()).with_work_paths()
-    load_manifest(settings.data)  # missing shards or a bad output fail before Ray starts
+    mesh_shape(settings)  # a bad layout, missing shards or a bad output fail before Ray starts
+    load_manifest(settings.data)
     check_replaceable(settings.output, settings.overwrite, "train.output", "output")
     connect(RayConfig())
     result = run(settings)
