@@ -51,13 +51,15 @@ def lifecycle(config: ConfigOption = None, set: SetOption = None) -> None:
 @app.command()
 def data(config: ConfigOption = None, set: SetOption = None) -> None:
     """Curate a corpus into a tokenizer and packed token shards."""
-    from rayllm.cluster import RayConfig, connect
+    from rayllm.data.config import DataConfig
     from rayllm.data.corpora import resolve_source
-    from rayllm.data.pipeline import DataConfig, run
 
     settings = load_config(DataConfig, config, set or ()).with_work_paths()
     resolve_source(settings.corpus)  # a bad corpus or output fails before Ray starts
     check_replaceable(settings.output, settings.overwrite, "data.output", "output")
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.data.pipeline import run
+
     connect(RayConfig())
     result = run(settings)
     console.print(f"shards, tokenizer and stats.json written to {result.output}")
@@ -66,16 +68,17 @@ def data(config: ConfigOption = None, set: SetOption = None) -> None:
 @app.command()
 def train(config: ConfigOption = None, set: SetOption = None) -> None:
     """Pretrain on finished token shards with Ray Train (DDP, FSDP2, TP, PP or ZeRO)."""
-    from rayllm.cluster import RayConfig, connect
     from rayllm.data.shards import load_manifest
     from rayllm.train.config import TrainConfig
     from rayllm.train.mesh import mesh_shape
-    from rayllm.train.trainer import run
 
     settings = load_config(TrainConfig, config, set or ()).with_work_paths()
     mesh_shape(settings)  # a bad layout, missing shards or a bad output fail before Ray starts
     load_manifest(settings.data)
     check_replaceable(settings.output, settings.overwrite, "train.output", "output")
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.train.trainer import run
+
     connect(RayConfig())
     result = run(settings)
     console.print(f"model written to {result.model}")
@@ -88,7 +91,8 @@ def serve(config: ConfigOption = None, set: SetOption = None) -> None:
 
     from rayllm.cluster import RayConfig, connect
     from rayllm.registry.store import Registry
-    from rayllm.serve.app import ServeConfig, deploy, pin_version, shutdown
+    from rayllm.serve.app import deploy, pin_version, shutdown
+    from rayllm.serve.config import ServeConfig
 
     settings = load_config(ServeConfig, config, set or ())
     pin_version(settings, Registry(settings.registry_root()))  # fails before Ray starts
@@ -149,9 +153,9 @@ def show_config(
 ) -> None:
     """Print a stage's full config as YAML: its defaults, or a recipe (--config) with its
     overrides applied and checked, as the stage would run it."""
-    from rayllm.data.pipeline import DataConfig
+    from rayllm.data.config import DataConfig
     from rayllm.lifecycle import LifecycleConfig
-    from rayllm.serve.app import ServeConfig
+    from rayllm.serve.config import ServeConfig
     from rayllm.train.config import TrainConfig
 
     stages = {
@@ -348,7 +352,7 @@ def bench_dedup(set: SetOption = None, as_json: JsonOption = False) -> None:
     """Precision and recall of fuzzy dedup on the Shakespeare modern / First Folio pairs."""
     from rayllm.bench.data import dedup_quality
     from rayllm.cluster import RayConfig, connect
-    from rayllm.data.dedup import FuzzyDedupConfig
+    from rayllm.data.config import FuzzyDedupConfig
 
     settings = load_config(FuzzyDedupConfig, None, set or ())
     connect(RayConfig())
@@ -476,12 +480,13 @@ def bench_train(
     peak), and the trainer at one worker against a plain PyTorch loop (the floor)."""
     from rich.table import Table
 
-    from rayllm.bench.train import benchmark
-    from rayllm.cluster import RayConfig, connect
     from rayllm.data.shards import load_manifest
     from rayllm.paths import absolute_url
 
     load_manifest(absolute_url(data))  # a missing shard set is named before Ray starts
+    from rayllm.bench.train import benchmark
+    from rayllm.cluster import RayConfig, connect
+
     connect(RayConfig())
     title, rows = benchmark(data, workers, steps, global_batch, cpus_per_worker)
     columns = ["layout", "workers", "tokens/s", "TFLOP/s per worker", "MFU", "vs floor"]

@@ -16,24 +16,18 @@ from typing import Any
 from pydantic import model_validator
 from rich.table import Table
 
-from rayllm.client import Client
 from rayllm.cluster import RayConfig, connect
 from rayllm.config import WORKDIR, StageConfig
 from rayllm.data.blocks.c4 import C4Config
 from rayllm.data.blocks.gopher import GopherQualityConfig, GopherRepetitionConfig
 from rayllm.data.blocks.language import LanguageConfig
-from rayllm.data.dedup import FuzzyDedupConfig, ParagraphDedupConfig
-from rayllm.data.pipeline import DataConfig
-from rayllm.data.pipeline import run as run_data
+from rayllm.data.config import DataConfig, FuzzyDedupConfig, ParagraphDedupConfig
 from rayllm.errors import RayllmError
-from rayllm.eval.perplexity import run_remote as evaluate
 from rayllm.paths import absolute_url, filesystem
 from rayllm.progress import Stage, console
-from rayllm.registry.importers import import_folder
 from rayllm.registry.store import Registry, RegistryConfig, check_name, split_ref
-from rayllm.serve.app import ServeConfig, deploy
+from rayllm.serve.config import ServeConfig
 from rayllm.train.config import TrainConfig
-from rayllm.train.trainer import run as run_train
 
 LIFECYCLE_DATA = DataConfig(
     # Shakespeare's paragraphs are speeches, often a line or two of verse: the Gopher rules are
@@ -121,6 +115,13 @@ class LifecycleResult:
 
 def run(config: LifecycleConfig) -> LifecycleResult:
     """Run every stage; print the report and write it to ``<workdir>/lifecycle-report.json``."""
+    # The stages' engines load here, not at import: checking a lifecycle config stays instant.
+    from rayllm.data.pipeline import run as run_data
+    from rayllm.eval.perplexity import run_remote as evaluate
+    from rayllm.registry.importers import import_folder
+    from rayllm.serve.app import deploy
+    from rayllm.train.trainer import run as run_train
+
     data_config, train_config, registry_root, serve_config = config.stages()
     started = time.time()
     connect(config.ray)
@@ -172,6 +173,8 @@ def run(config: LifecycleConfig) -> LifecycleResult:
 def _query(
     url: str, model: str, config: LifecycleConfig
 ) -> tuple[list[dict[str, str]], dict[str, str]]:
+    from rayllm.client import Client
+
     answers = []
     with Client(url, model) as client:
         for index, prompt in enumerate(config.prompts):

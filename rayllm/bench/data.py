@@ -32,9 +32,10 @@ from rayllm.cluster import quiet_ray_consoles
 from rayllm.config import build_config
 from rayllm.data.blocks.c4 import C4Config
 from rayllm.data.blocks.normalise import normalise
+from rayllm.data.config import DataConfig, FuzzyDedupConfig
 from rayllm.data.corpora import resolve_source
-from rayllm.data.dedup import FuzzyDedupConfig, clusters, document_id, near_duplicates
-from rayllm.data.pipeline import DataConfig, run
+from rayllm.data.dedup import clusters, document_id, near_duplicates
+from rayllm.data.pipeline import run
 from rayllm.data.readers import read_documents
 from rayllm.errors import RayllmError
 from rayllm.paths import cache_dir

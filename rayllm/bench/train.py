@@ -26,7 +26,7 @@ from rayllm.data.shards import load_manifest
 from rayllm.errors import RayllmError
 from rayllm.model.model import Transformer, next_token_loss
 from rayllm.paths import absolute_url
-from rayllm.train.batches import TokenBatches
+from rayllm.train.batches import TokenBatches, step_window
 from rayllm.train.checkpoint import write_progress
 from rayllm.train.config import ParallelConfig, TrainConfig
 from rayllm.train.engine import build_engine
@@ -162,20 +162,12 @@ def _compare_loop(settings: dict[str, Any]) -> None:
         torch.manual_seed(config.seed)
         shape = mesh_shape(config)
         engine = build_engine(config, shape, device)
-        batches = TokenBatches(
-            config.data,
-            settings["manifest"]["shards"]["train"],
-            dp_rank=(rank // shape.tp) % shape.dp,
-            dp_size=shape.dp,
-            batch=config.micro_batch_size,
-            seed=config.seed,
+        batches = TokenBatches.for_rank(
+            config, settings["manifest"]["shards"]["train"], shape, rank
         )
         losses, seconds = [], []
         for step in range(config.steps):
-            window = [
-                batches.get(step * config.grad_accum_steps + m)
-                for m in range(config.grad_accum_steps)
-            ]
+            window = step_window(batches, step, config.grad_accum_steps)
             dist.barrier()
             started = time.perf_counter()
             loss, _ = engine.train_step(window)

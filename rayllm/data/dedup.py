@@ -34,25 +34,11 @@ import ray
 import xxhash
 from ray.data.aggregate import Count, Min
 
-from rayllm.config import StageConfig
+from rayllm.data.config import FuzzyDedupConfig, ParagraphDedupConfig
 
 MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 _NON_WORD = re.compile(r"[^\w]+")
-
-
-class FuzzyDedupConfig(StageConfig):
-    """Defaults tuned on the Shakespeare modern / First Folio pairs (see README, Performance)."""
-
-    enabled: bool = True
-    ngram: int = 3
-    """Words per shingle."""
-    bands: int = 64
-    rows: int = 2
-    """bands x rows min-hashes per document; a pair becomes a candidate when any band matches."""
-    threshold: float = 0.2
-    """Estimated Jaccard similarity at which a candidate pair counts as a duplicate."""
-    seed: int = 1
 
 
 def index_bytes_per_document(config: FuzzyDedupConfig) -> int:
@@ -289,14 +275,6 @@ def _shared_hashes(groups: pa.Table) -> pa.Table:
 def _later_copies_of_document(batch: pa.Table) -> pa.Table:
     later = pc.not_equal(batch.column("id"), batch.column("first"))
     return batch.select(["id"]).filter(later)
-
-
-class ParagraphDedupConfig(StageConfig):
-    """Paragraph-level dedup across documents: repeated boilerplate, quoted passages."""
-
-    enabled: bool = True
-    min_chars: int = 100
-    """Shorter paragraphs are never removed (headings, stage directions, short replies)."""
 
 
 def _paragraphs(text: str) -> list[str]:

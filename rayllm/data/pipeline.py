@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -30,24 +30,20 @@ import ray
 from fsspec.implementations.local import LocalFileSystem
 from tokenizers import Tokenizer
 
-from rayllm.config import StageConfig
 from rayllm.data.blocks.base import Block, Column
-from rayllm.data.blocks.c4 import C4, BadWords, BadWordsConfig, C4Config
-from rayllm.data.blocks.classifier import ClassifierConfig, QualityClassifier, QualityModel
+from rayllm.data.blocks.c4 import C4, BadWords
+from rayllm.data.blocks.classifier import QualityClassifier, QualityModel
 from rayllm.data.blocks.gopher import (
     GopherQuality,
-    GopherQualityConfig,
     GopherRepetition,
-    GopherRepetitionConfig,
 )
-from rayllm.data.blocks.language import LanguageConfig, LanguageId
-from rayllm.data.blocks.normalise import NormaliseConfig, Normaliser
-from rayllm.data.blocks.pii import PIIConfig, PIIScrubber
+from rayllm.data.blocks.language import LanguageId
+from rayllm.data.blocks.normalise import Normaliser
+from rayllm.data.blocks.pii import PIIScrubber
 from rayllm.data.classifier_training import quality_model
+from rayllm.data.config import DataConfig
 from rayllm.data.corpora import resolve_source
 from rayllm.data.dedup import (
-    FuzzyDedupConfig,
-    ParagraphDedupConfig,
     Removals,
     document_id,
     exact_duplicates,
@@ -57,59 +53,13 @@ from rayllm.data.dedup import (
 )
 from rayllm.data.hashing import content_hash
 from rayllm.data.packing import ShardWriter
-from rayllm.data.readers import Split, read_documents
+from rayllm.data.readers import read_documents
 from rayllm.data.shards import MANIFEST
 from rayllm.data.stats import StatsCollector, print_stats
-from rayllm.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+from rayllm.data.tokenizer import save_tokenizer, train_tokenizer
 from rayllm.errors import RayllmError
 from rayllm.paths import absolute_url, check_replaceable, staged_folder
 from rayllm.progress import Stage
-
-
-class DataConfig(StageConfig):
-    """Every knob of the curation stage; each block can be switched off with ``enabled``."""
-
-    work_paths: ClassVar[dict[str, str]] = {"output": "data"}
-
-    corpus: str = "shakespeare"
-    """A built-in corpus (shakespeare, shakespeare-folio, shakespeare-all, bible, chat), or a
-    file, folder, glob or fsspec URL of .txt / .jsonl / .parquet files."""
-    split: Split = "paragraph"
-    """How plain-text files are cut into documents."""
-    text_field: str = "text"
-    max_documents: int | None = None
-    """Keep only the first N documents read (a quick slice for trials and tests)."""
-    strict: bool = False
-    """Fail on the first unreadable record instead of counting and skipping it."""
-    output: str | None = None
-    """Where the shards, tokenizer and stats go; default rayllm-work/data."""
-    overwrite: bool = False
-    """Replace ``output`` even when it holds something rayllm did not write."""
-    keep_curated: bool = True
-    """Keep ``curated/``: every document read, as Parquet, with its drop reason and the
-    blocks' columns (language and its score, quality score, PII counts), before dedup."""
-    normalise: NormaliseConfig = NormaliseConfig()
-    language: LanguageConfig = LanguageConfig()
-    gopher_quality: GopherQualityConfig = GopherQualityConfig()
-    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
-    c4: C4Config = C4Config()
-    bad_words: BadWordsConfig = BadWordsConfig()
-    classifier: ClassifierConfig = ClassifierConfig()
-    pii: PIIConfig = PIIConfig()
-    exact_dedup: bool = True
-    paragraph_dedup: ParagraphDedupConfig = ParagraphDedupConfig()
-    fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    seq_len: int = 256
-    """Tokens per training sequence; shards store seq_len + 1 tokens per row (inputs+target)."""
-    val_fraction: float = 0.02
-    sequences_per_shard: int = 8192
-    workers: int = 2
-    """Parallel actors for the stateful steps (language models, MinHash, tokenising)."""
-    block_mb: int = 32
-    """Megabytes per Ray Data block (and per shuffle batch; the dedup and packing passes read
-    the curated Parquet in blocks of this many compressed megabytes): what a worker holds at
-    a time, whatever the corpus size."""
 
 
 def build_blocks(config: DataConfig, quality: QualityModel | None = None) -> list[Block]:

@@ -5,26 +5,17 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 from fsspec.implementations.local import LocalFileSystem
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rayllm.config import StageConfig
+from rayllm.data.config import TokenizerConfig
 from rayllm.paths import filesystem
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|pad|>"
 UNKNOWN = "<|unk|>"
-
-
-class TokenizerConfig(StageConfig):
-    kind: Literal["bpe", "wordpiece", "unigram"] = "bpe"
-    """bpe: byte-level BPE (GPT-2, Llama 3), no unknown tokens; wordpiece: BERT's;
-    unigram: SentencePiece's unigram model with its metaspace pre-tokenizer."""
-    vocab_size: int = 4096
-    min_frequency: int = 2
 
 
 def _untrained(kind: str) -> tuple[Tokenizer, object]:

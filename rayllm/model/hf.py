@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from rayllm.model.model import ModelConfig
+from rayllm.model.config import ModelConfig
 
 
 def to_hf_config(config: ModelConfig, *, bos_token_id: int, eos_token_id: int) -> LlamaConfig:

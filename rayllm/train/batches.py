@@ -9,13 +9,28 @@ sees the same sequences, and a resumed run continues at the exact sample it stop
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from rayllm.data.shards import open_shard
 from rayllm.errors import RayllmError
+from rayllm.train.config import TrainConfig
+from rayllm.train.mesh import MeshShape
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""(inputs, next-token targets)."""
+
+
+class Batches(Protocol):
+    def get(self, index: int) -> Batch: ...
+
+
+def step_window(batches: Batches, step: int, grad_accum_steps: int) -> list[Batch]:
+    """The micro-batches optimizer step ``step`` accumulates over."""
+    first = step * grad_accum_steps
+    return [batches.get(first + micro) for micro in range(grad_accum_steps)]
 
 
 class TokenBatches:
@@ -41,7 +56,22 @@ class TokenBatches:
             )
         self._order: tuple[int, np.ndarray] | None = None
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def for_rank(
+        cls, config: TrainConfig, entries: list[dict[str, Any]], shape: MeshShape, rank: int
+    ) -> TokenBatches:
+        """Global rank ``rank``'s reader: the tensor and pipeline ranks of one data-parallel
+        slice read the same micro-batches."""
+        return cls(
+            config.data,
+            entries,
+            dp_rank=shape.dp_rank(rank),
+            dp_size=shape.dp,
+            batch=config.micro_batch_size,
+            seed=config.seed,
+        )
+
+    def get(self, index: int) -> Batch:
         """This rank's part of global micro-batch ``index``, as (inputs, next-token targets)."""
         epoch, position = divmod(index, self.per_epoch)
         start = position * self.global_batch + self.dp_rank * self.batch
@@ -72,7 +102,7 @@ class StreamedBatches:
         self.batch, self.seed, self.epoch, self.position = batch, seed, 0, 0
         self.batches = self._epoch()
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, index: int) -> Batch:
         """Batch ``index`` of this rank's stream; batches are read in order, so a resumed run
         skips the ones it already trained on."""
         while self.position <= index:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from rayllm.errors import RayllmError
-from rayllm.model.model import ModelConfig, Transformer
+from rayllm.model.config import ModelConfig
+from rayllm.model.model import Transformer
 from rayllm.paths import filesystem
 from rayllm.train.config import TrainConfig
 

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import model_validator
 
 from rayllm.config import StageConfig
-from rayllm.model.model import ModelConfig
+from rayllm.model.config import ModelConfig
 
 
 class ParallelConfig(StageConfig):

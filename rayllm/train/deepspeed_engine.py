@@ -10,7 +10,7 @@ import torch
 from rayllm.model.model import Transformer, next_token_loss
 from rayllm.train.config import TrainConfig
 from rayllm.train.engine import Batch
-from rayllm.train.metrics import held_bytes
+from rayllm.train.metrics import held_bytes, optimizer_state_bytes
 from rayllm.train.optim import BETAS, build_optimizer, lr_schedule, param_groups
 
 TAG = "state"
@@ -63,22 +63,20 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.stage = parallel.zero_stage
+        self.memory: dict[str, int] = {}
 
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
         total = torch.zeros((), device=self.engine.device)
         for inputs, targets in batches:
             loss = next_token_loss(self.engine(inputs), targets)
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
-            if self.engine.is_gradient_accumulation_boundary():
+            # the state is allocated by the first step, then stays that size
+            if not self.memory and self.engine.is_gradient_accumulation_boundary():
                 self.memory = zero_state_bytes(self.engine, self.stage)
             self.engine.step()  # a no-op until the last micro-batch of the window
             total += loss.detach()
-        self.memory["optimizer"] = held_bytes(
-            value
-            for state in _torch_optimizer(self.engine).state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor) and value.dim() > 0
-        )
+        if "optimizer" not in self.memory:
+            self.memory["optimizer"] = optimizer_state_bytes([_torch_optimizer(self.engine)])
         norm = self.engine.get_global_grad_norm()
         return total / len(batches), float(norm) if norm is not None else float("nan")
 

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rayllm.model.model import Transformer, next_token_loss
 from rayllm.train.config import TrainConfig
 from rayllm.train.mesh import MeshShape, build_mesh
-from rayllm.train.metrics import held_bytes
+from rayllm.train.metrics import held_bytes, optimizer_state_bytes
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
 from rayllm.train.pipeline import build_schedule, cut_stage, stage_indices
@@ -46,7 +46,8 @@ class Engine(Protocol):
     def learning_rate(self) -> float: ...
 
     def held_memory(self) -> dict[str, int]:
-        """Bytes of parameters, gradients and optimizer state this rank held at the last step."""
+        """Bytes of parameters, gradients and optimizer state this rank held at the first step
+        (where they are allocated; they stay that size)."""
 
     def save(self, folder: Path) -> None:
         """Every rank calls this and writes its own part of the checkpoint into ``folder``."""
@@ -96,6 +97,7 @@ class TorchEngine:
         fsdp = isinstance(self.parts[0], FSDPModule)
         self.autocast = config.precision == "bf16" and not fsdp
         self.device = device
+        self.memory: dict[str, int] = {}
         if shape.pp > 1:
             self.loss_scale = config.parallel.microbatches * config.grad_accum_steps
             self.schedule = build_schedule(
@@ -116,20 +118,17 @@ class TorchEngine:
                 total += self._forward_backward(batch)
         params = self.parameters()
         norm = clip_grad_norm(params, self.grad_clip, self.pp_group)
-        self.memory = {
-            "params": held_bytes(params),
-            "grads": held_bytes(p.grad for p in params),
-        }
+        first = not self.memory  # the state is allocated by the first step, then steady
+        if first:
+            self.memory = {
+                "params": held_bytes(params),
+                "grads": held_bytes(p.grad for p in params),
+            }
         for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
             optimizer.step()
             scheduler.step()
-        self.memory["optimizer"] = held_bytes(
-            value
-            for optimizer in self.optimizers
-            for state in optimizer.state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor) and value.dim() > 0
-        )
+        if first:
+            self.memory["optimizer"] = optimizer_state_bytes(self.optimizers)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         return self._from_last_stage(total / len(batches)), norm

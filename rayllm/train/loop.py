@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from rayllm.paths import filesystem
-from rayllm.train.batches import StreamedBatches, TokenBatches
+from rayllm.train.batches import StreamedBatches, TokenBatches, step_window
 from rayllm.train.checkpoint import read_progress, write_progress
 from rayllm.train.config import TrainConfig
 from rayllm.train.engine import Engine, build_engine
@@ -49,21 +49,13 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         torch.cuda.set_device(device)  # NCCL and the device mesh use the current device
     shape = mesh_shape(config)
     engine = build_engine(config, shape, device)
-    dp_rank = (rank // shape.tp) % shape.dp  # ranks are laid out pp, dp_replicate, dp_shard, tp
-
-    def memory_mapped(split: str) -> TokenBatches:
-        return TokenBatches(
-            config.data,
-            manifest["shards"][split],
-            dp_rank=dp_rank,
-            dp_size=shape.dp,
-            batch=config.micro_batch_size,
-            seed=config.seed,
-        )
-
     streamed = config.data_loader == "ray_data"
     train = StreamedBatches(config.micro_batch_size, config.seed) if streamed else None
-    data = {"train": train or memory_mapped("train"), "val": memory_mapped("val")}
+    shards = manifest["shards"]
+    data = {
+        "train": train or TokenBatches.for_rank(config, shards["train"], shape, rank),
+        "val": TokenBatches.for_rank(config, shards["val"], shape, rank),
+    }
     start_step = _resume(engine, rank)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     peak = config.peak_tflops_per_worker or measure_peak_tflops(device, dtype)
@@ -77,8 +69,8 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         window = [
-            _to(data["train"].get(step * config.grad_accum_steps + micro), device)
-            for micro in range(config.grad_accum_steps)
+            _to(batch, device)
+            for batch in step_window(data["train"], step, config.grad_accum_steps)
         ]
         loss, grad_norm = engine.train_step(window)
         loss_value = _mean_over_ranks(loss)

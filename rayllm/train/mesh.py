@@ -7,11 +7,13 @@ fit the model and the batch before any worker starts, so a bad layout is one cle
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from typing import TYPE_CHECKING
 
 from rayllm.errors import RayllmError
 from rayllm.train.config import TrainConfig
+
+if TYPE_CHECKING:  # torch is imported where a mesh is built, so the CLI checks shapes quickly
+    from torch.distributed.device_mesh import DeviceMesh
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -34,6 +36,10 @@ class MeshShape:
     @property
     def sizes(self) -> tuple[int, int, int, int]:
         return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+
+    def dp_rank(self, rank: int) -> int:
+        """Which data-parallel slice global ``rank`` reads (ranks run ``tp`` fastest)."""
+        return (rank // self.tp) % self.dp
 
 
 def mesh_shape(config: TrainConfig) -> MeshShape:
@@ -78,4 +84,6 @@ def mesh_shape(config: TrainConfig) -> MeshShape:
 
 def build_mesh(shape: MeshShape, device_type: str) -> DeviceMesh:
     """One mesh over all ranks; strategies take the sub-meshes they need by name."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     return init_device_mesh(device_type, shape.sizes, mesh_dim_names=DIMS)

@@ -51,6 +51,17 @@ def held_bytes(tensors) -> int:
     return sum(storages.values())
 
 
+def optimizer_state_bytes(optimizers) -> int:
+    """Bytes of the per-parameter optimizer state (Adam's moments; scalar step counts aside)."""
+    return held_bytes(
+        value
+        for optimizer in optimizers
+        for state in optimizer.state.values()
+        for value in state.values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    )
+
+
 def step_metrics(
     *, tokens: int, seconds: float, flops_per_token: float, workers: int, peak: float
 ) -> dict[str, float]:

@@ -84,57 +84,18 @@ def run(config: TrainConfig) -> TrainResult:
     run_folder = f"{config.storage.rstrip('/')}/{config.run_name}"
     started = time.time()
     with Stage(f"train: {config.parallel.describe()} on {config.num_workers} workers") as stage:
-        if config.resume:
-            step = check_resumable(run_folder, layout)
-            console.print(f"  resuming {run_folder} from step {step}")
-            fs, stopped = filesystem(f"{run_folder}/{STOPPED}")
-            if fs.exists(stopped):  # a run stopped by a NaN loss, resumed with new settings
-                fs.rm(stopped)
-        else:
-            start_over(run_folder, config.overwrite)
+        prepare_run_folder(run_folder, config, layout)
         console.print(
             f"  model {config.model.num_params() / 1e6:.2f} M parameters, mesh {shape}, "
             f"{config.steps} steps of {shape.dp * config.micro_batch_size * config.grad_accum_steps}"
             f" x {manifest['seq_len']} tokens"
         )
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "config": config.model_dump(mode="json"),
-                "manifest": manifest,
-                "layout": layout,
-                "run_folder": run_folder,
-            },
-            torch_config=TorchConfig(
-                backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s
-            ),
-            datasets=_datasets(config),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=config.num_workers,
-                use_gpu=config.use_gpu,
-                resources_per_worker={"CPU": config.cpus_per_worker},
-            ),
-            run_config=ray.train.RunConfig(
-                name=config.run_name,
-                storage_path=config.storage,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-                worker_runtime_env={"env_vars": _worker_env()},
-            ),
-        )
+        trainer = _trainer(config, manifest, layout, run_folder)
         result = trainer.fit()
         if result.error:
             raise _user_error_in(result.error) or result.error
         metrics = dict(result.metrics or {})
-        fs, stopped = filesystem(f"{run_folder}/{STOPPED}")
-        if fs.exists(stopped):
-            step = json.loads(fs.cat_file(stopped))["step"]
-            kept = result.checkpoint.path if result.checkpoint else "none was written"
-            raise RayllmError(
-                f"the loss became NaN or infinite at step {step}; training stopped there. The "
-                f"last good checkpoint: {kept}. Lower learning_rate or grad_clip, or check the "
-                "data; train.resume=true continues from that checkpoint"
-            )
+        check_finite(run_folder, result)
         with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as hf:
             model_config, state, _ = consolidate(Path(folder))
             save_hf_model(
@@ -155,6 +116,62 @@ def run(config: TrainConfig) -> TrainResult:
         metrics=metrics,
         checkpoint=result.checkpoint.path,
         seconds=time.time() - started,
+    )
+
+
+def _trainer(
+    config: TrainConfig, manifest: dict[str, Any], layout: dict[str, Any], run_folder: str
+) -> TorchTrainer:
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "manifest": manifest,
+            "layout": layout,
+            "run_folder": run_folder,
+        },
+        torch_config=TorchConfig(
+            backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s
+        ),
+        datasets=_datasets(config),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=config.storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+    )
+
+
+def prepare_run_folder(run_folder: str, config: TrainConfig, layout: dict[str, Any]) -> None:
+    """Resume (checked against the checkpoint's layout) or start over, as the user said."""
+    if not config.resume:
+        start_over(run_folder, config.overwrite)
+        return
+    step = check_resumable(run_folder, layout)
+    console.print(f"  resuming {run_folder} from step {step}")
+    fs, stopped = filesystem(f"{run_folder}/{STOPPED}")
+    if fs.exists(stopped):  # a run stopped by a NaN loss, resumed with new settings
+        fs.rm(stopped)
+
+
+def check_finite(run_folder: str, result: ray.train.Result) -> None:
+    """Raise the user error a run that stopped on a NaN or infinite loss left a marker for."""
+    fs, stopped = filesystem(f"{run_folder}/{STOPPED}")
+    if not fs.exists(stopped):
+        return
+    step = json.loads(fs.cat_file(stopped))["step"]
+    kept = result.checkpoint.path if result.checkpoint else "none was written"
+    raise RayllmError(
+        f"the loss became NaN or infinite at step {step}; training stopped there. The last "
+        f"good checkpoint: {kept}. Lower learning_rate or grad_clip, or check the data; "
+        "train.resume=true continues from that checkpoint"
     )
 
 

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import ray
 
+from rayllm.data.config import FuzzyDedupConfig, ParagraphDedupConfig, TokenizerConfig
 from rayllm.data.dedup import (
-    FuzzyDedupConfig,
     MinHasher,
-    ParagraphDedupConfig,
     Removals,
     clusters,
     document_id,
@@ -18,7 +17,7 @@ from rayllm.data.dedup import (
     near_duplicates,
     paragraph_duplicates,
 )
-from rayllm.data.tokenizer import TokenizerConfig, train_tokenizer
+from rayllm.data.tokenizer import train_tokenizer
 
 WORDS = [f"w{i}" for i in range(2000)]
 

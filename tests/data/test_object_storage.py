@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from rayllm.config import build_config
-from rayllm.data.pipeline import DataConfig, run
+from rayllm.data.config import DataConfig
+from rayllm.data.pipeline import run
 from rayllm.data.shards import load_manifest, read_shard, shard_dataset
 from rayllm.errors import RayllmError
 from tests.data.test_pipeline import corpus_lines

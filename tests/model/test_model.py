@@ -4,8 +4,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from rayllm.model.config import ModelConfig
 from rayllm.model.hf import save_hf_model
-from rayllm.model.model import ModelConfig, Transformer
+from rayllm.model.model import Transformer
 
 TINY = ModelConfig(
     vocab_size=300, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=96, max_seq_len=32

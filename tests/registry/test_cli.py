@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
-from rayllm.data.tokenizer import TokenizerConfig, save_tokenizer, train_tokenizer
+from rayllm.data.config import TokenizerConfig
+from rayllm.data.tokenizer import save_tokenizer, train_tokenizer
+from rayllm.model.config import ModelConfig
 from rayllm.model.hf import save_hf_model
-from rayllm.model.model import ModelConfig, Transformer
+from rayllm.model.model import Transformer
 
 
 def rayllm(*args: str, root) -> subprocess.CompletedProcess:

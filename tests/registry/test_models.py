@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from rayllm.model.config import ModelConfig
 from rayllm.model.hf import save_hf_model
-from rayllm.model.model import ModelConfig, Transformer
+from rayllm.model.model import Transformer
 from rayllm.registry.importers import import_gguf
 from rayllm.registry.store import Registry
 

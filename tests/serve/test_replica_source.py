@@ -9,7 +9,8 @@ import json
 from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackCtx
 
 from rayllm.registry.store import Registry
-from rayllm.serve.app import ServeConfig, llm_config
+from rayllm.serve.app import llm_config
+from rayllm.serve.config import ServeConfig
 from rayllm.serve.replica_source import RegistrySource
 
 

@@ -23,7 +23,7 @@ from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY = 100, 25
+STEPS, EVERY = 60, 15
 
 
 def config_for(tiny_run, tmp_path, name: str, **changes) -> TrainConfig:

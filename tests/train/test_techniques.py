@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rayllm.model.model import ModelConfig, Transformer, next_token_loss
+from rayllm.model.config import ModelConfig
+from rayllm.model.model import Transformer, next_token_loss
 from rayllm.train.config import TrainConfig
 from rayllm.train.engine import TorchEngine
 from rayllm.train.mesh import mesh_shape

@@ -1,0 +1,54 @@
+"""The decoder's shape: a plain config, importable without torch (the CLI checks it early)."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from rayllm.config import StageConfig
+
+# vLLM's CPU attention kernels accept these head sizes only.
+SERVABLE_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+class ModelConfig(StageConfig):
+    """Shape of the decoder. ``vocab_size=0`` means: take it from the tokenizer."""
+
+    vocab_size: int = 0
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 704
+    max_seq_len: int = 256
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelConfig:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads")
+        if self.head_dim not in SERVABLE_HEAD_DIMS:
+            raise ValueError(
+                f"head size dim/n_heads = {self.head_dim} cannot be served by vLLM; "
+                f"choose dim and n_heads so it is one of {SERVABLE_HEAD_DIMS}"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self, vocab_size: int | None = None) -> int:
+        v = vocab_size or self.vocab_size
+        kv = self.n_kv_heads * self.head_dim
+        attention = 2 * self.dim * self.dim + 2 * self.dim * kv
+        layer = attention + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        return 2 * v * self.dim + self.n_layers * layer + self.dim
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus the attention scores (PaLM, app. B)."""
+        n_matmul = self.num_params() - self.vocab_size * self.dim  # embedding lookup is free
+        return 6 * n_matmul + 12 * self.n_layers * self.dim * seq_len
