@@ -84,27 +84,51 @@ def train(config: ConfigOption = None, set: SetOption = None) -> None:
     console.print(f"model written to {result.model}")
 
 
+ExportOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--export-config",
+        help="Write the Serve config file of this app (for `serve deploy` or a RayService's "
+        "serveConfigV2), every model pinned to its version, instead of serving; - for stdout.",
+    ),
+]
+
+
 @app.command()
-def serve(config: ConfigOption = None, set: SetOption = None) -> None:
-    """Serve a registry version behind OpenAI routes until interrupted (Ctrl-C removes the app)."""
+def serve(config: ConfigOption = None, set: SetOption = None, export: ExportOption = None) -> None:
+    """Serve registry versions behind OpenAI routes until interrupted (Ctrl-C removes the app)."""
     import time
 
-    from rayllm.cluster import RayConfig, connect
-    from rayllm.registry.store import Registry
-    from rayllm.serve.app import deploy, pin_version, shutdown
+    import yaml
+
+    from rayllm.serve.app import api_key_digests, pin, serve_config_file
     from rayllm.serve.config import ServeConfig
 
     settings = load_config(ServeConfig, config, set or ())
-    pin_version(settings, Registry(settings.registry_root()))  # fails before Ray starts
+    api_key_digests(pin(settings))  # unknown versions and missing keys fail before Ray starts
+    if export is not None:
+        text = yaml.safe_dump(serve_config_file(settings), sort_keys=False)
+        if str(export) == "-":
+            print(text, end="")
+        else:
+            export.write_text(text)
+            console.print(
+                f"Serve config written to {export}; deploy it with `serve deploy {export}`"
+            )
+        return
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.serve.app import deploy, shutdown
+
     connect(RayConfig())
     endpoint = deploy(settings)
-    console.print(f"serving {endpoint.version} at {endpoint.url}/v1; Ctrl-C to stop")
+    served = ", ".join(f"{ref} as {name}" for name, ref in endpoint.models.items())
+    console.print(f"serving {served} at {endpoint.url}/v1; Ctrl-C to stop")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         shutdown(settings)
-        console.print(f"stopped serving {endpoint.version}")
+        console.print(f"stopped serving {served}")
 
 
 UrlOption = Annotated[str, typer.Option(help="Endpoint base URL.")]
@@ -118,7 +142,7 @@ def complete(
     model: ModelOption = "shakespeare",
     max_tokens: int = 64,
 ) -> None:
-    """Stream one completion from a running endpoint."""
+    """Stream one completion from a running endpoint (API key: $RAYLLM_API_KEY)."""
     from rayllm.client import Client
 
     with Client(url, model) as client:
@@ -135,14 +159,17 @@ def chat(
     system: Annotated[str | None, typer.Option(help="A system message first.")] = None,
     max_tokens: int = 64,
 ) -> None:
-    """Send one user message to the chat route and print the reply."""
+    """Send one user message to the chat route and stream the reply (API key:
+    $RAYLLM_API_KEY)."""
     from rayllm.client import Client
 
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": message}
     ]
     with Client(url, model) as client:
-        console.print(client.chat(messages, max_tokens=max_tokens), markup=False)
+        for piece in client.chat_stream(messages, max_tokens=max_tokens):
+            console.print(piece, end="", markup=False)
+    console.print()
 
 
 @app.command("config")

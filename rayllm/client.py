@@ -1,80 +1,188 @@
-"""A small Python client for rayllm endpoints (the openai SDK works against them too)."""
+"""Python clients for rayllm endpoints: :class:`Client` (blocking) and :class:`AsyncClient`.
+
+Both speak the OpenAI routes (the ``openai`` SDK works against the same endpoints), retry
+what a serving cluster throws at a caller while it scales or rolls out (429, 503, dropped
+connections) with exponential backoff, and turn everything else into one
+:class:`EndpointError` that says what happened.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from rayllm.errors import RayllmError
 
+RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
+"""Answers a later try can turn into a success: overload, a replica starting or stopping."""
 
-class Client:
-    """Completions and chat against an OpenAI-compatible rayllm endpoint."""
 
-    def __init__(self, base_url: str, model: str, timeout: float = 120.0, api_key: str = "rayllm"):
+class EndpointError(RayllmError):
+    """A request the endpoint refused or could not answer."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None):
+        super().__init__(message)
+        self.status = status
+        """HTTP status, or None when the endpoint could not be reached."""
+        self.body = body
+        """The OpenAI-style error body the endpoint sent, when it sent one."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Exponential backoff with full jitter (the AWS architecture blog's recipe)."""
+
+    attempts: int = 5
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_delay_s, self.first_delay_s * 2**attempt))
+
+
+class _Endpoint:
+    """What both clients share: the request bodies, the answers' parsing, the errors."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        retry: Retry = Retry(),
+    ):
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.http = httpx.Client(
-            base_url=f"{self.base_url}/v1",
-            timeout=timeout,
-            headers={"Authorization": f"Bearer {api_key}"},
+        self.retry = retry
+        key = api_key if api_key is not None else os.environ.get("RAYLLM_API_KEY")
+        self.options = {
+            "base_url": f"{self.base_url}/v1",
+            "timeout": timeout,
+            "headers": {"Authorization": f"Bearer {key}"} if key else {},
+        }
+
+    def _completion(self, prompt: str, max_tokens: int, temperature: float, extra: dict) -> dict:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens}
+        return body | {"temperature": temperature} | extra
+
+    def _chat(self, messages: list[dict[str, str]], max_tokens: int, extra: dict) -> dict:
+        return {"model": self.model, "messages": messages, "max_tokens": max_tokens} | extra
+
+    @staticmethod
+    def _piece(line: str) -> str | None:
+        """The text a server-sent event carries (completion or chat delta), if any."""
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            return None
+        choice = (json.loads(line[len("data: ") :]).get("choices") or [{}])[0]
+        return choice.get("text") or (choice.get("delta") or {}).get("content")
+
+    def _check_retryable(
+        self,
+        attempt: int,
+        response: httpx.Response | None = None,
+        error: httpx.TransportError | None = None,
+    ) -> None:
+        """Return to try again; raise when the failure is final or the tries are spent."""
+        last = attempt == self.retry.attempts - 1
+        if error is not None:
+            if last:
+                raise self._unreachable(error) from None
+        elif last or response.status_code not in RETRYABLE_STATUS:
+            raise self._error(response)
+
+    def _error(self, response: httpx.Response) -> EndpointError:
+        try:
+            body = response.json()
+            detail = (body.get("error") or {}).get("message") or response.text
+        except ValueError:
+            body, detail = None, response.text
+        status = response.status_code
+        hint = ""
+        if status == 401:
+            hint = "; pass api_key= or set RAYLLM_API_KEY"
+        elif status in RETRYABLE_STATUS:
+            hint = f" after {self.retry.attempts} tries"
+        return EndpointError(
+            f"{self.base_url} answered {status}: {detail[:300]}{hint}", status, body
         )
 
+    def _unreachable(self, error: Exception) -> EndpointError:
+        return EndpointError(
+            f"cannot reach {self.base_url} after {self.retry.attempts} tries ({error}); "
+            "is it serving?"
+        )
+
+
+class Client(_Endpoint):
+    """Completions and chat against a rayllm endpoint, blocking."""
+
+    def __init__(self, base_url: str, model: str, **options: Any):
+        super().__init__(base_url, model, **options)
+        self.http = httpx.Client(**self.options)
+
     def models(self) -> list[str]:
-        return [m["id"] for m in self._post_or_get("GET", "/models")["data"]]
+        return [m["id"] for m in self._request("GET", "/models")["data"]]
 
     def complete(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
     ) -> str:
-        body = self._completion(prompt, max_tokens, temperature) | extra
-        return self._post_or_get("POST", "/completions", body)["choices"][0]["text"]
+        body = self._completion(prompt, max_tokens, temperature, extra)
+        return self._request("POST", "/completions", body)["choices"][0]["text"]
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any) -> str:
+        answer = self._request("POST", "/chat/completions", self._chat(messages, max_tokens, extra))
+        return answer["choices"][0]["message"]["content"]
 
     def stream(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
     ) -> Iterator[str]:
-        """Yield the completion piece by piece as the server streams it (server-sent events)."""
-        body = self._completion(prompt, max_tokens, temperature) | {"stream": True} | extra
-        with self.http.stream("POST", "/completions", json=body) as response:
-            if response.status_code != 200:
-                response.read()
-                self._raise(response)
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
-                if text := choices[0].get("text"):
-                    yield text
+        """The completion piece by piece, as the server streams it (server-sent events)."""
+        body = self._completion(prompt, max_tokens, temperature, extra) | {"stream": True}
+        yield from self._stream("/completions", body)
 
-    def _completion(self, prompt: str, max_tokens: int, temperature: float) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
+    def chat_stream(
+        self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any
+    ) -> Iterator[str]:
+        yield from self._stream(
+            "/chat/completions", self._chat(messages, max_tokens, extra) | {"stream": True}
+        )
 
-    def chat(self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any) -> str:
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens} | extra
-        return self._post_or_get("POST", "/chat/completions", body)["choices"][0]["message"][
-            "content"
-        ]
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        return self._send(method, path, body).json()
 
-    def _post_or_get(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _stream(self, path: str, body: dict) -> Iterator[str]:
+        # Retried until the first byte; a stream cut midway is an error, not a silent restart.
+        response = self._send("POST", path, body, stream=True)
         try:
-            response = self.http.request(method, path, json=body)
-        except httpx.HTTPError as err:
-            raise RayllmError(
-                f"cannot reach the endpoint {self.base_url}: {err}; is it serving?"
-            ) from None
-        if response.status_code != 200:
-            self._raise(response)
-        return response.json()
+            for line in response.iter_lines():
+                if piece := self._piece(line):
+                    yield piece
+        finally:
+            response.close()
 
-    def _raise(self, response: httpx.Response) -> None:
-        raise RayllmError(f"the endpoint answered {response.status_code}: {response.text[:300]}")
+    def _send(self, method: str, path: str, body: dict | None, stream: bool = False):
+        for attempt in range(self.retry.attempts):
+            try:
+                request = self.http.build_request(method, path, json=body)
+                response = self.http.send(request, stream=stream)
+            except httpx.TransportError as error:
+                self._check_retryable(attempt, error=error)
+            else:
+                if response.status_code == 200:
+                    return response
+                response.read()
+                self._check_retryable(attempt, response=response)
+            time.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.http.close()
@@ -84,3 +192,75 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncClient(_Endpoint):
+    """The same calls for asyncio code: many requests in flight from one process."""
+
+    def __init__(self, base_url: str, model: str, **options: Any):
+        super().__init__(base_url, model, **options)
+        self.http = httpx.AsyncClient(**self.options)
+
+    async def models(self) -> list[str]:
+        return [m["id"] for m in (await self._request("GET", "/models"))["data"]]
+
+    async def complete(
+        self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
+    ) -> str:
+        body = self._completion(prompt, max_tokens, temperature, extra)
+        return (await self._request("POST", "/completions", body))["choices"][0]["text"]
+
+    async def chat(self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any) -> str:
+        body = self._chat(messages, max_tokens, extra)
+        answer = await self._request("POST", "/chat/completions", body)
+        return answer["choices"][0]["message"]["content"]
+
+    async def stream(
+        self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
+    ) -> AsyncIterator[str]:
+        body = self._completion(prompt, max_tokens, temperature, extra) | {"stream": True}
+        async for piece in self._stream("/completions", body):
+            yield piece
+
+    async def chat_stream(
+        self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any
+    ) -> AsyncIterator[str]:
+        body = self._chat(messages, max_tokens, extra) | {"stream": True}
+        async for piece in self._stream("/chat/completions", body):
+            yield piece
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        return (await self._send(method, path, body)).json()
+
+    async def _stream(self, path: str, body: dict) -> AsyncIterator[str]:
+        response = await self._send("POST", path, body, stream=True)
+        try:
+            async for line in response.aiter_lines():
+                if piece := self._piece(line):
+                    yield piece
+        finally:
+            await response.aclose()
+
+    async def _send(self, method: str, path: str, body: dict | None, stream: bool = False):
+        for attempt in range(self.retry.attempts):
+            try:
+                request = self.http.build_request(method, path, json=body)
+                response = await self.http.send(request, stream=stream)
+            except httpx.TransportError as error:
+                self._check_retryable(attempt, error=error)
+            else:
+                if response.status_code == 200:
+                    return response
+                await response.aread()
+                self._check_retryable(attempt, response=response)
+            await asyncio.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

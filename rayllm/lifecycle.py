@@ -91,6 +91,11 @@ class LifecycleConfig(StageConfig):
                 f"serve.registry is {self.serve.registry!r} but the lifecycle publishes to "
                 f"{root}; remove serve.registry or set registry.root instead"
             )
+        if self.serve.models:
+            raise RayllmError(
+                "serve.models is set, but the lifecycle serves the one version it publishes; "
+                "remove serve.models (serve several models with `rayllm serve`)"
+            )
         if self.serve.model is not None and split_ref(self.serve.model)[0] != self.model_name:
             raise RayllmError(
                 f"serve.model is {self.serve.model!r} but the lifecycle serves the version it "
@@ -149,7 +154,7 @@ def run(config: LifecycleConfig) -> LifecycleResult:
 
     with Stage("client: completions and chat") as stage:
         client_started = time.time()
-        completions, chat = _query(endpoint.url, endpoint.model, config)
+        completions, chat = _query(endpoint.url, config.model_name, config)
         stage.note(f"{len(completions)} completions and 1 chat reply")
 
     result = LifecycleResult(

@@ -43,7 +43,8 @@ def test_every_stage_reports_its_figures(tiny_run):
     assert report["train"]["loss"] < math.log(1024)  # better than uniform over the vocabulary
     assert 1 < report["eval"]["perplexity"] < 1024
     assert report["registry"]["root"] == "s3://rayllm-test/registry"
-    assert report["serve"]["version"] == report["registry"]["ref"] == "tiny-shakespeare:1"
+    assert report["serve"]["models"] == {"tiny-shakespeare": report["registry"]["ref"]}
+    assert report["registry"]["ref"] == "tiny-shakespeare:1"
 
 
 def test_the_replica_resolved_the_version_from_object_storage(tiny_run):

@@ -1,42 +1,67 @@
-"""Serving: a registry version behind Ray Serve's OpenAI routes, on vLLM, with autoscaling.
+"""Serving: registry versions behind Ray Serve's OpenAI routes, on vLLM, with autoscaling.
 
-The driver pins the reference to one version (``name@production`` -> ``name:3``) so that every
-replica serves the same weights; each replica then resolves that version on its own node
-(``rayllm.serve.replica_source``), so any node can serve from any registry root. rayllm adds
-only that resolution and CPU-aware defaults to ``ray.serve.llm``.
+The app is built from a ``ServeConfig`` in which every model is pinned to one version
+(``name@production`` -> ``name:3``), so that all replicas of a model serve the same weights;
+each replica then resolves its version on its own node (``rayllm.serve.replica_source``), so
+any node can serve from any registry root. ``build_app`` is the app's import path: ``rayllm
+serve`` runs it, and ``serve deploy`` / a RayService runs it from the config that
+``rayllm serve --export-config`` writes. rayllm adds only that resolution, API keys and
+CPU-aware defaults to ``ray.serve.llm``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from ray import serve
+from typing import Any
 
 from rayllm.errors import RayllmError
+from rayllm.paths import filesystem
 from rayllm.progress import Stage
-from rayllm.registry.store import Registry, Version
-from rayllm.serve.config import ServeConfig
+from rayllm.registry.store import Registry
+from rayllm.serve.config import ModelEntry, ServeConfig
+
+IMPORT_PATH = "rayllm.serve.app:build_app"
+"""What a Serve config file names to build the app from its ``args`` (a ServeConfig)."""
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """What ``deploy`` started: where to send requests, and which version answers."""
+    """What ``deploy`` started: where to send requests, and which versions answer."""
 
     url: str
     """Base URL; the OpenAI routes are under ``{url}/v1``."""
-    model: str
-    """The model id requests name."""
-    version: str
-    """The pinned registry version, ``name:N``."""
+    models: dict[str, str]
+    """Each model id requests name -> the registry version serving it, ``name:N``."""
     registry: str
     app_name: str
 
 
-def pin_version(config: ServeConfig, registry: Registry) -> Version:
-    """The one version every replica will serve (aliases and ``latest`` resolved now)."""
-    if config.model is not None:
-        return registry.resolve(config.model)
+def pin(config: ServeConfig) -> ServeConfig:
+    """``config`` with every model pinned to one published version and named by its model
+    id (aliases and ``latest`` resolved now); the registry root made explicit."""
+    registry = Registry(config.registry_root())
+    entries = config.entries() or [_only_model(config, registry)]
+    pinned = []
+    for entry in entries:
+        version = registry.resolve(entry.model)
+        pinned.append(
+            entry.model_copy(
+                update={"model": version.ref, "model_id": entry.model_id or version.name}
+            )
+        )
+    ids = [entry.model_id for entry in pinned]
+    for model_id in ids:
+        if ids.count(model_id) > 1:
+            raise RayllmError(
+                f"two served models are named {model_id!r}; give one of them its own model_id"
+            )
+    return config.model_copy(update={"model": None, "models": pinned, "registry": registry.url})
+
+
+def _only_model(config: ServeConfig, registry: Registry) -> ModelEntry:
     models = registry.models()
     if len(models) != 1:
         known = ", ".join(models) or "none yet"
@@ -44,42 +69,94 @@ def pin_version(config: ServeConfig, registry: Registry) -> Version:
             f"serve.model is not set and the registry at {registry.url} holds {len(models)} "
             f"models ({known}); set model=NAME, NAME:VERSION or NAME@ALIAS"
         )
-    return registry.resolve(models[0])
+    return ModelEntry.model_validate(config.replica_settings() | {"model": models[0]})
 
 
-def llm_config(config: ServeConfig, version: Version, registry: Registry):
-    """The ``ray.serve.llm.LLMConfig`` serving ``version``, resolved by each replica."""
+def key_digest(key: str) -> str:
+    """What travels to the ingress instead of an API key: its SHA-256, hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def api_key_digests(config: ServeConfig) -> list[str]:
+    """SHA-256 digests of the keys in ``api_keys_file`` and ``$api_keys_env``, read where
+    the app is built; an empty list leaves the endpoint open."""
+    keys = []
+    if config.api_keys_file:
+        fs, path = filesystem(config.api_keys_file)
+        if not fs.exists(path):
+            raise RayllmError(
+                f"serve.api_keys_file {config.api_keys_file} does not exist; write one key per "
+                "line there, or unset api_keys_file"
+            )
+        lines = fs.cat_file(path).decode().splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if config.api_keys_env:
+        if config.api_keys_env not in os.environ:
+            raise RayllmError(
+                f"serve.api_keys_env names ${config.api_keys_env}, which is not set where the "
+                "app is built; set it (comma-separated keys) or unset api_keys_env"
+            )
+        keys += [key.strip() for key in os.environ[config.api_keys_env].split(",") if key.strip()]
+    if (config.api_keys_file or config.api_keys_env) and not keys:
+        raise RayllmError("serve API keys are configured but none was found; add at least one")
+    return sorted({key_digest(key) for key in keys})
+
+
+def build_app(args: dict[str, Any]):
+    """Serve's application builder (``import_path: rayllm.serve.app:build_app``): the
+    OpenAI app over every model of the ServeConfig ``args``."""
+    import ray
+
+    from rayllm.serve.ingress import openai_app
+
+    config = pin(ServeConfig.model_validate(args))
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    configs = [llm_config(entry, config, has_gpus) for entry in config.models]
+    return openai_app(configs, api_key_digests(config))
+
+
+def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
+    """The ``ray.serve.llm.LLMConfig`` serving one pinned model, resolved by each replica."""
     from ray.serve.llm import LLMConfig
 
     from rayllm.serve.replica_source import RegistrySource
 
-    engine = {"max_num_seqs": config.max_num_seqs, "enforce_eager": True}
-    if config.max_model_len:
-        engine["max_model_len"] = config.max_model_len
-    if not config.gpus_per_replica:
-        engine["dtype"] = "bfloat16" if cpu_has_bf16() else "float32"
-    engine |= config.engine_kwargs
-    bundle = {"CPU": config.cpus_per_replica} | (
-        {"GPU": config.gpus_per_replica} if config.gpus_per_replica else {}
-    )
+    on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
+    if entry.tensor_parallel_size > 1 and not on_gpu:
+        raise RayllmError(
+            f"{entry.model}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
+            "(one per rank) and this replica has none; set tensor_parallel_size=1 on CPU"
+        )
+    engine: dict[str, Any] = {"max_num_seqs": entry.max_num_seqs}
+    if entry.max_model_len:
+        engine["max_model_len"] = entry.max_model_len
+    if on_gpu:
+        engine |= {"dtype": entry.dtype, "tensor_parallel_size": entry.tensor_parallel_size}
+    else:  # no CUDA graphs to capture on CPU
+        dtype = (
+            ("bfloat16" if cpu_has_bf16() else "float32") if entry.dtype == "auto" else entry.dtype
+        )
+        engine |= {"dtype": dtype, "enforce_eager": True}
+    engine |= entry.engine_kwargs
+    bundle = {"CPU": entry.cpus_per_replica} | ({"GPU": 1} if on_gpu else {})
     return LLMConfig(
-        model_loading_config={"model_id": version.name, "model_source": version.ref},
+        model_loading_config={"model_id": entry.model_id, "model_source": entry.model},
         engine_kwargs=engine,
         callback_config={
             "callback_class": RegistrySource,
-            "callback_kwargs": {"root": registry.url, "ref": version.ref},
+            "callback_kwargs": {"root": config.registry, "ref": entry.model},
         },
-        placement_group_config={"bundles": [bundle]},
+        placement_group_config={"bundles": [bundle] * entry.tensor_parallel_size},
         deployment_config={
             "autoscaling_config": {
-                "min_replicas": config.min_replicas,
-                "max_replicas": config.max_replicas,
-                "target_ongoing_requests": config.target_ongoing_requests,
+                "min_replicas": entry.min_replicas,
+                "max_replicas": entry.max_replicas,
+                "target_ongoing_requests": entry.target_ongoing_requests,
             },
         },
         runtime_env={
             "env_vars": {
-                "VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib),
+                "VLLM_CPU_KVCACHE_SPACE": str(entry.kv_cache_gib),
                 "VLLM_LOGGING_LEVEL": config.log_level,
             }
         },
@@ -97,34 +174,49 @@ def cpu_has_bf16() -> bool:
 
 
 def deploy(config: ServeConfig) -> Endpoint:
-    """Start (or update) the OpenAI app; returns the endpoint and the served version."""
-    from ray.serve.llm import build_openai_app
+    """Start (or update) the OpenAI app; returns the endpoint and the served versions."""
+    from ray import serve
 
-    registry = Registry(config.registry_root())
-    version = pin_version(config, registry)
+    config = pin(config)
     with Stage("serve: vLLM behind Ray Serve") as stage:
         serve.start(
             http_options={"host": config.host, "port": config.port},
             logging_config={"log_level": config.log_level},
         )
-        app = build_openai_app(
-            {
-                "llm_configs": [llm_config(config, version, registry)],
-                "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
-            }
-        )
         serve.run(
-            app,
+            build_app(config.model_dump(mode="json")),
             name=config.app_name,
             route_prefix=config.route_prefix,
             logging_config={"log_level": config.log_level},
         )
         url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
-        stage.note(
-            f"{version.ref} at {url}/v1 ({config.min_replicas}-{config.max_replicas} replicas)"
-        )
-    return Endpoint(url, version.name, version.ref, registry.url, config.app_name)
+        served = {entry.model_id: entry.model for entry in config.models}
+        stage.note(", ".join(f"{ref} as {name}" for name, ref in served.items()) + f" at {url}/v1")
+    return Endpoint(url, served, config.registry, config.app_name)
+
+
+def serve_config_file(config: ServeConfig) -> dict[str, Any]:
+    """The Serve config file (``serve deploy``, a RayService's ``serveConfigV2``) that builds
+    the same app as ``deploy(config)``, with every model pinned."""
+    config = pin(config)
+    logging = {"log_level": config.log_level}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": config.host, "port": config.port},
+        "logging_config": logging,
+        "applications": [
+            {
+                "name": config.app_name,
+                "route_prefix": config.route_prefix,
+                "import_path": IMPORT_PATH,
+                "args": config.model_dump(mode="json"),
+                "logging_config": logging,
+            }
+        ],
+    }
 
 
 def shutdown(config: ServeConfig) -> None:
+    from ray import serve
+
     serve.delete(config.app_name)

@@ -1,5 +1,6 @@
-"""What ``rayllm serve`` deploys: the registry reference, the routes, replicas and engine
-settings. Nothing here imports Ray, so the CLI checks a config before anything starts."""
+"""What ``rayllm serve`` deploys: registry references, routes, API keys, and each model's
+replicas and engine settings. Nothing here imports Ray, so the CLI checks a config before
+anything starts."""
 
 from __future__ import annotations
 
@@ -11,10 +12,63 @@ from rayllm.config import StageConfig
 from rayllm.registry.store import default_registry
 
 
-class ServeConfig(StageConfig):
+class ReplicaSettings(StageConfig):
+    """How one model is served: its replicas, their resources, and the vLLM engine."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: int = 8
+    """Autoscaling target: requests in flight per replica before Serve adds one."""
+    cpus_per_replica: float = 1.0
+    use_gpu: bool | None = None
+    """Serve on GPUs (one per tensor-parallel rank) or on the CPU engine; default: GPUs
+    where the cluster has them."""
+    tensor_parallel_size: int = 1
+    """Shards one replica's weights over that many GPUs."""
+    max_model_len: int | None = None
+    """Context length; defaults to the model's max_position_embeddings."""
+    dtype: str = "auto"
+    """Weights' and activations' dtype; auto: bfloat16 on GPUs and on CPUs that compute it
+    natively, else float32."""
+    kv_cache_gib: int = 1
+    """KV-cache size per replica on CPU (VLLM_CPU_KVCACHE_SPACE); on GPUs vLLM sizes it from
+    gpu_memory_utilization (an engine_kwargs entry)."""
+    max_num_seqs: int = 16
+    """Sequences one replica runs at once (continuous batching's batch size)."""
+    engine_kwargs: dict[str, Any] = {}
+    """Any other vLLM engine argument, passed through unchanged."""
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ReplicaSettings:
+        if not 0 < self.min_replicas <= self.max_replicas:
+            raise ValueError("need 0 < min_replicas <= max_replicas")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        return self
+
+    def replica_settings(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ReplicaSettings.model_fields}
+
+
+class ModelEntry(ReplicaSettings):
+    """One model of the app; settings it does not give come from the app's own."""
+
+    model: str
+    """Registry reference: ``name``, ``name:3`` or ``name@production``."""
+    model_id: str | None = None
+    """The id requests name; default: the registry name."""
+
+
+class ServeConfig(ReplicaSettings):
+    """One OpenAI app. Its replica settings are every model's defaults; ``models`` lists the
+    models with their own overrides, or ``model`` names the only one."""
+
     model: str | None = None
-    """Registry reference: ``name``, ``name:3`` or ``name@production``; default: the only
-    model in the registry (in the lifecycle: the version it just published)."""
+    """Registry reference of a single served model: ``name``, ``name:3`` or
+    ``name@production``; default: the only model in the registry (in the lifecycle: the
+    version it just published)."""
+    models: list[str | ModelEntry] = []
+    """Several models in one app, each a reference or a ModelEntry with its own settings."""
     registry: str | None = None
     """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry
     (in the lifecycle: the root it publishes to)."""
@@ -23,29 +77,32 @@ class ServeConfig(StageConfig):
     """Where the OpenAI routes live: ``/`` gives ``/v1/...``, ``/a`` gives ``/a/v1/...``."""
     host: str = "127.0.0.1"
     port: int = 8000
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: int = 8
-    """Autoscaling target: requests in flight per replica before Serve adds one."""
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: int = 0
-    max_model_len: int | None = None
-    """Context length; defaults to the model's max_position_embeddings."""
-    kv_cache_gib: int = 1
-    """KV-cache size per replica on CPU (VLLM_CPU_KVCACHE_SPACE)."""
-    max_num_seqs: int = 16
-    engine_kwargs: dict[str, Any] = {}
-    """Any other vLLM engine argument, passed through unchanged."""
+    api_keys_file: str | None = None
+    """A file of API keys, one per line; requests must send one as ``Authorization: Bearer``.
+    Read where the app is built; only the keys' SHA-256 digests reach the replicas."""
+    api_keys_env: str | None = None
+    """The name of an environment variable holding comma-separated API keys (e.g. from a
+    Kubernetes Secret); combined with ``api_keys_file`` when both are set."""
     log_level: str = "WARNING"
     """Log level of Serve replicas and the vLLM engine (INFO shows every request)."""
 
     @model_validator(mode="after")
-    def _check(self) -> ServeConfig:
-        if not 0 < self.min_replicas <= self.max_replicas:
-            raise ValueError("need 0 < min_replicas <= max_replicas")
+    def _check_app(self) -> ServeConfig:
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with '/'")
+        if self.model is not None and self.models:
+            raise ValueError("set either model (one model) or models (several), not both")
         return self
 
     def registry_root(self) -> str:
         return self.registry or default_registry()
+
+    def entries(self) -> list[ModelEntry]:
+        """Each served model with its settings: the entry's own, else the app's."""
+        listed = self.models or ([self.model] if self.model is not None else [])
+        entries = []
+        for item in listed:
+            given = ModelEntry(model=item) if isinstance(item, str) else item
+            own = given.model_dump(include=given.model_fields_set)
+            entries.append(ModelEntry.model_validate(self.replica_settings() | own))
+        return entries

@@ -9,7 +9,7 @@ import json
 from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackCtx
 
 from rayllm.registry.store import Registry
-from rayllm.serve.app import llm_config
+from rayllm.serve.app import llm_config, pin
 from rayllm.serve.config import ServeConfig
 from rayllm.serve.replica_source import RegistrySource
 
@@ -26,9 +26,10 @@ def test_the_replica_resolves_the_pinned_version_and_skips_rays_download(tmp_pat
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (folder / "model.safetensors").write_bytes(b"weights")
     registry = Registry(str(tmp_path / "registry"))
-    version = registry.publish("tiny", folder, lineage={})
+    registry.publish("tiny", folder, lineage={})
 
-    config = llm_config(ServeConfig(), version, registry)
+    app = pin(ServeConfig(registry=registry.url))
+    config = llm_config(app.models[0], app, has_gpus=False)
     assert config.callback_config.callback_class is RegistrySource
     assert config.callback_config.callback_kwargs == {"root": registry.url, "ref": "tiny:1"}
     assert config.model_loading_config.model_source == "tiny:1"  # no driver-side path

@@ -1,0 +1,113 @@
+"""What ``rayllm serve`` builds before Ray is involved: each model's settings, pinned versions,
+API keys, and the Serve config file ``--export-config`` writes."""
+
+import json
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from rayllm.errors import RayllmError
+from rayllm.registry.store import Registry
+from rayllm.serve.app import IMPORT_PATH, api_key_digests, key_digest, llm_config, pin
+from rayllm.serve.app import serve_config_file
+from rayllm.serve.config import ModelEntry, ServeConfig
+from tests.test_cli import rayllm
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    registry = Registry(str(tmp_path / "registry"))
+    for name in ("bard", "bard", "scribe"):
+        registry.publish(name, folder, lineage={})
+    registry.set_alias("bard", "production", 1)
+    return registry
+
+
+def test_each_model_takes_the_apps_settings_unless_it_gives_its_own():
+    config = ServeConfig(
+        max_replicas=3,
+        kv_cache_gib=2,
+        models=["bard@production", {"model": "scribe", "max_replicas": 1, "model_id": "s"}],
+    )
+    first, second = config.entries()
+    assert (first.model, first.max_replicas, first.kv_cache_gib) == ("bard@production", 3, 2)
+    assert (second.model_id, second.max_replicas, second.kv_cache_gib) == ("s", 1, 2)
+
+
+def test_pinning_resolves_aliases_and_names_each_model(registry):
+    config = pin(ServeConfig(registry=registry.url, models=["bard@production", "scribe"]))
+    assert [(e.model, e.model_id) for e in config.models] == [
+        ("bard:1", "bard"),
+        ("scribe:1", "scribe"),
+    ]
+    assert pin(ServeConfig(registry=registry.url, model="bard")).models[0].model == "bard:2"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"models": ["bard:1", "bard:2"]}, "two served models are named 'bard'"),
+        ({"models": ["poet"]}, "model 'poet' is not in the registry"),
+        ({}, "holds 2 models (bard, scribe); set model="),
+    ],
+)
+def test_pinning_refuses_what_cannot_be_served(registry, settings, message):
+    with pytest.raises(RayllmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pin(ServeConfig(registry=registry.url, **settings))
+
+
+def test_tensor_parallel_needs_gpus(registry):
+    config = pin(ServeConfig(registry=registry.url, model="scribe", tensor_parallel_size=2))
+    with pytest.raises(RayllmError, match="tensor_parallel_size 2 needs GPUs"):
+        llm_config(config.models[0], config, has_gpus=False)
+    on_gpus = llm_config(config.models[0], config, has_gpus=True)
+    assert on_gpus.placement_group_config["bundles"] == [{"CPU": 1.0, "GPU": 1}] * 2
+    assert on_gpus.engine_kwargs["tensor_parallel_size"] == 2
+
+
+def test_api_keys_come_from_a_file_and_the_environment(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# one key per line\nalpha\n\n beta \n")
+    monkeypatch.setenv("TEST_KEYS", "gamma, alpha")
+    config = ServeConfig(api_keys_file=str(keys), api_keys_env="TEST_KEYS")
+    assert api_key_digests(config) == sorted(key_digest(k) for k in ("alpha", "beta", "gamma"))
+    assert api_key_digests(ServeConfig()) == []  # open by default
+
+    with pytest.raises(RayllmError, match="does not exist"):
+        api_key_digests(ServeConfig(api_keys_file=str(tmp_path / "nothing")))
+    with pytest.raises(RayllmError, match=r"\$UNSET_KEYS, which is not set"):
+        api_key_digests(ServeConfig(api_keys_env="UNSET_KEYS"))
+    monkeypatch.setenv("TEST_KEYS", " , ")
+    with pytest.raises(RayllmError, match="none was found"):
+        api_key_digests(ServeConfig(api_keys_env="TEST_KEYS"))
+
+
+def test_the_exported_file_is_a_serve_config_with_every_model_pinned(registry):
+    config = ServeConfig(registry=registry.url, models=["bard@production", "scribe"], port=8100)
+    exported = serve_config_file(config)
+    ServeDeploySchema.model_validate(exported)  # what `serve deploy` checks first
+    (app,) = exported["applications"]
+    assert app["import_path"] == IMPORT_PATH
+    assert exported["http_options"]["port"] == 8100
+    rebuilt = ServeConfig.model_validate(app["args"])
+    assert [ModelEntry.model_validate(m).model for m in rebuilt.models] == ["bard:1", "scribe:1"]
+    assert pin(rebuilt) == pin(config)  # deploying the file builds the same app
+
+
+def test_the_cli_exports_without_starting_ray(registry, tmp_path):
+    target = tmp_path / "serve.yaml"
+    done = rayllm(
+        "serve", "--set", f"registry={registry.url}", "--set", "model=bard@production",
+        "--export-config", str(target),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    exported = yaml.safe_load(target.read_text())
+    assert exported["applications"][0]["args"]["models"][0]["model"] == "bard:1"
+    done = rayllm("serve", "--set", f"registry={registry.url}", "--export-config", "-")
+    assert done.returncode == 2
+    assert "holds 2 models" in done.stderr and "Traceback" not in done.stderr
