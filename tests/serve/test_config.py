@@ -9,8 +9,14 @@ from ray.serve.schema import ServeDeploySchema
 
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry
-from rayllm.serve.app import IMPORT_PATH, api_key_digests, key_digest, llm_config, pin
-from rayllm.serve.app import serve_config_file
+from rayllm.serve.app import (
+    IMPORT_PATH,
+    api_key_digests,
+    key_digest,
+    llm_config,
+    pin,
+    serve_config_file,
+)
 from rayllm.serve.config import ModelEntry, ServeConfig
 from tests.test_cli import rayllm
 

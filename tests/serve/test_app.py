@@ -1,0 +1,178 @@
+"""The served app on the session cluster.
+
+- Two models in one app behind API keys, deployed the way a cluster deploys it: ``serve
+  deploy`` of the file ``rayllm serve --export-config`` wrote.
+- Bad requests get OpenAI-style 4xx answers, never a 5xx, and the replica keeps serving.
+"""
+
+import asyncio
+import json
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from rayllm.client import AsyncClient, Client, EndpointError
+from tests.conftest import BIN
+from tests.test_cli import rayllm
+
+pytestmark = pytest.mark.slow
+
+KEY = f"rk-{secrets.token_hex(12)}"
+
+
+@pytest.fixture(scope="module")
+def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
+    from ray import serve
+
+    folder = tmp_path_factory.mktemp("keyed")
+    (folder / "keys").write_text(f"# test keys\n{KEY}\n")
+    recipe = {
+        "registry": tiny_run["settings"]["registry"]["root"],
+        "models": [
+            {"model": "tiny-shakespeare:1", "model_id": "bard"},
+            {"model": "tiny-shakespeare@latest", "model_id": "bard-b", "max_num_seqs": 2},
+        ],
+        "app_name": "keyed",
+        "route_prefix": "/keyed",
+        "port": serve_port,
+        "api_keys_file": str(folder / "keys"),
+        "max_replicas": 1,
+        "max_num_seqs": 4,
+    }
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    exported = folder / "serve.yaml"
+    done = rayllm(
+        "serve", "--config", str(folder / "recipe.yaml"), "--export-config", str(exported)
+    )
+    assert done.returncode == 0, done.stderr
+    deploy = [str(BIN / "serve"), "deploy", str(exported), "--address", ray_cluster["dashboard"]]
+    done = subprocess.run(deploy, capture_output=True, text=True, env=ray_cluster["env"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    deadline = time.time() + 600
+    while (
+        status := serve.status().applications.get("keyed")
+    ) is None or status.status != "RUNNING":
+        assert time.time() < deadline, status
+        assert status is None or status.status != "DEPLOY_FAILED", status.message
+        time.sleep(2)
+    yield {"url": f"http://127.0.0.1:{serve_port}/keyed", "exported": exported}
+    serve.delete("keyed")  # its replicas' CPU goes back to the rest of the session
+
+
+def test_requests_without_a_known_key_get_an_openai_style_401(keyed_app):
+    body = {"model": "bard", "prompt": "KING.", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        answer = httpx.post(f"{keyed_app['url']}/v1/completions", json=body, headers=headers)
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+        assert answer.headers["www-authenticate"] == "Bearer"
+    with pytest.raises(EndpointError, match="answered 401.*RAYLLM_API_KEY") as error:
+        Client(keyed_app["url"], "bard", api_key="wrong").models()
+    assert error.value.status == 401
+
+
+def test_one_app_serves_both_models_from_the_same_weights(keyed_app):
+    with Client(keyed_app["url"], "bard", api_key=KEY) as bard:
+        assert sorted(bard.models()) == ["bard", "bard-b"]
+        text = bard.complete("KING.\n", max_tokens=8, temperature=0)
+    with Client(keyed_app["url"], "bard-b", api_key=KEY) as other:
+        assert other.complete("KING.\n", max_tokens=8, temperature=0) == text  # one version
+
+
+def test_the_openai_sdk_and_the_async_client_use_the_key(keyed_app):
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{keyed_app['url']}/v1", api_key=KEY)
+    chat = sdk.chat.completions.create(
+        model="bard", messages=[{"role": "user", "content": "Speak."}], max_tokens=6
+    )
+    assert chat.choices[0].message.content
+
+    async def many() -> list[str]:
+        async with AsyncClient(keyed_app["url"], "bard-b", api_key=KEY) as client:
+            prompts = [f"ACT {n}.\n" for n in range(6)]
+            return await asyncio.gather(*(client.complete(p, max_tokens=4) for p in prompts))
+
+    assert all(asyncio.run(many()))
+
+
+def test_the_keys_reach_neither_the_logs_nor_the_stored_config(keyed_app, ray_cluster):
+    assert KEY not in keyed_app["exported"].read_text()
+    stored = httpx.get(f"{ray_cluster['dashboard']}/api/serve/applications/", timeout=30)
+    assert "keyed" in stored.text and KEY not in stored.text
+    logs = Path(ray_cluster["temp_dir"]) / "session_latest" / "logs"
+    leaked = [path for path in logs.rglob("*") if path.is_file() and KEY in _text(path)]
+    assert not leaked
+
+
+def _text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+LONG = "KING. " * 400  # far past the tiny model's context
+BAD_REQUESTS = [
+    ("/v1/completions", "not json"),
+    ("/v1/completions", ""),
+    ("/v1/completions", "[1, 2]"),
+    ("/v1/completions", {}),
+    ("/v1/completions", {"prompt": "KING."}),
+    ("/v1/completions", {"model": "nobody", "prompt": "KING."}),
+    ("/v1/completions", {"model": None, "prompt": "KING."}),
+    ("/v1/completions", {"model": "M"}),
+    ("/v1/completions", {"model": "M", "prompt": None}),
+    ("/v1/completions", {"model": "M", "prompt": 123}),
+    ("/v1/completions", {"model": "M", "prompt": LONG}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "max_tokens": -1}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "max_tokens": 10**9}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "max_tokens": "ten"}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "temperature": -1}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "temperature": "hot"}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "top_p": 2}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "top_p": -0.5}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "n": 0}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "stop": 123}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "stream": "yes"}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "seed": "abc"}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "presence_penalty": 9}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "logit_bias": {"x": 1}}),
+    ("/v1/chat/completions", {"model": "M"}),
+    ("/v1/chat/completions", {"model": "M", "messages": []}),
+    ("/v1/chat/completions", {"model": "M", "messages": "hello"}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "wizard", "content": "x"}]}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": 5}]}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": LONG}]}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user"}], "max_tokens": -5}),
+]
+
+
+@pytest.mark.parametrize(("route", "body"), BAD_REQUESTS)
+def test_a_bad_request_gets_an_openai_error_and_no_5xx(tiny_run, route, body):
+    endpoint = tiny_run["report"]["serve"]
+    if isinstance(body, dict):
+        body = json.dumps({k: "tiny-shakespeare" if v == "M" else v for k, v in body.items()})
+    answer = httpx.post(
+        f"{endpoint['url']}{route}",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert 400 <= answer.status_code < 500, answer.text
+    assert answer.json()["error"]["message"], answer.text
+
+
+def test_the_endpoint_still_answers_after_the_bad_requests(tiny_run):
+    endpoint = tiny_run["report"]["serve"]
+    wrong_type = httpx.post(
+        f"{endpoint['url']}/v1/completions",
+        content="model=x",
+        headers={"Content-Type": "text/plain"},
+    )
+    assert 400 <= wrong_type.status_code < 500, wrong_type.text
+    with Client(endpoint["url"], "tiny-shakespeare") as client:
+        assert client.complete("KING.\n", max_tokens=4)
