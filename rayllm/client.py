@@ -48,6 +48,10 @@ class Retry:
         return random.uniform(0, min(self.max_delay_s, self.first_delay_s * 2**attempt))
 
 
+def _versions(models: dict) -> dict[str, str]:
+    return {m["id"]: (m.get("metadata") or {}).get("registry_version") for m in models["data"]}
+
+
 class _Endpoint:
     """What both clients share: the request bodies, the answers' parsing, the errors."""
 
@@ -132,6 +136,10 @@ class Client(_Endpoint):
     def models(self) -> list[str]:
         return [m["id"] for m in self._request("GET", "/models")["data"]]
 
+    def versions(self) -> dict[str, str]:
+        """Each served model id -> the registry version answering for it."""
+        return _versions(self._request("GET", "/models"))
+
     def complete(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
     ) -> str:
@@ -203,6 +211,9 @@ class AsyncClient(_Endpoint):
 
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._request("GET", "/models"))["data"]]
+
+    async def versions(self) -> dict[str, str]:
+        return _versions(await self._request("GET", "/models"))
 
     async def complete(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any

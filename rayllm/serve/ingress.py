@@ -55,6 +55,12 @@ class ApiKeyCheck:
         return any(hmac.compare_digest(digest, known) for known in self.digests)
 
 
+def _model_card(config: LLMConfig):
+    """``/v1/models`` tells each model's registry version (``metadata.registry_version``)."""
+    version = config.model_loading_config.model_source
+    return to_model_metadata(config.model_id, config, overrides={"registry_version": version})
+
+
 def openai_app(llm_configs: list[LLMConfig], key_digests: list[str]) -> Application:
     """One ingress (OpenAI routes, no CPU of its own) over one vLLM deployment per model."""
     app = ray_llm_fastapi_app()
@@ -64,5 +70,5 @@ def openai_app(llm_configs: list[LLMConfig], key_digests: list[str]) -> Applicat
     options["ray_actor_options"] = {"num_cpus": 0}
     return serve.deployment(make_fastapi_ingress(OpenAiIngress, app=app), **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
-        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs},
+        model_cards={c.model_id: _model_card(c) for c in llm_configs},
     )

@@ -79,6 +79,7 @@ def test_requests_without_a_known_key_get_an_openai_style_401(keyed_app):
 def test_one_app_serves_both_models_from_the_same_weights(keyed_app):
     with Client(keyed_app["url"], "bard", api_key=KEY) as bard:
         assert sorted(bard.models()) == ["bard", "bard-b"]
+        assert bard.versions() == {"bard": "tiny-shakespeare:1", "bard-b": "tiny-shakespeare:1"}
         text = bard.complete("KING.\n", max_tokens=8, temperature=0)
     with Client(keyed_app["url"], "bard-b", api_key=KEY) as other:
         assert other.complete("KING.\n", max_tokens=8, temperature=0) == text  # one version
