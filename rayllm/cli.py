@@ -105,8 +105,8 @@ def serve(config: ConfigOption = None, set: SetOption = None, export: ExportOpti
     from rayllm.serve.config import ServeConfig
 
     settings = load_config(ServeConfig, config, set or ())
-    api_key_digests(pin(settings))  # unknown versions and missing keys fail before Ray starts
-    if export is not None:
+    pin(settings)  # an unknown version fails before Ray starts
+    if export is not None:  # the app is built, and its keys read, where the file is deployed
         text = yaml.safe_dump(serve_config_file(settings), sort_keys=False)
         if str(export) == "-":
             print(text, end="")
@@ -116,6 +116,7 @@ def serve(config: ConfigOption = None, set: SetOption = None, export: ExportOpti
                 f"Serve config written to {export}; deploy it with `serve deploy {export}`"
             )
         return
+    api_key_digests(settings)  # so are missing keys
     from rayllm.cluster import RayConfig, connect
     from rayllm.serve.app import deploy, shutdown
 

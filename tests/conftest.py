@@ -32,6 +32,10 @@ TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN)
 os.environ["RAY_AUTH_MODE"] = "token"  # clients send it only when told to (README, On a cluster)
 
+API_KEYS = "key-one,key-two"
+"""The cluster's serving keys, as the README's serving section exports them: apps built on the
+cluster (``serve deploy``) with ``api_keys_env: RAYLLM_API_KEYS`` read them there."""
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "rayllm-test"
@@ -101,7 +105,7 @@ def ray_head(s3):
     """``ray start --head`` with its own temp dir, ports and token; stopped at the end."""
     temp = tempfile.mkdtemp(prefix="rayllm-test-ray-")
     port, dashboard = free_port(), free_port()
-    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "RAYLLM_API_KEYS": API_KEYS}
     head = subprocess.Popen(
         [
             str(BIN / "ray"),

@@ -111,7 +111,7 @@ def test_the_stages_one_at_a_time(scratch, serve_port):
         start_new_session=True,
     )
     try:
-        _wait_for_line(server, "serving bible:1 at", timeout_s=400)
+        _wait_for_line(server, "serving bible:1 as bible at", timeout_s=400)
         url = f"http://127.0.0.1:{port}/readme"
         for args in (complete, chat):
             args = [url if a == "http://127.0.0.1:8000" else a for a in args]
@@ -137,21 +137,21 @@ def _wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> No
 
 
 def _python_snippet(url: str, folder: Path, env: dict) -> None:
-    """The README's Python client snippet against the served model."""
-    code = block_after("From Python", "python")
-    code = code.replace("http://127.0.0.1:8000", url).replace(
-        'model="shakespeare"', 'model="bible"'
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip()
+    """The README's Python client snippets (blocking, then asyncio) against the served model."""
+    for code in (block_after("From Python", "python"), block_with("AsyncClient", "python")):
+        code = code.replace("http://127.0.0.1:8000", url).replace(
+            'model="shakespeare"', 'model="bible"'
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip()
 
 
 def test_the_registry_commands(scratch):

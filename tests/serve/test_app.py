@@ -7,7 +7,7 @@
 
 import asyncio
 import json
-import secrets
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -17,42 +17,42 @@ import pytest
 import yaml
 
 from rayllm.client import AsyncClient, Client, EndpointError
-from tests.conftest import BIN
-from tests.test_cli import rayllm
+from tests.conftest import API_KEYS, BIN
+from tests.test_readme import block_with
 
 pytestmark = pytest.mark.slow
 
-KEY = f"rk-{secrets.token_hex(12)}"
+KEY = API_KEYS.split(",")[0]
 
 
 @pytest.fixture(scope="module")
 def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
+    """The README's two-model app behind API keys, at reduced size (the session's registry and
+    tiny model, one replica per model): exported with ``rayllm serve --export-config``,
+    deployed with ``serve deploy``, queried with ``rayllm chat``, as the README says."""
     from ray import serve
 
     folder = tmp_path_factory.mktemp("keyed")
-    (folder / "keys").write_text(f"# test keys\n{KEY}\n")
-    recipe = {
+    recipe = yaml.safe_load(block_with("api_keys_env:", "yaml"))
+    first, second = recipe["models"]
+    assert first == "shakespeare" and second["model_id"] == "bible-small"
+    recipe |= {
         "registry": tiny_run["settings"]["registry"]["root"],
-        "models": [
-            {"model": "tiny-shakespeare:1", "model_id": "bard"},
-            {"model": "tiny-shakespeare@latest", "model_id": "bard-b", "max_num_seqs": 2},
-        ],
-        "app_name": "keyed",
-        "route_prefix": "/keyed",
-        "port": serve_port,
-        "api_keys_file": str(folder / "keys"),
+        "models": ["tiny-shakespeare", second | {"model": "tiny-shakespeare:1", "max_replicas": 1}],
         "max_replicas": 1,
         "max_num_seqs": 4,
+        "kv_cache_gib": 1,
+        "port": serve_port,
+        "app_name": "keyed",
+        "route_prefix": "/keyed",
     }
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    exported = folder / "serve.yaml"
-    done = rayllm(
-        "serve", "--config", str(folder / "recipe.yaml"), "--export-config", str(exported)
-    )
-    assert done.returncode == 0, done.stderr
-    deploy = [str(BIN / "serve"), "deploy", str(exported), "--address", ray_cluster["dashboard"]]
-    done = subprocess.run(deploy, capture_output=True, text=True, env=ray_cluster["env"])
-    assert done.returncode == 0, done.stdout + done.stderr
+    (folder / "serve.yaml").write_text(yaml.safe_dump(recipe))
+    url = f"http://127.0.0.1:{serve_port}/keyed"
+    env = ray_cluster["env"] | {"RAY_DASHBOARD_ADDRESS": ray_cluster["dashboard"]}
+    lines = [line for line in block_with("serve deploy serve-app.yaml").splitlines()]
+    export, deploy, chat = (shlex.split(line) for line in lines if not line.startswith("export"))
+    _run(export, folder, env)
+    _run(deploy, folder, env)
     deadline = time.time() + 600
     while (
         status := serve.status().applications.get("keyed")
@@ -60,28 +60,44 @@ def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
         assert time.time() < deadline, status
         assert status is None or status.status != "DEPLOY_FAILED", status.message
         time.sleep(2)
-    yield {"url": f"http://127.0.0.1:{serve_port}/keyed", "exported": exported}
+    reply = _run([*chat, "--url", url, "--max-tokens", "6"], folder, env)
+    assert reply.stdout.strip()
+    yield {"url": url, "exported": folder / "serve-app.yaml"}
     serve.delete("keyed")  # its replicas' CPU goes back to the rest of the session
 
 
+def _run(line: list[str], folder: Path, env: dict) -> subprocess.CompletedProcess:
+    """A README command line: leading VAR=value words go to the environment."""
+    while "=" in line[0]:
+        name, value = line.pop(0).split("=", 1)
+        env = env | {name: value}
+    done = subprocess.run(
+        [str(BIN / line[0]), *line[1:]], cwd=folder, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"{shlex.join(line)}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done
+
+
 def test_requests_without_a_known_key_get_an_openai_style_401(keyed_app):
-    body = {"model": "bard", "prompt": "KING.", "max_tokens": 2}
+    body = {"model": "bible-small", "prompt": "KING.", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
         answer = httpx.post(f"{keyed_app['url']}/v1/completions", json=body, headers=headers)
         assert answer.status_code == 401, answer.text
         assert answer.json()["error"]["code"] == "invalid_api_key"
         assert answer.headers["www-authenticate"] == "Bearer"
     with pytest.raises(EndpointError, match="answered 401.*RAYLLM_API_KEY") as error:
-        Client(keyed_app["url"], "bard", api_key="wrong").models()
+        Client(keyed_app["url"], "bible-small", api_key="wrong").models()
     assert error.value.status == 401
 
 
 def test_one_app_serves_both_models_from_the_same_weights(keyed_app):
-    with Client(keyed_app["url"], "bard", api_key=KEY) as bard:
-        assert sorted(bard.models()) == ["bard", "bard-b"]
-        assert bard.versions() == {"bard": "tiny-shakespeare:1", "bard-b": "tiny-shakespeare:1"}
+    with Client(keyed_app["url"], "tiny-shakespeare", api_key=KEY) as bard:
+        assert bard.versions() == {
+            "tiny-shakespeare": "tiny-shakespeare:1",
+            "bible-small": "tiny-shakespeare:1",
+        }
         text = bard.complete("KING.\n", max_tokens=8, temperature=0)
-    with Client(keyed_app["url"], "bard-b", api_key=KEY) as other:
+    with Client(keyed_app["url"], "bible-small", api_key=KEY) as other:
         assert other.complete("KING.\n", max_tokens=8, temperature=0) == text  # one version
 
 
@@ -90,12 +106,12 @@ def test_the_openai_sdk_and_the_async_client_use_the_key(keyed_app):
 
     sdk = OpenAI(base_url=f"{keyed_app['url']}/v1", api_key=KEY)
     chat = sdk.chat.completions.create(
-        model="bard", messages=[{"role": "user", "content": "Speak."}], max_tokens=6
+        model="bible-small", messages=[{"role": "user", "content": "Speak."}], max_tokens=6
     )
     assert chat.choices[0].message.content
 
     async def many() -> list[str]:
-        async with AsyncClient(keyed_app["url"], "bard-b", api_key=KEY) as client:
+        async with AsyncClient(keyed_app["url"], "tiny-shakespeare", api_key=KEY) as client:
             prompts = [f"ACT {n}.\n" for n in range(6)]
             return await asyncio.gather(*(client.complete(p, max_tokens=4) for p in prompts))
 
