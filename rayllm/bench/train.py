@@ -32,7 +32,7 @@ from rayllm.train.config import ParallelConfig, TrainConfig
 from rayllm.train.engine import build_engine
 from rayllm.train.mesh import mesh_shape
 from rayllm.train.metrics import measure_peak_tflops
-from rayllm.train.trainer import resolve_model_shape
+from rayllm.train.trainer import resolve_model_shape, worker_env
 
 RESULTS = "results.json"
 LAYOUTS: list[dict[str, Any]] = [
@@ -137,7 +137,7 @@ def compare_strategies(
                 name="rayllm-compare-strategies",
                 storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=0),
-                worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                worker_runtime_env={"env_vars": worker_env()},
             ),
         )
         result = trainer.fit()

@@ -144,7 +144,7 @@ def _trainer(
             storage_path=config.storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": worker_env()},
         ),
     )
 
@@ -261,8 +261,9 @@ def write_model(weights: Path, config: TrainConfig, metrics: dict, checkpoint: s
         fs.pipe_file(f"{staging}/{MARKER}", json.dumps(manifest, indent=2).encode())
 
 
-def _worker_env() -> dict[str, str]:
-    """Quiet, deterministic workers; DeepSpeed's compiled C++ ops cached across runs."""
+def worker_env() -> dict[str, str]:
+    """Quiet, deterministic workers; DeepSpeed's C++ ops from the cache the install built
+    (elsewhere DeepSpeed compiles them again, minutes on a small machine)."""
 
     return {
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
