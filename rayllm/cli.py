@@ -411,6 +411,10 @@ def bench_data(
     datatrove: Annotated[
         bool, typer.Option(help="Run datatrove too (its environment: make bench-setup).")
     ] = True,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these MinHash settings (repeatable) [default: both systems']."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Gopher + C4 filters and MinHash dedup: rayllm against datatrove, same input, same CPUs,
@@ -419,7 +423,7 @@ def bench_data(
 
     from rayllm.bench.data import throughput
 
-    results = throughput(corpus, copies, workers or [2], datatrove)
+    results = throughput(corpus, copies, workers or [2], datatrove, setting)
     table = Table(
         "system",
         "MinHash setting",

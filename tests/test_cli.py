@@ -32,6 +32,8 @@ def rayllm(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
         (["train", "--set", "parallel.pp=2"], "DeepSpeed ZeRO runs without tensor or pipeline"),
         (["train", "--set", "precision=fp16"], "precision fp16 needs GPUs"),
         (["bench", "train", "--data", "/no/such/shards"], "no finished token shards"),
+        (["bench", "data", "--setting", "nope"], "unknown MinHash setting 'nope'"),
+        (["serve", "--set", "models=[a, b]", "--set", "model=a"], "set either model"),
         (["config", "nonsense"], "unknown stage 'nonsense'"),
         (["lifecycle", "--bogus"], "No such option: --bogus"),
     ],

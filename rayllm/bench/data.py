@@ -223,7 +223,11 @@ def equivalent_config(
 
 
 def throughput(
-    corpus: str, copies: int, workers: list[int], datatrove: bool = True
+    corpus: str,
+    copies: int,
+    workers: list[int],
+    datatrove: bool = True,
+    settings: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Gopher + C4 filters and MinHash dedup on ``corpus`` (repeated ``copies`` times, each
     copy a near-duplicate) by rayllm and by datatrove, at each system's defaults.
@@ -234,13 +238,19 @@ def throughput(
     token shards, so its time also covers tokenizer training and packing, which datatrove does
     not do; its time without them is reported beside).
     """
+    unknown = set(settings or ()) - set(SETTINGS)
+    if unknown:
+        raise RayllmError(
+            f"unknown MinHash setting {sorted(unknown)[0]!r}; choose from {', '.join(SETTINGS)}"
+        )
+    chosen = [SETTINGS[name] for name in settings or SETTINGS]
     python = datatrove_python() if datatrove else None
     results = []
     with tempfile.TemporaryDirectory(prefix="rayllm-bench-") as tmp:
         source = Path(tmp) / "input"
         size = write_input(corpus, source, parts=max(8, 4 * max(workers)), copies=copies)
         for count in workers:
-            for setting in SETTINGS.values():
+            for setting in chosen:
                 config = equivalent_config(str(source), f"{tmp}/rayllm", count, setting)
                 with _ray_with_cpus(count):
                     started = time.time()
