@@ -230,7 +230,7 @@ def print_report(result: LifecycleResult, client_seconds: float) -> None:
     )
     table.add_row(
         "serve",
-        f"{result.serve['url']}/v1  (model {result.serve['model']})",
+        f"{result.serve['url']}/v1  ({', '.join(result.serve['models'])})",
         f"{result.serve['seconds']:.0f} s",
     )
     table.add_row(
