@@ -135,14 +135,12 @@ def _text(path: Path) -> str:
 
 
 LONG = "KING. " * 400  # far past the tiny model's context
-BAD_REQUESTS = [
+BAD_REQUESTS = [  # (a request without "model" is not among them: one served model answers it)
     ("/v1/completions", "not json"),
     ("/v1/completions", ""),
     ("/v1/completions", "[1, 2]"),
     ("/v1/completions", {}),
-    ("/v1/completions", {"prompt": "KING."}),
     ("/v1/completions", {"model": "nobody", "prompt": "KING."}),
-    ("/v1/completions", {"model": None, "prompt": "KING."}),
     ("/v1/completions", {"model": "M"}),
     ("/v1/completions", {"model": "M", "prompt": None}),
     ("/v1/completions", {"model": "M", "prompt": 123}),
