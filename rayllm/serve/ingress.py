@@ -1,4 +1,6 @@
-"""The OpenAI front end: ``ray.serve.llm``'s ingress, with rayllm's API-key check in front.
+"""The OpenAI front end: ``ray.serve.llm``'s ingress, with rayllm's API-key check in front
+and OpenAI-style errors for the requests it would otherwise answer in FastAPI's own shape
+(unknown model or route), with a 500 (a body that is not JSON) or not at all (unknown roles).
 
 The ingress class, its deployment options and ``make_fastapi_ingress`` are public in Ray 2.60
 (``ray.serve.llm.ingress``); the FastAPI app that carries Ray's own middleware (request ids,
@@ -13,14 +15,33 @@ import hmac
 from typing import Any
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+from ray.llm._internal.serve.core.configs.openai_api_models import (
+    ChatCompletionRequest,
+    to_model_metadata,
+)
 from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-from starlette.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from rayllm.serve.app import key_digest
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+"""The message roles of OpenAI's chat API; vLLM would pass any other to the chat template."""
+
+
+def openai_error(status: int, message: str, code: str | int | None = None, **headers: str):
+    """The error body OpenAI's API and its SDKs expect: ``{"error": {"message", ...}}``."""
+    error = {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": status if code is None else code,
+    }
+    return JSONResponse({"error": error}, status_code=status, headers=headers or None)
 
 
 class ApiKeyCheck:
@@ -35,15 +56,8 @@ class ApiKeyCheck:
         if scope["type"] != "http" or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        error = {
-            "message": "missing or unknown API key: send it as 'Authorization: Bearer <key>'",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "invalid_api_key",
-        }
-        response = JSONResponse(
-            {"error": error}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
+        message = "missing or unknown API key: send it as 'Authorization: Bearer <key>'"
+        response = openai_error(401, message, "invalid_api_key", **{"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
     def _allowed(self, scope: dict) -> bool:
@@ -55,6 +69,42 @@ class ApiKeyCheck:
         return any(hmac.compare_digest(digest, known) for known in self.digests)
 
 
+class JsonBodiesOnly:
+    """ASGI middleware: a POST whose body is not declared JSON gets a 415 before FastAPI
+    parses it (Ray's validation handler would answer it with a 500)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            declared = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            if declared.split(";")[0].strip().lower() != "application/json":
+                message = (
+                    f"send the body as JSON with 'Content-Type: application/json', not {declared!r}"
+                )
+                await openai_error(415, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    """Unknown models, routes and methods, in OpenAI's error shape instead of FastAPI's."""
+    return openai_error(error.status_code, str(error.detail))
+
+
+class Ingress(OpenAiIngress):
+    """``ray.serve.llm``'s ingress, refusing chat messages in roles OpenAI's API does not have."""
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        for number, message in enumerate(body.messages):
+            role = message.get("role")
+            if role not in CHAT_ROLES:
+                known = ", ".join(sorted(CHAT_ROLES))
+                return openai_error(400, f"messages[{number}].role is {role!r}; use one of {known}")
+        return await super().chat(body, request)
+
+
 def _model_card(config: LLMConfig):
     """``/v1/models`` tells each model's registry version (``metadata.registry_version``)."""
     version = config.model_loading_config.model_source
@@ -64,11 +114,13 @@ def _model_card(config: LLMConfig):
 def openai_app(llm_configs: list[LLMConfig], key_digests: list[str]) -> Application:
     """One ingress (OpenAI routes, no CPU of its own) over one vLLM deployment per model."""
     app = ray_llm_fastapi_app()
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_middleware(JsonBodiesOnly)
     if key_digests:
         app.add_middleware(ApiKeyCheck, digests=key_digests)  # added last: runs first
-    options = OpenAiIngress.get_deployment_options(llm_configs)
+    options = Ingress.get_deployment_options(llm_configs)
     options["ray_actor_options"] = {"num_cpus": 0}
-    return serve.deployment(make_fastapi_ingress(OpenAiIngress, app=app), **options).bind(
+    return serve.deployment(make_fastapi_ingress(Ingress, app=app), **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
         model_cards={c.model_id: _model_card(c) for c in llm_configs},
     )

@@ -136,6 +136,7 @@ def _text(path: Path) -> str:
 
 LONG = "KING. " * 400  # far past the tiny model's context
 BAD_REQUESTS = [  # (a request without "model" is not among them: one served model answers it)
+    # (route, JSON body with "M" for the served model, or (raw body, content type))
     ("/v1/completions", "not json"),
     ("/v1/completions", ""),
     ("/v1/completions", "[1, 2]"),
@@ -157,6 +158,17 @@ BAD_REQUESTS = [  # (a request without "model" is not among them: one served mod
     ("/v1/completions", {"model": "M", "prompt": "KING.", "presence_penalty": 9}),
     ("/v1/completions", {"model": "M", "prompt": "KING.", "logit_bias": {"x": 1}}),
     ("/v1/completions", {"model": "M", "prompt": "KING.", "stream": "maybe"}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "stream_options": "yes"}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "logprobs": 100}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "top_k": -5}),
+    ("/v1/completions", {"model": "M", "prompt": "KING.", "frequency_penalty": "x"}),
+    ("/v1/completions", {"model": "M", "prompt": []}),
+    ("/v1/completions", {"model": "no-such-model", "prompt": "KING."}),
+    ("/v1/completions", ('{"model": "tiny-shakespeare", "prompt": "KING."}', "text/plain")),
+    (
+        "/v1/completions",
+        ("model=tiny-shakespeare&prompt=KING.", "application/x-www-form-urlencoded"),
+    ),
     ("/v1/chat/completions", {"model": "M"}),
     ("/v1/chat/completions", {"model": "M", "messages": []}),
     ("/v1/chat/completions", {"model": "M", "messages": "hello"}),
@@ -164,18 +176,24 @@ BAD_REQUESTS = [  # (a request without "model" is not among them: one served mod
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": 5}]}),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": LONG}]}),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user"}], "max_tokens": -5}),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "wizard", "content": "hi"}]}),
+    (
+        "/v1/chat/completions",
+        {"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": -1},
+    ),
 ]
 
 
 @pytest.mark.parametrize(("route", "body"), BAD_REQUESTS)
 def test_a_bad_request_gets_an_openai_error_and_no_5xx(tiny_run, route, body):
     endpoint = tiny_run["report"]["serve"]
+    body, content_type = body if isinstance(body, tuple) else (body, "application/json")
     if isinstance(body, dict):
         body = json.dumps({k: "tiny-shakespeare" if v == "M" else v for k, v in body.items()})
     answer = httpx.post(
         f"{endpoint['url']}{route}",
         content=body,
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": content_type},
         timeout=60,
     )
     assert 400 <= answer.status_code < 500, answer.text
