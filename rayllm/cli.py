@@ -539,6 +539,79 @@ def bench_train(
     _emit(as_json, rows, table)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[
+        str | None, typer.Option(help="Registry reference; default: a 28 M random decoder.")
+    ] = None,
+    registry: Annotated[str | None, typer.Option(help="Registry root of --model.")] = None,
+    system: Annotated[
+        list[str] | None,
+        typer.Option(help="rayllm, 'ray.serve.llm defaults', vllm, 'hf generate' (repeatable)."),
+    ] = None,
+    concurrency: Annotated[
+        list[int] | None, typer.Option(help="Closed-loop concurrency (repeatable).")
+    ] = None,
+    rate: Annotated[
+        list[float] | None, typer.Option(help="Open-loop Poisson arrivals per second.")
+    ] = None,
+    requests: Annotated[int, typer.Option(help="Requests per load.")] = 48,
+    output_tokens: Annotated[int, typer.Option(help="Tokens every request generates.")] = 64,
+    prompt_words: Annotated[int, typer.Option(help="Words per prompt.")] = 48,
+    max_num_seqs: int = 16,
+    kv_cache_gib: int = 1,
+    hf_requests: Annotated[int, typer.Option(help="Requests hf generate runs.")] = 8,
+    as_json: JsonOption = False,
+) -> None:
+    """rayllm's app against vLLM's own OpenAI server and Hugging Face generate: output
+    tokens/s, TTFT, TPOT, inter-token and end-to-end latency, on the same model and prompts."""
+    from rich.table import Table
+
+    from rayllm.bench.load import Load
+    from rayllm.bench.serve import SYSTEMS, benchmark
+
+    loads = [Load(requests, output_tokens, concurrency=c) for c in (concurrency or [])]
+    loads += [Load(requests, output_tokens, rate=r) for r in (rate or [])]
+    if not loads:
+        loads = [Load(requests, output_tokens, concurrency=c) for c in (1, 8)]
+    if min(concurrency or [1]) < 1 or min(rate or [1]) <= 0:
+        raise RayllmError("--concurrency must be at least 1 and --rate above 0")
+    result = benchmark(
+        registry,
+        model,
+        loads,
+        system or list(SYSTEMS),
+        prompt_words,
+        max_num_seqs,
+        kv_cache_gib,
+        hf_requests,
+    )
+    columns = ["system", "load", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"]
+    columns += ["ITL p50 ms", "E2E p50 ms", "vs vLLM tok/s", "vs vLLM TTFT", "vs hf generate"]
+    columns += ["failed"]
+    table = Table(*columns, title=f"{result['model']}, {output_tokens} output tokens per request")
+
+    def cell(row: dict, key: str, form: str = "{:,.0f}") -> str:
+        return form.format(row[key]) if key in row else "-"
+
+    for row in result["rows"]:
+        table.add_row(
+            row["system"],
+            row["load"],
+            cell(row, "output_tokens_per_s", "{:,.1f}"),
+            cell(row, "ttft_p50_ms"),
+            cell(row, "ttft_p99_ms"),
+            cell(row, "tpot_p50_ms", "{:.1f}"),
+            cell(row, "itl_p50_ms", "{:.1f}"),
+            cell(row, "e2e_p50_ms"),
+            cell(row, "vs_vllm_tokens_per_s", "{:.2f}x"),
+            cell(row, "vs_vllm_ttft_p50", "{:.2f}x"),
+            cell(row, "vs_hf_generate", "{:.2f}x"),
+            str(row["failed"]),
+        )
+    _emit(as_json, result, table)
+
+
 def main() -> None:
     try:
         app()  # bad flags and arguments: typer prints the usage and exits 2

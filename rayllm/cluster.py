@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -44,6 +46,25 @@ def connect(config: RayConfig) -> None:
         return
     cpus = config.num_cpus or max(8, 2 * (os.cpu_count() or 1))
     ray.init(num_cpus=cpus, _temp_dir=config.temp_dir, **options)
+
+
+@contextmanager
+def own_cluster(cpus: int, why: str) -> Iterator[None]:
+    """A local Ray cluster of exactly ``cpus`` CPUs, for a benchmark that must know what it
+    measures on; ``why`` tells a user with ``RAY_ADDRESS`` set why it will not join theirs."""
+    refuse_shared_cluster(why)
+    ray.shutdown()
+    ray.init(num_cpus=cpus, logging_level="WARNING")
+    quiet_ray_consoles()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def refuse_shared_cluster(why: str) -> None:
+    if os.environ.get("RAY_ADDRESS"):
+        raise RayllmError(f"{why}; unset RAY_ADDRESS")
 
 
 def quiet_ray_consoles() -> None:

@@ -19,8 +19,6 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from typing import Any
 import psutil
 import ray
 
-from rayllm.cluster import quiet_ray_consoles
+from rayllm.cluster import own_cluster
 from rayllm.config import build_config
 from rayllm.data.blocks.c4 import C4Config
 from rayllm.data.blocks.normalise import normalise
@@ -40,6 +38,11 @@ from rayllm.data.readers import read_documents
 from rayllm.errors import RayllmError
 from rayllm.paths import cache_dir
 from rayllm.progress import Stage
+
+ONE_CLUSTER = (
+    "rayllm bench data starts its own Ray cluster with exactly --workers CPUs, the datatrove "
+    "baseline's share"
+)
 
 # Folio titles whose spelling differs from the modern file name.
 FOLIO_TITLES = {
@@ -252,7 +255,7 @@ def throughput(
         for count in workers:
             for setting in chosen:
                 config = equivalent_config(str(source), f"{tmp}/rayllm", count, setting)
-                with _ray_with_cpus(count):
+                with own_cluster(count, ONE_CLUSTER):
                     started = time.time()
                     stats = run(config, report=False).stats
                     seconds = time.time() - started
@@ -275,23 +278,6 @@ def throughput(
                         _datatrove(python, source, f"{tmp}/datatrove", count, setting, size)
                     )
     return results
-
-
-@contextmanager
-def _ray_with_cpus(cpus: int) -> Iterator[None]:
-    """A local Ray cluster of exactly ``cpus`` CPUs for one measured run."""
-    if os.environ.get("RAY_ADDRESS"):
-        raise RayllmError(
-            "rayllm bench data starts its own Ray cluster with exactly --workers CPUs, the "
-            "datatrove baseline's share; unset RAY_ADDRESS"
-        )
-    ray.shutdown()
-    ray.init(num_cpus=cpus, logging_level="WARNING")
-    quiet_ray_consoles()
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _datatrove(

@@ -25,6 +25,8 @@ from rayllm.serve.config import ModelEntry, ServeConfig
 
 IMPORT_PATH = "rayllm.serve.app:build_app"
 """What a Serve config file names to build the app from its ``args`` (a ServeConfig)."""
+ENGINE_LOAD_POLICY = "rayllm.serve.autoscaling:EngineLoadPolicy"
+"""The custom autoscaling policy Serve's controller runs for ``autoscale_on: engine_load``."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     """The ``ray.serve.llm.LLMConfig`` serving one pinned model, resolved by each replica."""
     from ray.serve.llm import LLMConfig
 
+    from rayllm.serve.autoscaling import LoadReportingServer
     from rayllm.serve.replica_source import RegistrySource
 
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
@@ -147,13 +150,9 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
             "callback_kwargs": {"root": config.registry, "ref": entry.model},
         },
         placement_group_config={"bundles": [bundle] * entry.tensor_parallel_size},
-        deployment_config={
-            "autoscaling_config": {
-                "min_replicas": entry.min_replicas,
-                "max_replicas": entry.max_replicas,
-                "target_ongoing_requests": entry.target_ongoing_requests,
-            },
-        },
+        experimental_configs={"stream_batching_interval_ms": entry.stream_batching_ms},
+        deployment_config={"autoscaling_config": autoscaling(entry)},
+        server_cls=LoadReportingServer if entry.autoscale_on == "engine_load" else None,
         runtime_env={
             "env_vars": {
                 "VLLM_CPU_KVCACHE_SPACE": str(entry.kv_cache_gib),
@@ -161,6 +160,21 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
             }
         },
     )
+
+
+def autoscaling(entry: ModelEntry) -> dict[str, Any]:
+    """Serve's autoscaling config of one model: its bounds and delays, and the policy."""
+    config: dict[str, Any] = {
+        "min_replicas": entry.min_replicas,
+        "max_replicas": entry.max_replicas,
+        "upscale_delay_s": entry.upscale_delay_s,
+        "downscale_delay_s": entry.downscale_delay_s,
+        "target_ongoing_requests": entry.target_ongoing_requests,
+    }
+    if entry.autoscale_on == "engine_load":
+        kwargs = {"target_engine_load": entry.target_engine_load}
+        config["policy"] = {"policy_function": ENGINE_LOAD_POLICY, "policy_kwargs": kwargs}
+    return config
 
 
 def cpu_has_bf16() -> bool:

@@ -4,7 +4,7 @@ anything starts."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import model_validator
 
@@ -18,7 +18,17 @@ class ReplicaSettings(StageConfig):
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: int = 8
-    """Autoscaling target: requests in flight per replica before Serve adds one."""
+    """Autoscaling target when ``autoscale_on`` is requests: requests in flight per replica."""
+    autoscale_on: Literal["engine_load", "requests"] = "engine_load"
+    """What replicas follow: the engine's load (its batch and KV-cache use, which vLLM
+    reports every step) or Serve's count of requests in flight."""
+    target_engine_load: float = 0.75
+    """Autoscaling target on engine load: the fraction of max_num_seqs (or of the KV cache)
+    each replica should be using; above it Serve adds replicas, below it removes them."""
+    upscale_delay_s: float = 30.0
+    """How long the load must stay above the target before a replica is added."""
+    downscale_delay_s: float = 600.0
+    """How long the load must stay below the target before a replica is removed."""
     cpus_per_replica: float = 1.0
     use_gpu: bool | None = None
     """Serve on GPUs (one per tensor-parallel rank) or on the CPU engine; default: GPUs
@@ -35,6 +45,9 @@ class ReplicaSettings(StageConfig):
     gpu_memory_utilization (an engine_kwargs entry)."""
     max_num_seqs: int = 16
     """Sequences one replica runs at once (continuous batching's batch size)."""
+    stream_batching_ms: float = 0
+    """How long a replica gathers streamed tokens before sending them on as one message;
+    0 sends every token at once."""
     engine_kwargs: dict[str, Any] = {}
     """Any other vLLM engine argument, passed through unchanged."""
 
@@ -44,6 +57,10 @@ class ReplicaSettings(StageConfig):
             raise ValueError("need 0 < min_replicas <= max_replicas")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        if not 0 < self.target_engine_load <= 1:
+            raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
+        if self.stream_batching_ms < 0:
+            raise ValueError("stream_batching_ms must be 0 (no batching) or more")
         return self
 
     def replica_settings(self) -> dict[str, Any]:

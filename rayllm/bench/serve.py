@@ -1,0 +1,273 @@
+"""The serving benchmark: rayllm's app against vLLM's own OpenAI server and against Hugging
+Face ``generate``, on the same model, prompts and CPUs, one system at a time.
+
+- ``rayllm``: the app ``rayllm serve`` deploys (Ray Serve, ``ray.serve.llm``, vLLM), on a Ray
+  cluster this benchmark starts, one replica;
+- ``ray.serve.llm defaults``: the same app with Ray's own streaming setting (tokens held
+  50 ms and sent in batches);
+- ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the same registry version,
+  with the same engine settings (dtype, KV cache, max sequences, eager mode);
+- ``hf generate``: ``transformers`` in this process, one request at a time.
+
+The model is any registry version; by default a 28 M-parameter decoder with random weights
+(the training benchmark's shape) that the benchmark publishes once to its own registry under
+``$RAYLLM_CACHE/bench/``: every request asks for a fixed number of tokens, so what the weights
+say does not change the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from rayllm.bench.load import Load, run_load
+from rayllm.cluster import own_cluster, refuse_shared_cluster
+from rayllm.data.corpora import resolve_source
+from rayllm.errors import RayllmError
+from rayllm.paths import cache_dir
+from rayllm.progress import Stage
+from rayllm.registry.store import Registry
+from rayllm.serve.config import ServeConfig
+
+BENCH_MODEL_NAME = "bench-28m"
+SYSTEMS = ("rayllm", "ray.serve.llm defaults", "vllm", "hf generate")
+RAY_DEFAULTS = {"stream_batching_ms": 50}
+"""What ``ray.serve.llm`` does out of the box that rayllm's app changes."""
+OWN_CLUSTER = (
+    "rayllm bench serve starts its own Ray cluster on this machine's CPUs, the share every "
+    "other system gets"
+)
+
+
+def bench_registry() -> str:
+    return str(cache_dir() / "bench" / "registry")
+
+
+def bench_model(registry: Registry) -> str:
+    """The benchmark's default model, published on first use: the training benchmark's
+    28 M-parameter shape, random weights, a 4,096-token BPE vocabulary learnt from the
+    built-in Shakespeare corpus."""
+    if BENCH_MODEL_NAME in registry.models():
+        return f"{BENCH_MODEL_NAME}:{registry.versions(BENCH_MODEL_NAME)[-1]}"
+    import torch
+
+    from rayllm.bench.train import BENCH_MODEL
+    from rayllm.data.config import TokenizerConfig
+    from rayllm.data.tokenizer import save_tokenizer, train_tokenizer, with_chat_template
+    from rayllm.model.config import ModelConfig
+    from rayllm.model.hf import save_hf_model
+    from rayllm.model.model import Transformer
+
+    with Stage(f"bench: publishing {BENCH_MODEL_NAME} (random weights)"):
+        texts = [Path(path).read_text(errors="replace") for path in resolve_source("shakespeare")]
+        tokenizer = train_tokenizer(texts, TokenizerConfig(kind="bpe", vocab_size=4096))
+        config = ModelConfig(**BENCH_MODEL, vocab_size=len(tokenizer), max_seq_len=1024)
+        torch.manual_seed(0)
+        state = Transformer(config).state_dict()
+        with tempfile.TemporaryDirectory() as folder:
+            eos = tokenizer.eos_token_id
+            save_hf_model(folder, config, state, bos_token_id=eos, eos_token_id=eos)
+            save_tokenizer(with_chat_template(tokenizer), folder)
+            lineage = {"source": "random weights for rayllm bench serve", "shape": BENCH_MODEL}
+            return registry.publish(BENCH_MODEL_NAME, folder, lineage).ref
+
+
+def prompts(count: int, words: int) -> list[str]:
+    """``count`` prompts of ``words`` words each, from the built-in Shakespeare corpus."""
+    text = " ".join(Path(resolve_source("shakespeare")[0]).read_text(errors="replace").split())
+    tokens = re.findall(r"\S+", text)
+    step = max(1, (len(tokens) - words) // count)
+    return [" ".join(tokens[n * step : n * step + words]) for n in range(count)]
+
+
+def benchmark(
+    registry_root: str | None,
+    model: str | None,
+    loads: list[Load],
+    systems: list[str],
+    prompt_words: int,
+    max_num_seqs: int,
+    kv_cache_gib: int,
+    hf_requests: int,
+) -> dict[str, Any]:
+    """Every system under every load; one row per (system, load)."""
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        raise RayllmError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    if {"rayllm", "ray.serve.llm defaults"} & set(systems):
+        refuse_shared_cluster(OWN_CLUSTER)
+    registry = Registry(registry_root or bench_registry())
+    ref = registry.resolve(model).ref if model else bench_model(registry)
+    texts = prompts(64, prompt_words)
+    settings = ServeConfig(
+        registry=registry.url,
+        model=ref,
+        port=_free_port(),
+        max_replicas=1,
+        max_num_seqs=max_num_seqs,
+        kv_cache_gib=kv_cache_gib,
+        log_level="WARNING",
+    )
+    rows = []
+    for system in systems:
+        if system == "hf generate":
+            rows += [_hf_generate(registry, ref, texts, loads[0].output_tokens, hf_requests)]
+            continue
+        with _running(system, registry, settings) as (url, served):
+            for load in loads:
+                with Stage(f"bench: {system}, {load.name}"):
+                    result = asyncio.run(run_load(url, served, texts, load))
+                rows.append({"system": system, "load": load.name} | result)
+    _add_ratios(rows)
+    return {"model": ref, "registry": registry.url, "rows": rows}
+
+
+@contextmanager
+def _running(system: str, registry: Registry, settings: ServeConfig) -> Iterator[tuple[str, str]]:
+    """One served system at a time, on the same port and engine settings; stopped after."""
+    if system == "vllm":
+        with _bare_vllm(registry, settings) as url:
+            yield url, settings.model or ""
+        return
+    with _ray_app(settings, ray_defaults=system == "ray.serve.llm defaults") as url:
+        yield url, registry.resolve(settings.model or "").name
+
+
+@contextmanager
+def _ray_app(settings: ServeConfig, ray_defaults: bool) -> Iterator[str]:
+    from ray import serve
+
+    from rayllm.serve.app import deploy
+
+    if ray_defaults:
+        settings = settings.model_copy(update=RAY_DEFAULTS)
+    with own_cluster(os.cpu_count() or 1, OWN_CLUSTER):
+        try:
+            yield deploy(settings).url
+        finally:
+            serve.shutdown()
+
+
+@contextmanager
+def _bare_vllm(registry: Registry, settings: ServeConfig) -> Iterator[str]:
+    """vLLM's own OpenAI server on the version's local folder, with the app's engine settings."""
+    from rayllm.serve.app import cpu_has_bf16
+
+    version, folder = registry.local_path(settings.model or "")
+    dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        *("--model", str(folder), "--served-model-name", version.ref),
+        *("--dtype", dtype, "--enforce-eager", "--max-num-seqs", str(settings.max_num_seqs)),
+        *("--host", "127.0.0.1", "--port", str(settings.port)),
+    ]
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
+    url = f"http://127.0.0.1:{settings.port}"
+    with Stage("bench: starting vLLM's OpenAI server"), tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(url, server, log)
+            yield url
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _wait_ready(url: str, server: subprocess.Popen, log, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if server.poll() is not None:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise RayllmError(f"vLLM's server exited with {server.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RayllmError(f"vLLM's server did not answer within {timeout_s:.0f} s")
+
+
+def _hf_generate(
+    registry: Registry, ref: str, texts: list[str], output_tokens: int, requests: int
+) -> dict[str, Any]:
+    """Hugging Face ``generate``, one request at a time, exactly ``output_tokens`` each."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rayllm.serve.app import cpu_has_bf16
+
+    _, folder = registry.local_path(ref)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    latencies, tokens = [], 0
+    with Stage(f"bench: hf generate, {requests} requests one at a time"), torch.inference_mode():
+        started = time.perf_counter()
+        for prompt in texts[:requests]:
+            inputs = tokenizer(prompt, return_tensors="pt")
+            begun = time.perf_counter()
+            out = model.generate(
+                **inputs,
+                max_new_tokens=output_tokens,
+                min_new_tokens=output_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            latencies.append(time.perf_counter() - begun)
+            tokens += out.shape[1] - inputs["input_ids"].shape[1]
+        duration = time.perf_counter() - started
+    e2e = sorted(latencies)
+    return {
+        "system": "hf generate",
+        "load": "one at a time",
+        "requests": requests,
+        "failed": 0,
+        "duration_s": duration,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / duration,
+        "requests_per_s": requests / duration,
+        "e2e_mean_ms": 1000 * sum(e2e) / len(e2e),
+        "e2e_p50_ms": 1000 * e2e[len(e2e) // 2],
+    }
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's output tokens/s and TTFT p50 against vLLM's own server under the same load."""
+    baseline = {row["load"]: row for row in rows if row["system"] == "vllm"}
+    for row in rows:
+        base = baseline.get(row["load"])
+        if base and base["output_tokens_per_s"]:
+            row["vs_vllm_tokens_per_s"] = row["output_tokens_per_s"] / base["output_tokens_per_s"]
+            if base.get("ttft_p50_ms") and row.get("ttft_p50_ms"):
+                row["vs_vllm_ttft_p50"] = row["ttft_p50_ms"] / base["ttft_p50_ms"]
+    hf = next((row for row in rows if row["system"] == "hf generate"), None)
+    if hf:
+        for row in rows:
+            row["vs_hf_generate"] = row["output_tokens_per_s"] / hf["output_tokens_per_s"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

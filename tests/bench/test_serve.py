@@ -1,0 +1,80 @@
+"""The serving benchmark's parts: the load generator against the session's served app, and
+``rayllm bench serve`` with vLLM's own server and Hugging Face generate on the tiny model."""
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rayllm.bench.load import Load, RequestTiming, run_load, summarise
+from rayllm.bench.serve import prompts
+
+
+def test_a_load_is_either_closed_or_open_loop():
+    with pytest.raises(ValueError, match="either concurrency"):
+        Load(4, 8)
+    with pytest.raises(ValueError, match="either concurrency"):
+        Load(4, 8, concurrency=2, rate=1.0)
+    assert Load(4, 8, rate=2.5).name == "Poisson 2.5 req/s"
+
+
+def test_the_summary_counts_what_users_wait_for():
+    fast = RequestTiming(started=0.0, chunk_times=[0.1, 0.2, 0.3], output_tokens=5, finished=0.5)
+    slow = RequestTiming(started=1.0, chunk_times=[1.3, 1.9], output_tokens=3, finished=1.9)
+    failed = RequestTiming(started=2.0, error="503: overloaded", finished=2.1)
+    summary = summarise([fast, slow, failed], duration_s=2.0)
+    assert summary["failed"] == 1 and summary["errors"] == ["503: overloaded"]
+    assert summary["output_tokens_per_s"] == 4.0  # 8 tokens of the finished requests in 2 s
+    assert summary["ttft_p50_ms"] == pytest.approx(200)  # 100 and 300 ms
+    assert summary["tpot_mean_ms"] == pytest.approx((100 + 300) / 2)  # 0.4/4 and 0.6/2 s
+    assert summary["itl_p99_ms"] == pytest.approx(600, rel=0.05)
+
+
+def test_prompts_have_the_asked_length():
+    texts = prompts(5, 12)
+    assert len(texts) == 5 and len(set(texts)) == 5
+    assert all(len(text.split()) == 12 for text in texts)
+
+
+@pytest.mark.slow
+def test_the_load_generator_streams_exact_lengths_from_the_served_app(tiny_run):
+    url = tiny_run["report"]["serve"]["url"]
+    texts = prompts(4, 6)
+    for load in (Load(6, 5, concurrency=3), Load(4, 5, rate=4.0)):
+        summary = asyncio.run(run_load(url, "tiny-shakespeare", texts, load))
+        assert summary["failed"] == 0, summary["errors"]
+        assert summary["output_tokens"] == load.requests * 5  # ignore_eos: exactly 5 each
+        assert 0 < summary["ttft_p50_ms"] <= summary["e2e_p50_ms"]
+
+
+def test_the_rayllm_systems_refuse_a_shared_cluster():
+    done = subprocess.run(
+        [sys.executable, "-m", "rayllm.cli", "bench", "serve", "--system", "rayllm"],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"RAY_ADDRESS": "127.0.0.1:1"},
+    )
+    assert done.returncode == 2
+    assert "starts its own Ray cluster" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_bench_serve_measures_vllm_and_hf_generate_on_a_registry_version(tiny_run):
+    registry = tiny_run["settings"]["registry"]["root"]
+    command = [sys.executable, "-m", "rayllm.cli", "bench", "serve", "--json"]
+    command += ["--registry", registry, "--model", "tiny-shakespeare"]
+    command += ["--system", "vllm", "--system", "hf generate", "--concurrency", "2"]
+    command += ["--requests", "4", "--output-tokens", "6", "--hf-requests", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[re.search(r"^\{$", done.stdout, re.M).start() :])
+    assert result["model"] == "tiny-shakespeare:1"
+    vllm, hf = result["rows"]
+    assert (vllm["system"], vllm["load"], vllm["failed"]) == ("vllm", "concurrency 2", 0)
+    assert vllm["output_tokens"] == 4 * 6 and vllm["vs_vllm_tokens_per_s"] == 1.0
+    assert (hf["system"], hf["output_tokens"]) == ("hf generate", 2 * 6)
+    assert vllm["vs_hf_generate"] == vllm["output_tokens_per_s"] / hf["output_tokens_per_s"]
