@@ -16,6 +16,8 @@ class ReplicaSettings(StageConfig):
     """How one model is served: its replicas, their resources, and the vLLM engine."""
 
     min_replicas: int = 1
+    """0 lets an idle model scale to zero (after downscale_delay_s); its next request then
+    waits for a replica to start (a vLLM engine: about a minute on CPU)."""
     max_replicas: int = 2
     target_ongoing_requests: int = 8
     """Autoscaling target when ``autoscale_on`` is requests: requests in flight per replica."""
@@ -53,8 +55,8 @@ class ReplicaSettings(StageConfig):
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ReplicaSettings:
-        if not 0 < self.min_replicas <= self.max_replicas:
-            raise ValueError("need 0 < min_replicas <= max_replicas")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
         if not 0 < self.target_engine_load <= 1:
