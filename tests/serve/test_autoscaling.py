@@ -134,9 +134,10 @@ def test_replicas_start_from_zero_rise_under_a_burst_and_fall_to_zero(
         serve.delete("scaling")
 
 
-def _running_replicas(serve) -> int:
+def _live_replicas(serve) -> int:
+    """Replicas running or starting: what the autoscaler has asked for."""
     app = serve.status().applications["scaling"]
     deployment = next(
         d for name, d in app.deployments.items() if name.endswith(":tiny-shakespeare")
     )
-    return deployment.replica_states.get("RUNNING", 0)
+    return sum(deployment.replica_states.get(state, 0) for state in ("RUNNING", "STARTING"))
