@@ -150,11 +150,12 @@ def summarise(timings: list[RequestTiming], duration_s: float) -> dict[str, Any]
         "requests_per_s": len(done) / duration_s,
     }
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
-        summary |= _distribution(name, values)
+        summary |= distribution(name, values)
     return summary
 
 
-def _distribution(name: str, seconds: list[float]) -> dict[str, float]:
+def distribution(name: str, seconds: list[float]) -> dict[str, float]:
+    """Mean, p50, p90 and p99 of ``seconds``, in milliseconds, as ``{name}_p50_ms`` etc."""
     if not seconds:
         return {}
     ms = sorted(value * 1000 for value in seconds)

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from rayllm.bench.load import Load, run_load
+from rayllm.bench.load import Load, distribution, run_load
 from rayllm.cluster import own_cluster, refuse_shared_cluster
 from rayllm.data.corpora import resolve_source
 from rayllm.errors import RayllmError
@@ -235,7 +235,6 @@ def _hf_generate(
             latencies.append(time.perf_counter() - begun)
             tokens += out.shape[1] - inputs["input_ids"].shape[1]
         duration = time.perf_counter() - started
-    e2e = sorted(latencies)
     return {
         "system": "hf generate",
         "load": "one at a time",
@@ -245,9 +244,7 @@ def _hf_generate(
         "output_tokens": tokens,
         "output_tokens_per_s": tokens / duration,
         "requests_per_s": requests / duration,
-        "e2e_mean_ms": 1000 * sum(e2e) / len(e2e),
-        "e2e_p50_ms": 1000 * e2e[len(e2e) // 2],
-    }
+    } | distribution("e2e", latencies)
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
