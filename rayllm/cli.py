@@ -23,6 +23,8 @@ registry_app = typer.Typer(no_args_is_help=True, help="List, inspect and alias r
 app.add_typer(registry_app, name="registry")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks and quality measurements.")
 app.add_typer(bench_app, name="bench")
+serve_app = typer.Typer(invoke_without_command=True)
+app.add_typer(serve_app, name="serve")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[
@@ -94,9 +96,22 @@ ExportOption = Annotated[
 ]
 
 
-@app.command()
-def serve(config: ConfigOption = None, set: SetOption = None, export: ExportOption = None) -> None:
-    """Serve registry versions behind OpenAI routes until interrupted (Ctrl-C removes the app)."""
+@serve_app.callback()
+def serve(
+    context: typer.Context,
+    config: ConfigOption = None,
+    set: SetOption = None,
+    export: ExportOption = None,
+) -> None:
+    """Serve registry versions behind OpenAI routes until interrupted (Ctrl-C removes the
+    app); `rayllm serve rollout` moves a running app onto newly promoted versions."""
+    if context.invoked_subcommand is not None:
+        if config or set or export:
+            raise RayllmError(
+                f"--config, --set and --export-config belong to `rayllm serve` itself, not to "
+                f"`rayllm serve {context.invoked_subcommand}`; drop them"
+            )
+        return
     import time
 
     import yaml
@@ -104,8 +119,7 @@ def serve(config: ConfigOption = None, set: SetOption = None, export: ExportOpti
     from rayllm.serve.app import api_key_digests, pin, serve_config_file
     from rayllm.serve.config import ServeConfig
 
-    settings = load_config(ServeConfig, config, set or ())
-    pin(settings)  # an unknown version fails before Ray starts
+    settings = pin(load_config(ServeConfig, config, set or ()))  # unknown versions fail here
     if export is not None:  # the app is built, and its keys read, where the file is deployed
         text = yaml.safe_dump(serve_config_file(settings), sort_keys=False)
         if str(export) == "-":
@@ -130,6 +144,51 @@ def serve(config: ConfigOption = None, set: SetOption = None, export: ExportOpti
     except KeyboardInterrupt:
         shutdown(settings)
         console.print(f"stopped serving {served}")
+
+
+AppOption = Annotated[str, typer.Option("--app", help="The running Serve app's name.")]
+
+
+def _running_cluster() -> None:
+    """Join the cluster the app runs on ($RAY_ADDRESS, else the one on this machine); never
+    start a new one."""
+    import os
+
+    from rayllm.cluster import RayConfig, connect
+
+    connect(RayConfig(address=os.environ.get("RAY_ADDRESS") or "auto"))
+
+
+@serve_app.command("rollout")
+def serve_rollout(
+    app_name: AppOption = "rayllm",
+    follow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="MODEL_ID=REFERENCE: serve that model from another reference from now on, "
+            "e.g. shakespeare=shakespeare@production (repeatable).",
+        ),
+    ] = None,
+) -> None:
+    """Move a running app onto the versions its references name now, after a promote or a
+    rollback in the registry; old replicas serve until their replacements are ready."""
+    from rayllm.serve.rollout import rollout
+
+    pairs = [item.partition("=") for item in follow or ()]
+    if any(not (model_id and sep and ref) for model_id, sep, ref in pairs):
+        raise RayllmError(
+            "--model takes MODEL_ID=REFERENCE, e.g. shakespeare=shakespeare@production"
+        )
+    _running_cluster()
+    done = rollout(app_name, {model_id: ref for model_id, _, ref in pairs})
+    for model_id, (old, new) in done.changes.items():
+        console.print(f"{model_id}: {old} -> {new} (follows {done.follows[model_id]})")
+    following = ", ".join(f"{m} follows {ref}" for m, ref in done.follows.items())
+    if not done.needed:
+        console.print(f"app {app_name} already serves what its references name ({following})")
+    else:
+        console.print(f"app {app_name} rolled out in {done.seconds:.0f} s ({following})")
 
 
 UrlOption = Annotated[str, typer.Option(help="Endpoint base URL.")]

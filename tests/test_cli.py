@@ -34,6 +34,8 @@ def rayllm(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
         (["bench", "train", "--data", "/no/such/shards"], "no finished token shards"),
         (["bench", "data", "--setting", "nope"], "unknown MinHash setting 'nope'"),
         (["serve", "--set", "models=[a, b]", "--set", "model=a"], "set either model"),
+        (["serve", "rollout", "--model", "bard"], "--model takes MODEL_ID=REFERENCE"),
+        (["serve", "--set", "port=1", "rollout"], "belong to `rayllm serve` itself"),
         (["config", "nonsense"], "unknown stage 'nonsense'"),
         (["lifecycle", "--bogus"], "No such option: --bogus"),
     ],

@@ -57,7 +57,7 @@ def test_published_version_is_a_complete_hugging_face_model(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     registry = Registry("s3://rayllm-test/registry")
-    version, folder = registry.local_path("tiny-shakespeare")
+    version, folder = registry.local_path(tiny_run["report"]["registry"]["ref"])
     lineage = version.manifest["lineage"]
     shards = (tiny_run["workdir"] / "data" / "manifest.json").read_bytes()
     assert lineage["data"]["manifest_sha256"] == hashlib.sha256(shards).hexdigest()

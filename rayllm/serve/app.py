@@ -1,12 +1,13 @@
 """Serving: registry versions behind Ray Serve's OpenAI routes, on vLLM, with autoscaling.
 
 The app is built from a ``ServeConfig`` in which every model is pinned to one version
-(``name@production`` -> ``name:3``), so that all replicas of a model serve the same weights;
-each replica then resolves its version on its own node (``rayllm.serve.replica_source``), so
-any node can serve from any registry root. ``build_app`` is the app's import path: ``rayllm
-serve`` runs it, and ``serve deploy`` / a RayService runs it from the config that
-``rayllm serve --export-config`` writes. rayllm adds only that resolution, API keys and
-CPU-aware defaults to ``ray.serve.llm``.
+(``name@production`` -> ``name:3``, kept as the entry's ``version``), so that all replicas of a
+model serve the same weights until ``rayllm serve rollout`` resolves the reference again; each
+replica then resolves its version on its own node (``rayllm.serve.replica_source``), so any
+node can serve from any registry root. ``build_app`` is the app's import path: ``rayllm
+serve`` runs it, and ``serve deploy`` / a RayService runs it from the config that ``rayllm
+serve --export-config`` writes. rayllm adds only that resolution, API keys, engine-load
+autoscaling and CPU-aware defaults to ``ray.serve.llm``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from rayllm.errors import RayllmError
 from rayllm.paths import filesystem
 from rayllm.progress import Stage
-from rayllm.registry.store import Registry
+from rayllm.registry.store import Registry, split_ref
 from rayllm.serve.config import ModelEntry, ServeConfig
 
 IMPORT_PATH = "rayllm.serve.app:build_app"
@@ -42,18 +43,16 @@ class Endpoint:
 
 
 def pin(config: ServeConfig) -> ServeConfig:
-    """``config`` with every model pinned to one published version and named by its model
-    id (aliases and ``latest`` resolved now); the registry root made explicit."""
+    """``config`` with every model pinned to one published version (aliases and ``latest``
+    resolved now, unless the entry already names its ``version``) and named by its model id;
+    the registry root made explicit."""
     registry = Registry(config.registry_root())
     entries = config.entries() or [_only_model(config, registry)]
     pinned = []
     for entry in entries:
-        version = registry.resolve(entry.model)
-        pinned.append(
-            entry.model_copy(
-                update={"model": version.ref, "model_id": entry.model_id or version.name}
-            )
-        )
+        version = entry.version or registry.resolve(entry.model).ref
+        model_id = entry.model_id or split_ref(version)[0]
+        pinned.append(entry.model_copy(update={"version": version, "model_id": model_id}))
     ids = [entry.model_id for entry in pinned]
     for model_id in ids:
         if ids.count(model_id) > 1:
@@ -114,7 +113,7 @@ def build_app(args: dict[str, Any]):
     config = pin(ServeConfig.model_validate(args))
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     configs = [llm_config(entry, config, has_gpus) for entry in config.models]
-    return openai_app(configs, api_key_digests(config))
+    return openai_app(configs, api_key_digests(config), config.model_dump(mode="json"))
 
 
 def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
@@ -127,7 +126,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
     if entry.tensor_parallel_size > 1 and not on_gpu:
         raise RayllmError(
-            f"{entry.model}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
+            f"{entry.version}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
             "(one per rank) and this replica has none; set tensor_parallel_size=1 on CPU"
         )
     engine: dict[str, Any] = {"max_num_seqs": entry.max_num_seqs}
@@ -143,15 +142,18 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     engine |= entry.engine_kwargs
     bundle = {"CPU": entry.cpus_per_replica} | ({"GPU": 1} if on_gpu else {})
     return LLMConfig(
-        model_loading_config={"model_id": entry.model_id, "model_source": entry.model},
+        model_loading_config={"model_id": entry.model_id, "model_source": entry.version},
         engine_kwargs=engine,
         callback_config={
             "callback_class": RegistrySource,
-            "callback_kwargs": {"root": config.registry, "ref": entry.model},
+            "callback_kwargs": {"root": config.registry, "ref": entry.version},
         },
         placement_group_config={"bundles": [bundle] * entry.tensor_parallel_size},
         experimental_configs={"stream_batching_interval_ms": entry.stream_batching_ms},
-        deployment_config={"autoscaling_config": autoscaling(entry)},
+        deployment_config={
+            "autoscaling_config": autoscaling(entry),
+            "max_surge_percent": entry.max_surge_percent,
+        },
         server_cls=LoadReportingServer if entry.autoscale_on == "engine_load" else None,
         runtime_env={
             "env_vars": {
@@ -204,7 +206,7 @@ def deploy(config: ServeConfig) -> Endpoint:
             logging_config={"log_level": config.log_level},
         )
         url = f"http://{config.host}:{config.port}{config.route_prefix.rstrip('/')}"
-        served = {entry.model_id: entry.model for entry in config.models}
+        served = {entry.model_id: entry.version for entry in config.models}
         stage.note(", ".join(f"{ref} as {name}" for name, ref in served.items()) + f" at {url}/v1")
     return Endpoint(url, served, config.registry, config.app_name)
 
@@ -228,6 +230,27 @@ def serve_config_file(config: ServeConfig) -> dict[str, Any]:
             }
         ],
     }
+
+
+def running_config(app_name: str) -> ServeConfig:
+    """The pinned ServeConfig a running app was built from, as its ingress holds it."""
+    from ray import serve
+
+    apps = serve.status().applications
+    if app_name not in apps:
+        running = ", ".join(apps) or "none"
+        raise RayllmError(
+            f"no Serve app named {app_name!r} runs on this cluster (apps: {running}); start it "
+            "with `rayllm serve`, or name the app with --app"
+        )
+    ingress = serve.get_app_handle(app_name)
+    try:
+        return ServeConfig.model_validate(ingress.serve_config.remote().result(timeout_s=60))
+    except AttributeError:
+        raise RayllmError(
+            f"Serve app {app_name!r} was not built by `rayllm serve` (its ingress holds no "
+            "ServeConfig); redeploy it with rayllm"
+        ) from None
 
 
 def shutdown(config: ServeConfig) -> None:

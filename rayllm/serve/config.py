@@ -31,6 +31,11 @@ class ReplicaSettings(StageConfig):
     """How long the load must stay above the target before a replica is added."""
     downscale_delay_s: float = 600.0
     """How long the load must stay below the target before a replica is removed."""
+    max_surge_percent: int = 100
+    """Replicas a rollout may start beyond the model's current count, in percent of it: at
+    100 every old replica serves until its replacement is ready (the cluster needs room for
+    them); 0 stops old replicas first (Serve's default), and a model with one replica then
+    stops answering until the new one has started."""
     cpus_per_replica: float = 1.0
     use_gpu: bool | None = None
     """Serve on GPUs (one per tensor-parallel rank) or on the CPU engine; default: GPUs
@@ -63,6 +68,8 @@ class ReplicaSettings(StageConfig):
             raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
         if self.stream_batching_ms < 0:
             raise ValueError("stream_batching_ms must be 0 (no batching) or more")
+        if not 0 <= self.max_surge_percent <= 100:
+            raise ValueError("max_surge_percent is a percentage: 0 <= max_surge_percent <= 100")
         return self
 
     def replica_settings(self) -> dict[str, Any]:
@@ -76,6 +83,10 @@ class ModelEntry(ReplicaSettings):
     """Registry reference: ``name``, ``name:3`` or ``name@production``."""
     model_id: str | None = None
     """The id requests name; default: the registry name."""
+    version: str | None = None
+    """The version ``model`` named when the app was built, ``name:N``; rayllm sets it, and a
+    Serve config file carries it, so that every replica (and the app rebuilt after a restart)
+    serves that version until ``rayllm serve rollout`` resolves ``model`` again."""
 
 
 class ServeConfig(ReplicaSettings):

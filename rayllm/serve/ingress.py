@@ -94,7 +94,16 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
 
 
 class Ingress(OpenAiIngress):
-    """``ray.serve.llm``'s ingress, refusing chat messages in roles OpenAI's API does not have."""
+    """``ray.serve.llm``'s ingress, refusing chat messages in roles OpenAI's API does not have
+    and holding the pinned ServeConfig it was built from, for ``rayllm serve rollout`` and
+    ``rayllm serve status`` to read through a DeploymentHandle."""
+
+    def __init__(self, *args: Any, serve_config: dict[str, Any], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._serve_config = serve_config
+
+    async def serve_config(self) -> dict[str, Any]:
+        return self._serve_config
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         for number, message in enumerate(body.messages):
@@ -111,16 +120,20 @@ def _model_card(config: LLMConfig):
     return to_model_metadata(config.model_id, config, overrides={"registry_version": version})
 
 
-def openai_app(llm_configs: list[LLMConfig], key_digests: list[str]) -> Application:
-    """One ingress (OpenAI routes, no CPU of its own) over one vLLM deployment per model."""
+def openai_app(
+    llm_configs: list[LLMConfig], key_digests: list[str], serve_config: dict[str, Any]
+) -> Application:
+    """One ingress (OpenAI routes, no CPU of its own) over one vLLM deployment per model;
+    ``serve_config`` is the pinned ServeConfig the app is built from, as JSON."""
     app = ray_llm_fastapi_app()
     app.add_exception_handler(HTTPException, _http_error)
     app.add_middleware(JsonBodiesOnly)
     if key_digests:
         app.add_middleware(ApiKeyCheck, digests=key_digests)  # added last: runs first
     options = Ingress.get_deployment_options(llm_configs)
-    options["ray_actor_options"] = {"num_cpus": 0}
+    options |= {"ray_actor_options": {"num_cpus": 0}, "max_surge_percent": 100}
     return serve.deployment(make_fastapi_ingress(Ingress, app=app), **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
         model_cards={c.model_id: _model_card(c) for c in llm_configs},
+        serve_config=serve_config,
     )

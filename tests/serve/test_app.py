@@ -38,7 +38,10 @@ def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
     assert first == "shakespeare" and second["model_id"] == "bible-small"
     recipe |= {
         "registry": tiny_run["settings"]["registry"]["root"],
-        "models": ["tiny-shakespeare", second | {"model": "tiny-shakespeare:1", "max_replicas": 1}],
+        "models": [
+            "tiny-shakespeare:1",
+            second | {"model": "tiny-shakespeare:1", "max_replicas": 1},
+        ],
         "max_replicas": 1,
         "max_num_seqs": 4,
         "kv_cache_gib": 1,

@@ -85,7 +85,7 @@ def test_replicas_start_from_zero_rise_under_a_burst_and_fall_to_zero(
 
     settings = ServeConfig(
         registry=tiny_run["settings"]["registry"]["root"],
-        model="tiny-shakespeare",
+        model="tiny-shakespeare:1",
         app_name="scaling",
         route_prefix="/scaling",
         port=serve_port,

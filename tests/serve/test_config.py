@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry
@@ -18,6 +18,7 @@ from rayllm.serve.app import (
     serve_config_file,
 )
 from rayllm.serve.config import ModelEntry, ServeConfig
+from rayllm.serve.rollout import plan
 from tests.test_cli import rayllm
 
 
@@ -47,11 +48,38 @@ def test_each_model_takes_the_apps_settings_unless_it_gives_its_own():
 
 def test_pinning_resolves_aliases_and_names_each_model(registry):
     config = pin(ServeConfig(registry=registry.url, models=["bard@production", "scribe"]))
-    assert [(e.model, e.model_id) for e in config.models] == [
-        ("bard:1", "bard"),
-        ("scribe:1", "scribe"),
+    assert [(e.model, e.version, e.model_id) for e in config.models] == [
+        ("bard@production", "bard:1", "bard"),
+        ("scribe", "scribe:1", "scribe"),
     ]
-    assert pin(ServeConfig(registry=registry.url, model="bard")).models[0].model == "bard:2"
+    assert pin(ServeConfig(registry=registry.url, model="bard")).models[0].version == "bard:2"
+
+
+def test_a_pinned_app_keeps_its_versions_until_a_rollout_resolves_them_again(registry):
+    running = pin(ServeConfig(registry=registry.url, models=["bard@production", "scribe"]))
+    assert pin(running) == running  # rebuilt (a restart, `serve deploy`): the same versions
+    assert not plan("app", running).needed
+
+    registry.set_alias("bard", "production", 2)
+    assert pin(running) == running  # a moved alias changes nothing by itself
+    rollout = plan("app", running)
+    assert rollout.needed and rollout.changes == {"bard": ("bard:1", "bard:2")}
+    assert [e.version for e in rollout.config.models] == ["bard:2", "scribe:1"]
+    assert rollout.config.models[1] == running.models[1]
+
+    follow = plan("app", running, {"scribe": "bard@production"})  # a model follows a new ref
+    assert follow.follows == {"bard": "bard@production", "scribe": "bard@production"}
+    assert follow.changes == {"bard": ("bard:1", "bard:2"), "scribe": ("scribe:1", "bard:2")}
+    with pytest.raises(RayllmError, match="app 'app' serves no model poet; it serves bard"):
+        plan("app", running, {"poet": "bard"})
+
+
+def test_rollouts_start_replacements_before_stopping_old_replicas(registry):
+    config = pin(ServeConfig(registry=registry.url, model="scribe"))
+    options = llm_config(config.models[0], config, has_gpus=False).deployment_config
+    assert DeploymentSchema(name="scribe", **options).max_surge_percent == 100  # Serve's option
+    with pytest.raises(ValueError, match="max_surge_percent is a percentage"):
+        ServeConfig(max_surge_percent=150)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +129,11 @@ def test_the_exported_file_is_a_serve_config_with_every_model_pinned(registry):
     assert app["import_path"] == IMPORT_PATH
     assert exported["http_options"]["port"] == 8100
     rebuilt = ServeConfig.model_validate(app["args"])
-    assert [ModelEntry.model_validate(m).model for m in rebuilt.models] == ["bard:1", "scribe:1"]
+    entries = [ModelEntry.model_validate(m) for m in rebuilt.models]
+    assert [(e.model, e.version) for e in entries] == [
+        ("bard@production", "bard:1"),
+        ("scribe", "scribe:1"),
+    ]
     assert pin(rebuilt) == pin(config)  # deploying the file builds the same app
 
 
@@ -113,7 +145,8 @@ def test_the_cli_exports_without_starting_ray(registry, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     exported = yaml.safe_load(target.read_text())
-    assert exported["applications"][0]["args"]["models"][0]["model"] == "bard:1"
+    (entry,) = exported["applications"][0]["args"]["models"]
+    assert (entry["model"], entry["version"]) == ("bard@production", "bard:1")
     done = rayllm("serve", "--set", f"registry={registry.url}", "--export-config", "-")
     assert done.returncode == 2
     assert "holds 2 models" in done.stderr and "Traceback" not in done.stderr

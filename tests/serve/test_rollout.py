@@ -1,0 +1,125 @@
+"""Rollout by alias on the session's served app (the lifecycle's): the README's commands
+promote a second version and roll the app onto it, then roll it back, each under a steady
+stream of requests. No request fails (the client does not retry), and the answers switch
+from one version's to the other's."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayllm.client import Client, EndpointError, Retry
+from rayllm.registry.importers import import_folder
+from rayllm.registry.store import Registry
+from tests.test_readme import block_with, commands
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-shakespeare"
+PROMPT = "KING.\n"
+
+
+def publish_perturbed(root: str, parent: str, folder: Path) -> str:
+    """``parent`` with noise on every weight matrix, published as the model's next version:
+    the same shape and tokenizer, other greedy completions."""
+    registry = Registry(root)
+    registry.export(parent, folder)
+    weights = load_file(folder / "model.safetensors")
+    noise = torch.Generator().manual_seed(0)
+    for name, tensor in weights.items():
+        if tensor.dim() > 1:
+            weights[name] = tensor + tensor.std() * torch.randn(tensor.shape, generator=noise)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return import_folder(registry, MODEL, folder, parent=parent).ref
+
+
+class Stream:
+    """One client sending the same greedy completion back to back, without retries."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.answers: list[str] = []
+        self.failures: list[str] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        with Client(self.url, MODEL, retry=Retry(attempts=1), timeout=120) as client:
+            while not self.stopped.is_set():
+                try:
+                    self.answers.append(client.complete(PROMPT, max_tokens=8, temperature=0))
+                except EndpointError as error:
+                    self.failures.append(str(error))
+
+
+@contextmanager
+def steady_stream(url: str):
+    stream = Stream(url)
+    thread = threading.Thread(target=stream.run, daemon=True)
+    thread.start()
+    try:
+        yield stream
+        time.sleep(3)  # answers from after the rollout
+    finally:
+        stream.stopped.set()
+        thread.join(timeout=150)
+
+
+def rayllm(args: list[str], env: dict) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "rayllm.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"rayllm {' '.join(args)}\n{done.stdout}{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
+    tiny_run, ray_cluster, tmp_path
+):
+    root = tiny_run["settings"]["registry"]["root"]
+    url = tiny_run["report"]["serve"]["url"]
+    first = tiny_run["report"]["registry"]["ref"]
+    second = publish_perturbed(root, first, tmp_path / "second")
+    env = os.environ | ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
+    env |= {"RAYLLM_REGISTRY": root, "COLUMNS": "200"}
+    rayllm(["registry", "promote", first, "production"], env)
+    promote, follow, rollback, rollout = commands(block_with("rayllm serve rollout"))
+    promote, follow, rollback, rollout = (
+        [arg.replace("shakespeare", MODEL).replace(":2", f":{second.split(':')[1]}") for arg in a]
+        for a in (promote, follow, rollback, rollout)
+    )
+    with Client(url, MODEL) as client:
+        assert client.versions() == {MODEL: first}
+        old_answer = client.complete(PROMPT, max_tokens=8, temperature=0)
+
+    with steady_stream(url) as stream:
+        rayllm(promote, env)
+        moved = rayllm(follow, env)
+    assert f"{MODEL}: {first} -> {second} (follows {MODEL}@production)" in moved
+    assert not stream.failures, stream.failures
+    new_answer = stream.answers[-1]
+    assert new_answer != old_answer  # the new weights answer now
+    assert set(stream.answers) == {old_answer, new_answer}, stream.answers
+    with Client(url, MODEL) as client:
+        assert client.versions() == {MODEL: second}
+
+    with steady_stream(url) as stream:
+        rayllm(rollback, env)
+        moved = rayllm(rollout, env)
+    assert f"{MODEL}: {second} -> {first}" in moved
+    assert not stream.failures, stream.failures
+    assert stream.answers[-1] == old_answer
+    assert set(stream.answers) == {old_answer, new_answer}, stream.answers
+    with Client(url, MODEL) as client:
+        assert client.versions() == {MODEL: first}
+    assert "already serves what its references name" in rayllm(rollout, env)
