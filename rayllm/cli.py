@@ -31,6 +31,7 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override one setting, e.g. train.steps=50 (repeatable)."),
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 RootOption = Annotated[
     str | None,
     typer.Option(
@@ -191,6 +192,41 @@ def serve_rollout(
         console.print(f"app {app_name} rolled out in {done.seconds:.0f} s ({following})")
 
 
+@serve_app.command("status")
+def serve_status(
+    app_name: Annotated[str | None, typer.Option("--app", help="Only this app.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Each Serve app on the cluster: its models, the registry versions they serve, their
+    replicas, and their traffic (requests by status code, time to first token, tokens)."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from rayllm.serve.status import serve_status
+
+    _running_cluster()
+    apps = serve_status(app_name)
+    if app_name is not None and not apps:
+        raise RayllmError(f"no Serve app named {app_name!r} runs on this cluster")
+    table = Table("app", "model", "follows", "version", "replicas", "TTFT", "tokens", "requests")
+    for app in apps:
+        requests = ", ".join(f"{code}: {n:.0f}" for code, n in sorted(app.requests.items()))
+        if app.message:
+            requests += f"  {app.message}"
+        for model in app.models or [None]:
+            if model is None:
+                table.add_row(app.name, "", "", "", app.status, "", "", requests)
+                continue
+            replicas = ", ".join(f"{n} {state}" for state, n in model.replicas.items() if n)
+            ttft = f"{model.ttft_s * 1000:.0f} ms" if model.ttft_s is not None else ""
+            table.add_row(
+                f"{app.name} ({app.status})", model.model_id, model.follows, model.version,
+                replicas or model.status, ttft, f"{model.generated_tokens:.0f}", requests,
+            )  # fmt: skip
+    _emit(as_json, [asdict(app) for app in apps], table)
+
+
 UrlOption = Annotated[str, typer.Option(help="Endpoint base URL.")]
 ModelOption = Annotated[str, typer.Option(help="Served model id.")]
 
@@ -257,9 +293,6 @@ def show_config(
     if isinstance(settings, LifecycleConfig):
         settings.stages()  # conflicting hand-offs are errors here too
     print(dump_config(settings), end="")
-
-
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def _registry(root: str | None):

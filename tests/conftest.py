@@ -3,7 +3,8 @@
 - ``s3``: a real S3 API (moto's server) on 127.0.0.1, reached through the same ``s3://`` URLs
   a user gives for AWS;
 - ``ray_head``: a Ray cluster started the way the README says (``ray start --head``), with its
-  own temp dir, ports and auth token; the test process joins it (``ray_cluster``);
+  own temp dir, ports (its Prometheus metrics' included) and auth token; the test process
+  joins it (``ray_cluster``);
 - ``tiny_run``: the README's ``ray job submit`` of ``jobs/lifecycle.py`` at reduced size,
   publishing to the S3 registry and leaving its model served for the tests that query it.
 """
@@ -104,7 +105,7 @@ def s3():
 def ray_head(s3):
     """``ray start --head`` with its own temp dir, ports and token; stopped at the end."""
     temp = tempfile.mkdtemp(prefix="rayllm-test-ray-")
-    port, dashboard = free_port(), free_port()
+    port, dashboard, metrics = free_port(), free_port(), free_port()
     env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "RAYLLM_API_KEYS": API_KEYS}
     head = subprocess.Popen(
         [
@@ -117,6 +118,7 @@ def ray_head(s3):
             f"--ray-client-server-port={free_port()}",
             "--dashboard-host=127.0.0.1",
             "--include-dashboard=true",
+            f"--metrics-export-port={metrics}",
             "--num-cpus=8",
             f"--temp-dir={temp}",
             "--disable-usage-stats",
@@ -130,6 +132,7 @@ def ray_head(s3):
     yield {
         "address": f"127.0.0.1:{port}",
         "dashboard": f"http://127.0.0.1:{dashboard}",
+        "metrics": f"http://127.0.0.1:{metrics}/metrics",
         "env": env,
         "temp_dir": temp,
     }

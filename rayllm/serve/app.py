@@ -120,8 +120,8 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     """The ``ray.serve.llm.LLMConfig`` serving one pinned model, resolved by each replica."""
     from ray.serve.llm import LLMConfig
 
-    from rayllm.serve.autoscaling import LoadReportingServer
     from rayllm.serve.replica_source import RegistrySource
+    from rayllm.serve.server import LoadReportingServer
 
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
     if entry.tensor_parallel_size > 1 and not on_gpu:

@@ -1,28 +1,20 @@
 """Autoscaling on what the vLLM engine reports (``rayllm.serve.engine_stats``), not only on
 requests in flight, through Ray Serve's public hooks:
 
-- ``LoadReportingServer``: ``ray.serve.llm``'s ``LLMServer`` with Serve's
-  ``record_autoscaling_stats``: each replica reports its engine's load;
-- ``EngineLoadPolicy``: a custom autoscaling policy (``AutoscalingPolicy``) run by the Serve
-  controller: replicas follow the mean engine load against a target. Serve applies
-  min/max_replicas and the up- and down-scaling delays around it.
+- each replica (``rayllm.serve.server.LoadReportingServer``) reports its engine's load
+  through Serve's ``record_autoscaling_stats``;
+- ``EngineLoadPolicy``, a custom autoscaling policy run by the Serve controller, makes
+  replicas follow the mean engine load against a target. Serve applies min/max_replicas and
+  the up- and down-scaling delays around it.
+
+The controller imports this module, as does every ``serve.status()`` call, so it imports
+nothing of vLLM.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
-
-from ray.serve.llm import LLMServer
-
-from rayllm.serve.engine_stats import engine_load
-
-
-class LoadReportingServer(LLMServer):
-    """A ``ray.serve.llm`` replica that tells Serve's autoscaler how full its engine is."""
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"engine_load": engine_load()}
 
 
 class EngineLoadPolicy:
