@@ -1,8 +1,9 @@
-"""Python clients for rayllm endpoints: :class:`Client` (blocking) and :class:`AsyncClient`.
+"""Python clients for rayllm endpoints: :class:`Client` (blocking) and :class:`AsyncClient`
+over HTTP, and :class:`HandleClient` for code running inside the Ray cluster.
 
-Both speak the OpenAI routes (the ``openai`` SDK works against the same endpoints), retry
-what a serving cluster throws at a caller while it scales or rolls out (429, 503, dropped
-connections) with exponential backoff, and turn everything else into one
+The HTTP clients speak the OpenAI routes (the ``openai`` SDK works against the same
+endpoints), retry what a serving cluster throws at a caller while it scales or rolls out
+(429, 503, dropped connections) with exponential backoff, and turn everything else into one
 :class:`EndpointError` that says what happened.
 """
 
@@ -275,3 +276,51 @@ class AsyncClient(_Endpoint):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class HandleClient:
+    """Completions and chat from code running inside the Ray cluster (a task, an actor,
+    another deployment) through the model's Serve DeploymentHandle: no proxy, no HTTP and no
+    API key (the cluster is the trust boundary); Serve routes and queues the calls as it does
+    the HTTP ones. Blocking: from async code, call it in a thread."""
+
+    def __init__(self, model: str, app_name: str = "rayllm"):
+        from ray import serve
+
+        from rayllm.serve.app import model_deployment
+
+        app = serve.status().applications.get(app_name)
+        if app is None:
+            raise EndpointError(f"no Serve app named {app_name!r} runs on this cluster")
+        try:
+            deployment = model_deployment(app.deployments, model)
+        except StopIteration:
+            raise EndpointError(f"Serve app {app_name!r} serves no model {model!r}") from None
+        self.model = model
+        self.handle = serve.get_deployment_handle(deployment, app_name).options(stream=True)
+
+    def complete(
+        self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any
+    ) -> str:
+        from ray.serve.llm.openai_api_models import CompletionRequest
+
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens}
+        request = CompletionRequest(**body, temperature=temperature, **extra)
+        return self._answer(self.handle.completions.remote(request)).choices[0].text
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int = 64, **extra: Any) -> str:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens}
+        request = ChatCompletionRequest(**body, **extra)
+        return self._answer(self.handle.chat.remote(request)).choices[0].message.content
+
+    def _answer(self, responses: Any) -> Any:
+        """The one response a non-streaming call yields, or its error as an EndpointError."""
+        from ray.serve.llm.openai_api_models import ErrorResponse
+
+        response = next(iter(responses))
+        if isinstance(response, ErrorResponse):
+            error = response.error
+            raise EndpointError(f"{self.model} refused the call: {error.message}", error.code)
+        return response

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,12 @@ def serve_config_file(config: ServeConfig) -> dict[str, Any]:
             }
         ],
     }
+
+
+def model_deployment(deployments: Iterable[str], model_id: str) -> str:
+    """The deployment serving ``model_id``: ``ray.serve.llm`` names it after its server class
+    and the model id (``LoadReportingServer:shakespeare``)."""
+    return next(name for name in deployments if name.partition(":")[2] == model_id)
 
 
 def running_config(app_name: str) -> ServeConfig:

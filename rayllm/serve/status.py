@@ -10,14 +10,13 @@ Prometheus scrapes them (Ray writes a scrape config under the session's
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from rayllm.errors import RayllmError
-from rayllm.serve.app import running_config
+from rayllm.serve.app import model_deployment, running_config
 from rayllm.serve.config import ModelEntry
 
 REQUESTS = "ray_serve_num_http_requests_total"
@@ -104,12 +103,6 @@ def _served_models(app_name: str) -> list[ModelEntry]:
         return running_config(app_name).models
     except RayllmError:
         return []
-
-
-def model_deployment(deployments: Iterable[str], model_id: str) -> str:
-    """The deployment serving ``model_id``: ``ray.serve.llm`` names it after its server class
-    and the model id (``LoadReportingServer:shakespeare``)."""
-    return next(name for name in deployments if name.partition(":")[2] == model_id)
 
 
 def scrape() -> list[Sample]:
