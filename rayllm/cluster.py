@@ -37,11 +37,16 @@ def connect(config: RayConfig) -> None:
         try:
             ray.init(address=address, **options)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+            fix = (
+                "set RAY_ADDRESS to its address"
+                if address == "auto"
+                else "fix RAY_ADDRESS, or unset it to run locally"
+            )
             raise RayllmError(
                 f"cannot reach the Ray cluster at {address!r} ({str(err).splitlines()[0]}); "
-                "start it with `ray start --head`, fix RAY_ADDRESS, or unset it to run locally; "
-                "a cluster with token authentication also needs RAY_AUTH_MODE=token and its "
-                "token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+                f"start it with `ray start --head` or {fix}; a cluster with token "
+                "authentication also needs RAY_AUTH_MODE=token and its token "
+                "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
             ) from None
         return
     cpus = config.num_cpus or max(8, 2 * (os.cpu_count() or 1))
