@@ -316,11 +316,10 @@ class HandleClient:
         return self._answer(self.handle.chat.remote(request)).choices[0].message.content
 
     def _answer(self, responses: Any) -> Any:
-        """The one response a non-streaming call yields, or its error as an EndpointError."""
-        from ray.serve.llm.openai_api_models import ErrorResponse
-
+        """The one response a non-streaming call yields, or its error (an ``ErrorResponse``,
+        whose class the server takes from ``ray.llm._internal``) as an EndpointError."""
         response = next(iter(responses))
-        if isinstance(response, ErrorResponse):
-            error = response.error
+        error = getattr(response, "error", None)
+        if error is not None:
             raise EndpointError(f"{self.model} refused the call: {error.message}", error.code)
         return response
