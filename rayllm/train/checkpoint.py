@@ -54,7 +54,10 @@ def latest_checkpoint(run: str) -> tuple[str, dict[str, Any]] | None:
         if folder.rsplit("/", 1)[-1].startswith("checkpoint_") and fs.exists(
             f"{folder}/{PROGRESS}"
         ):
-            found.append((json.loads(fs.cat_file(f"{folder}/{PROGRESS}")), folder))
+            try:
+                found.append((json.loads(fs.cat_file(f"{folder}/{PROGRESS}")), folder))
+            except json.JSONDecodeError:
+                continue  # still being copied into storage: not complete yet
     if not found:
         return None
     progress, folder = max(found, key=lambda item: item[0]["step"])
