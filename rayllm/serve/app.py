@@ -6,8 +6,8 @@ model serve the same weights until ``rayllm serve rollout`` resolves the referen
 replica then resolves its version on its own node (``rayllm.serve.replica_source``), so any
 node can serve from any registry root. ``build_app`` is the app's import path: ``rayllm
 serve`` runs it, and ``serve deploy`` / a RayService runs it from the config that ``rayllm
-serve --export-config`` writes. rayllm adds only that resolution, API keys, engine-load
-autoscaling and CPU-aware defaults to ``ray.serve.llm``.
+serve --export-config`` writes. rayllm adds only that resolution (of LoRA adapters too), API
+keys, engine-load autoscaling and CPU-aware defaults to ``ray.serve.llm``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     from ray.serve.llm import LLMConfig
 
     from rayllm.serve.replica_source import RegistrySource
-    from rayllm.serve.server import LoadReportingServer
+    from rayllm.serve.server import ModelServer
 
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
     if entry.tensor_parallel_size > 1 and not on_gpu:
@@ -140,6 +140,12 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
             ("bfloat16" if cpu_has_bf16() else "float32") if entry.dtype == "auto" else entry.dtype
         )
         engine |= {"dtype": dtype, "enforce_eager": True}
+    if entry.max_loras:
+        engine |= {
+            "enable_lora": True,
+            "max_loras": entry.max_loras,
+            "max_lora_rank": entry.max_lora_rank,
+        }
     engine |= entry.engine_kwargs
     bundle = {"CPU": entry.cpus_per_replica} | ({"GPU": 1} if on_gpu else {})
     return LLMConfig(
@@ -155,7 +161,8 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
             "autoscaling_config": autoscaling(entry),
             "max_surge_percent": entry.max_surge_percent,
         },
-        server_cls=LoadReportingServer if entry.autoscale_on == "engine_load" else None,
+        lora_config={"max_num_adapters_per_replica": entry.max_loras} if entry.max_loras else None,
+        server_cls=ModelServer,
         runtime_env={
             "env_vars": {
                 "VLLM_CPU_KVCACHE_SPACE": str(entry.kv_cache_gib),
@@ -235,7 +242,7 @@ def serve_config_file(config: ServeConfig) -> dict[str, Any]:
 
 def model_deployment(deployments: Iterable[str], model_id: str) -> str:
     """The deployment serving ``model_id``: ``ray.serve.llm`` names it after its server class
-    and the model id (``LoadReportingServer:shakespeare``)."""
+    and the model id (``ModelServer:shakespeare``)."""
     return next(name for name in deployments if name.partition(":")[2] == model_id)
 
 

@@ -1,7 +1,7 @@
 """Autoscaling on what the vLLM engine reports (``rayllm.serve.engine_stats``), not only on
 requests in flight, through Ray Serve's public hooks:
 
-- each replica (``rayllm.serve.server.LoadReportingServer``) reports its engine's load
+- each replica (``rayllm.serve.server.ModelServer``) reports its engine's load
   through Serve's ``record_autoscaling_stats``;
 - ``EngineLoadPolicy``, a custom autoscaling policy run by the Serve controller, makes
   replicas follow the mean engine load against a target. Serve applies min/max_replicas and

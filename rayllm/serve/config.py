@@ -55,6 +55,13 @@ class ReplicaSettings(StageConfig):
     stream_batching_ms: float = 0
     """How long a replica gathers streamed tokens before sending them on as one message;
     0 sends every token at once."""
+    max_loras: int = 0
+    """LoRA adapters of this model (registry versions published against the served version)
+    one replica holds at once, loaded on first request and evicted least recently used;
+    0 serves no adapters. Requests name one as ``model_id:adapter`` (or ``:adapter:3``,
+    ``:adapter@production``)."""
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = 16
+    """The highest adapter rank the replicas accept (vLLM reserves memory for it)."""
     engine_kwargs: dict[str, Any] = {}
     """Any other vLLM engine argument, passed through unchanged."""
 
@@ -68,6 +75,8 @@ class ReplicaSettings(StageConfig):
             raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
         if self.stream_batching_ms < 0:
             raise ValueError("stream_batching_ms must be 0 (no batching) or more")
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be 0 (no adapters) or more")
         if not 0 <= self.max_surge_percent <= 100:
             raise ValueError("max_surge_percent is a percentage: 0 <= max_surge_percent <= 100")
         return self

@@ -17,6 +17,8 @@ from typing import Any
 from ray import serve
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
     to_model_metadata,
 )
 from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
@@ -27,7 +29,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from rayllm.serve.adapters import AdapterNames, AdapterRefused
 from rayllm.serve.app import key_digest
+from rayllm.serve.config import ServeConfig
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 """The message roles of OpenAI's chat API; vLLM would pass any other to the chat template."""
@@ -94,16 +98,31 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
 
 
 class Ingress(OpenAiIngress):
-    """``ray.serve.llm``'s ingress, refusing chat messages in roles OpenAI's API does not have
-    and holding the pinned ServeConfig it was built from, for ``rayllm serve rollout`` and
-    ``rayllm serve status`` to read through a DeploymentHandle."""
+    """``ray.serve.llm``'s ingress, pinning each request for a LoRA adapter to one registry
+    version (``rayllm.serve.adapters``), refusing chat messages in roles OpenAI's API does not
+    have, and holding the pinned ServeConfig it was built from, for ``rayllm serve rollout``
+    and ``rayllm serve status`` to read through a DeploymentHandle."""
 
     def __init__(self, *args: Any, serve_config: dict[str, Any], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._serve_config = serve_config
+        self._adapters = AdapterNames(ServeConfig.model_validate(serve_config))
 
     async def serve_config(self) -> dict[str, Any]:
         return self._serve_config
+
+    async def models(self) -> ModelList:
+        """The served models, then each adapter their replicas can load, with its version."""
+        listing = await super().models()
+        cards = {card.id: card for card in listing.data}
+        for name, version in (await self._adapters.listed()).items():
+            base = cards[name.partition(":")[0]]
+            metadata = base.metadata | {"registry_version": version}
+            listing.data.append(base.model_copy(update={"id": name, "metadata": metadata}))
+        return listing
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        return await self._pinned(body) or await super().completions(body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         for number, message in enumerate(body.messages):
@@ -111,7 +130,16 @@ class Ingress(OpenAiIngress):
             if role not in CHAT_ROLES:
                 known = ", ".join(sorted(CHAT_ROLES))
                 return openai_error(400, f"messages[{number}].role is {role!r}; use one of {known}")
-        return await super().chat(body, request)
+        return await self._pinned(body) or await super().chat(body, request)
+
+    async def _pinned(self, body: CompletionRequest | ChatCompletionRequest) -> Response | None:
+        """Points ``body`` at one adapter version; the error to send if it cannot be served."""
+        if body.model:
+            try:
+                body.model = await self._adapters.pinned(body.model)
+            except AdapterRefused as refused:
+                return openai_error(refused.status, str(refused))
+        return None
 
 
 def _model_card(config: LLMConfig):

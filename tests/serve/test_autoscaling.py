@@ -14,7 +14,7 @@ from rayllm.serve.config import ModelEntry, ServeConfig
 
 
 def context(replicas: int, requests: float, loads: list[float]) -> AutoscalingContext:
-    deployment = DeploymentID(name="LoadReportingServer:m", app_name="app")
+    deployment = DeploymentID(name="ModelServer:m", app_name="app")
     running = [ReplicaID(f"r{n}", deployment) for n in range(replicas)]
     return AutoscalingContext(
         deployment_id=deployment,
