@@ -119,6 +119,8 @@ def ray_head(s3):
             "--dashboard-host=127.0.0.1",
             "--include-dashboard=true",
             f"--metrics-export-port={metrics}",
+            f"--dashboard-agent-listen-port={free_port()}",  # not Ray's default: another
+            f"--dashboard-agent-grpc-port={free_port()}",  # cluster on this machine may hold it
             "--num-cpus=8",
             f"--temp-dir={temp}",
             "--disable-usage-stats",
@@ -185,7 +187,7 @@ def tiny_run(ray_cluster, s3, serve_port, tmp_path_factory):
             "eval_batches": 2,
             "model": TINY_MODEL,
         },
-        "serve": {"port": serve_port, "max_replicas": 1, "max_num_seqs": 4},
+        "serve": {"port": serve_port, "max_replicas": 1, "max_num_seqs": 4, "max_loras": 2},
         "prompts": ["ROMEO.\n", "JULIET.\n"],
         "max_tokens": 12,
     }

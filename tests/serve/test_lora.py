@@ -1,0 +1,95 @@
+"""LoRA adapters on the session's served app (the lifecycle's, served with max_loras=2): the
+README's commands publish two random adapters of the served version, and requests pick each
+by name, one at a time and in one batch, through the official SDK and rayllm's CLI."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from rayllm.registry.store import Registry
+from tests.adapters import random_adapter
+from tests.conftest import API_KEYS
+from tests.test_readme import block_with, commands
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-shakespeare"
+KEY = API_KEYS.split(",")[0]
+
+
+def rayllm(args: list[str], env: dict) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "rayllm.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"rayllm {' '.join(args)}\n{done.stdout}{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_adapters_are_picked_per_request_on_the_base_models_replicas(
+    tiny_run, ray_cluster, tmp_path
+):
+    root = tiny_run["settings"]["registry"]["root"]
+    url = tiny_run["report"]["serve"]["url"]
+    base = tiny_run["report"]["registry"]["ref"]
+    env = os.environ | ray_cluster["env"] | {"RAYLLM_REGISTRY": root, "COLUMNS": "200"}
+    publish, serve, chat = commands(block_with("--set max_loras="))
+    _, base_folder = Registry(root).local_path(base)
+    for name, seed in ((f"{MODEL}-lora", 0), (f"{MODEL}-lora-b", 1)):
+        folder = random_adapter(base_folder, tmp_path / name, seed=seed)
+        ours = {"shakespeare-lora": name, "./adapter": str(folder), "shakespeare:1": base}
+        published = rayllm([ours.get(a, a) for a in publish], env)
+        assert f"published {name}:1" in published
+
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+
+    def complete(model: str) -> openai.types.Completion:
+        return sdk.completions.create(model=model, prompt="KING.\n", max_tokens=8, temperature=0)
+
+    answers = {model: complete(model) for model in (MODEL, f"{MODEL}:{MODEL}-lora")}
+    lora = answers[f"{MODEL}:{MODEL}-lora"]
+    assert lora.model == f"{MODEL}:{MODEL}-lora:1"  # the name, pinned to the version answering
+    assert lora.choices[0].text != answers[MODEL].choices[0].text
+    assert complete(f"{MODEL}:{MODEL}-lora:1").choices[0].text == lora.choices[0].text
+
+    with ThreadPoolExecutor(3) as pool:  # one batch, two adapters and the base
+        batch = list(
+            pool.map(complete, [MODEL, f"{MODEL}:{MODEL}-lora", f"{MODEL}:{MODEL}-lora-b"])
+        )
+    texts = [answer.choices[0].text for answer in batch]
+    assert len(set(texts)) == 3, texts
+
+    listed = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    versions = {card["id"]: card["metadata"]["registry_version"] for card in listed["data"]}
+    assert versions == {
+        MODEL: base,
+        f"{MODEL}:{MODEL}-lora": f"{MODEL}-lora:1",
+        f"{MODEL}:{MODEL}-lora-b": f"{MODEL}-lora-b:1",
+    }
+
+    chat = [a.replace("shakespeare:shakespeare-lora", f"{MODEL}:{MODEL}-lora") for a in chat]
+    said = rayllm([*chat, "--url", url, "--max-tokens", "6"], env | {"RAYLLM_API_KEY": KEY})
+    assert said.strip()
+
+    with pytest.raises(
+        openai.NotFoundError, match=f"model '{MODEL}-lora-c' is not in the registry"
+    ):
+        complete(f"{MODEL}:{MODEL}-lora-c")
+    with pytest.raises(openai.BadRequestError, match=f"{base} is a full model, not an adapter"):
+        complete(f"{MODEL}:{MODEL}")
+
+    # The README's serve line, as the Serve config it deploys.
+    serve = [a.replace("shakespeare:1", base) for a in serve]
+    exported = tmp_path / "app.yaml"
+    rayllm([*serve, "--export-config", str(exported)], env)
+    args = yaml.safe_load(exported.read_text())["applications"][0]["args"]
+    assert args["max_loras"] == 4 and args["models"][0]["version"] == base
