@@ -652,17 +652,28 @@ def bench_serve(
     requests: Annotated[int, typer.Option(help="Requests per load.")] = 48,
     output_tokens: Annotated[int, typer.Option(help="Tokens every request generates.")] = 64,
     prompt_words: Annotated[int, typer.Option(help="Words per prompt.")] = 48,
+    shared_prefix_words: Annotated[
+        int, typer.Option(help="Words every prompt starts with (prefix caching's case).")
+    ] = 0,
     max_num_seqs: int = 16,
-    kv_cache_gib: int = 1,
+    kv_cache_gib: float = 1.0,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Engine settings to run each system with, e.g. kv_cache_gib=0.05,"
+            "prefix_caching=false (repeatable; default: the settings above)."
+        ),
+    ] = None,
     hf_requests: Annotated[int, typer.Option(help="Requests hf generate runs.")] = 8,
     as_json: JsonOption = False,
 ) -> None:
     """rayllm's app against vLLM's own OpenAI server and Hugging Face generate: output
-    tokens/s, TTFT, TPOT, inter-token and end-to-end latency, on the same model and prompts."""
+    tokens/s, TTFT, TPOT, inter-token and end-to-end latency, on the same model and prompts,
+    under each variant of the engine's memory settings."""
     from rich.table import Table
 
     from rayllm.bench.load import Load
-    from rayllm.bench.serve import SYSTEMS, benchmark
+    from rayllm.bench.serve import SYSTEMS, benchmark, parse_variant
 
     loads = [Load(requests, output_tokens, concurrency=c) for c in (concurrency or [])]
     loads += [Load(requests, output_tokens, rate=r) for r in (rate or [])]
@@ -676,11 +687,20 @@ def bench_serve(
         loads,
         system or list(SYSTEMS),
         prompt_words,
-        max_num_seqs,
-        kv_cache_gib,
+        {"max_num_seqs": max_num_seqs, "kv_cache_gib": kv_cache_gib},
         hf_requests,
+        [parse_variant(text) for text in variant or []],
+        shared_prefix_words,
     )
-    columns = ["system", "load", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms"]
+    columns = [
+        "system",
+        "variant",
+        "load",
+        "output tok/s",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "TPOT p50 ms",
+    ]
     columns += ["ITL p50 ms", "E2E p50 ms", "vs vLLM tok/s", "vs vLLM TTFT", "vs hf generate"]
     columns += ["failed"]
     table = Table(*columns, title=f"{result['model']}, {output_tokens} output tokens per request")
@@ -691,6 +711,7 @@ def bench_serve(
     for row in result["rows"]:
         table.add_row(
             row["system"],
+            row.get("variant") or "-",
             row["load"],
             cell(row, "output_tokens_per_s", "{:,.1f}"),
             cell(row, "ttft_p50_ms"),

@@ -45,6 +45,8 @@ BENCH_MODEL_NAME = "bench-28m"
 SYSTEMS = ("rayllm", "ray.serve.llm defaults", "vllm", "hf generate")
 RAY_DEFAULTS = {"stream_batching_ms": 50}
 """What ``ray.serve.llm`` does out of the box that rayllm's app changes."""
+VARIANT_SETTINGS = ("kv_cache_gib", "prefix_caching", "max_num_seqs", "max_model_len")
+"""The engine settings ``--variant`` may change, for rayllm's app and vLLM's server alike."""
 OWN_CLUSTER = (
     "rayllm bench serve starts its own Ray cluster on this machine's CPUs, the share every "
     "other system gets"
@@ -84,12 +86,31 @@ def bench_model(registry: Registry) -> str:
             return registry.publish(BENCH_MODEL_NAME, folder, lineage).ref
 
 
-def prompts(count: int, words: int) -> list[str]:
-    """``count`` prompts of ``words`` words each, from the built-in Shakespeare corpus."""
+def prompts(count: int, words: int, shared_words: int = 0) -> list[str]:
+    """``count`` prompts of ``words`` words each from the built-in Shakespeare corpus, each
+    after the same ``shared_words``-word prefix (a system prompt, a few-shot header)."""
     text = " ".join(Path(resolve_source("shakespeare")[0]).read_text(errors="replace").split())
     tokens = re.findall(r"\S+", text)
+    prefix, tokens = tokens[:shared_words], tokens[shared_words:]
     step = max(1, (len(tokens) - words) // count)
-    return [" ".join(tokens[n * step : n * step + words]) for n in range(count)]
+    return [" ".join(prefix + tokens[n * step : n * step + words]) for n in range(count)]
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``kv_cache_gib=0.05,prefix_caching=false`` -> the serve settings it changes."""
+    import yaml
+
+    variant = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in VARIANT_SETTINGS:
+            raise RayllmError(
+                f"--variant {text!r}: give KEY=VALUE pairs, comma-separated, with KEY one of "
+                f"{', '.join(VARIANT_SETTINGS)}"
+            )
+        variant[key.strip()] = yaml.safe_load(value)
+    ServeConfig.model_validate(variant)  # a bad value is refused before anything starts
+    return variant
 
 
 def benchmark(
@@ -98,11 +119,13 @@ def benchmark(
     loads: list[Load],
     systems: list[str],
     prompt_words: int,
-    max_num_seqs: int,
-    kv_cache_gib: int,
+    settings: dict[str, Any],
     hf_requests: int,
+    variants: list[dict[str, Any]] | None = None,
+    shared_prefix_words: int = 0,
 ) -> dict[str, Any]:
-    """Every system under every load; one row per (system, load)."""
+    """Every system under every load, once per variant of the engine settings; one row per
+    (system, variant, load)."""
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         raise RayllmError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
@@ -110,26 +133,22 @@ def benchmark(
         refuse_shared_cluster(OWN_CLUSTER)
     registry = Registry(registry_root or bench_registry())
     ref = registry.resolve(model).ref if model else bench_model(registry)
-    texts = prompts(64, prompt_words)
-    settings = ServeConfig(
-        registry=registry.url,
-        model=ref,
-        port=_free_port(),
-        max_replicas=1,
-        max_num_seqs=max_num_seqs,
-        kv_cache_gib=kv_cache_gib,
-        log_level="WARNING",
-    )
+    texts = prompts(64, prompt_words, shared_prefix_words)
+    base = {"registry": registry.url, "model": ref, "port": _free_port(), "max_replicas": 1}
+    base |= {"log_level": "WARNING"} | settings
     rows = []
     for system in systems:
         if system == "hf generate":
             rows += [_hf_generate(registry, ref, texts, loads[0].output_tokens, hf_requests)]
             continue
-        with _running(system, registry, settings) as (url, served):
-            for load in loads:
-                with Stage(f"bench: {system}, {load.name}"):
-                    result = asyncio.run(run_load(url, served, texts, load))
-                rows.append({"system": system, "load": load.name} | result)
+        for variant in variants or [{}]:
+            served = ServeConfig.model_validate(base | variant)
+            label = ",".join(f"{key}={value}" for key, value in variant.items())
+            with _running(system, registry, served) as (url, model_id):
+                for load in loads:
+                    with Stage(f"bench: {system} {label}, {load.name}"):
+                        result = asyncio.run(run_load(url, model_id, texts, load))
+                    rows.append({"system": system, "variant": label, "load": load.name} | result)
     _add_ratios(rows)
     return {"model": ref, "registry": registry.url, "rows": rows}
 
@@ -173,12 +192,14 @@ def _bare_vllm(registry: Registry, settings: ServeConfig) -> Iterator[str]:
         "vllm.entrypoints.openai.api_server",
         *("--model", str(folder), "--served-model-name", version.ref),
         *("--dtype", dtype, "--enforce-eager", "--max-num-seqs", str(settings.max_num_seqs)),
+        *("--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 2**30))),
+        "--enable-prefix-caching" if settings.prefix_caching else "--no-enable-prefix-caching",
+        *(("--max-model-len", str(settings.max_model_len)) if settings.max_model_len else ()),
         *("--host", "127.0.0.1", "--port", str(settings.port)),
     ]
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
     url = f"http://127.0.0.1:{settings.port}"
     with Stage("bench: starting vLLM's OpenAI server"), tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(url, server, log)
             yield url
@@ -248,10 +269,11 @@ def _hf_generate(
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's output tokens/s and TTFT p50 against vLLM's own server under the same load."""
-    baseline = {row["load"]: row for row in rows if row["system"] == "vllm"}
+    """Each row's output tokens/s and TTFT p50 against vLLM's own server under the same load
+    and engine settings."""
+    baseline = {(r["variant"], r["load"]): r for r in rows if r["system"] == "vllm"}
     for row in rows:
-        base = baseline.get(row["load"])
+        base = baseline.get((row.get("variant"), row["load"]))
         if base and base["output_tokens_per_s"]:
             row["vs_vllm_tokens_per_s"] = row["output_tokens_per_s"] / base["output_tokens_per_s"]
             if base.get("ttft_p50_ms") and row.get("ttft_p50_ms"):

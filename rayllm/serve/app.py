@@ -130,16 +130,33 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
             f"{entry.version}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
             "(one per rank) and this replica has none; set tensor_parallel_size=1 on CPU"
         )
-    engine: dict[str, Any] = {"max_num_seqs": entry.max_num_seqs}
+    engine: dict[str, Any] = {
+        "max_num_seqs": entry.max_num_seqs,
+        "enable_prefix_caching": entry.prefix_caching,
+    }
     if entry.max_model_len:
         engine["max_model_len"] = entry.max_model_len
     if on_gpu:
         engine |= {"dtype": entry.dtype, "tensor_parallel_size": entry.tensor_parallel_size}
+        if entry.kv_offload_gib:
+            engine["kv_offloading_size"] = entry.kv_offload_gib
+        if entry.weight_offload_gib:
+            engine["cpu_offload_gb"] = entry.weight_offload_gib
     else:  # no CUDA graphs to capture on CPU
+        for name in ("kv_offload_gib", "weight_offload_gib"):
+            if getattr(entry, name):
+                raise RayllmError(
+                    f"{entry.version}: {name} offloads GPU memory to the CPU, and this replica "
+                    f"runs on the CPU already; set {name}=0 on CPU"
+                )
         dtype = (
             ("bfloat16" if cpu_has_bf16() else "float32") if entry.dtype == "auto" else entry.dtype
         )
-        engine |= {"dtype": dtype, "enforce_eager": True}
+        engine |= {
+            "dtype": dtype,
+            "enforce_eager": True,
+            "kv_cache_memory_bytes": int(entry.kv_cache_gib * 2**30),
+        }
     if entry.max_loras:
         engine |= {
             "enable_lora": True,
@@ -163,12 +180,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
         },
         lora_config={"max_num_adapters_per_replica": entry.max_loras} if entry.max_loras else None,
         server_cls=ModelServer,
-        runtime_env={
-            "env_vars": {
-                "VLLM_CPU_KVCACHE_SPACE": str(entry.kv_cache_gib),
-                "VLLM_LOGGING_LEVEL": config.log_level,
-            }
-        },
+        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": config.log_level}},
     )
 
 

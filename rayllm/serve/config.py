@@ -47,9 +47,19 @@ class ReplicaSettings(StageConfig):
     dtype: str = "auto"
     """Weights' and activations' dtype; auto: bfloat16 on GPUs and on CPUs that compute it
     natively, else float32."""
-    kv_cache_gib: int = 1
-    """KV-cache size per replica on CPU (VLLM_CPU_KVCACHE_SPACE); on GPUs vLLM sizes it from
-    gpu_memory_utilization (an engine_kwargs entry)."""
+    kv_cache_gib: float = 1.0
+    """KV-cache size per replica on CPU, in GiB (vLLM's kv_cache_memory_bytes): the tokens
+    of all running sequences must fit, or the engine queues and preempts; on GPUs vLLM sizes
+    it from gpu_memory_utilization (an engine_kwargs entry)."""
+    prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt prefix seen before (vLLM's automatic prefix caching):
+    prompts sharing a system prompt or a few-shot header skip its prefill."""
+    kv_offload_gib: float = 0.0
+    """GPU replicas: a CPU-memory buffer the KV cache spills to (vLLM's native KV offloading),
+    so more sequences and longer prefixes stay cached than GPU memory holds; 0: none."""
+    weight_offload_gib: float = 0.0
+    """GPU replicas: GiB of weights kept in CPU memory and streamed in each step (vLLM's
+    cpu_offload_gb), for a model larger than GPU memory, at a large cost in speed; 0: none."""
     max_num_seqs: int = 16
     """Sequences one replica runs at once (continuous batching's batch size)."""
     stream_batching_ms: float = 0
@@ -75,6 +85,10 @@ class ReplicaSettings(StageConfig):
             raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
         if self.stream_batching_ms < 0:
             raise ValueError("stream_batching_ms must be 0 (no batching) or more")
+        if self.kv_cache_gib <= 0 or self.kv_offload_gib < 0 or self.weight_offload_gib < 0:
+            raise ValueError(
+                "kv_cache_gib must be above 0; kv_offload_gib, weight_offload_gib 0 or more"
+            )
         if self.max_loras < 0:
             raise ValueError("max_loras must be 0 (no adapters) or more")
         if not 0 <= self.max_surge_percent <= 100:

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from rayllm.bench.load import Load, RequestTiming, run_load, summarise
-from rayllm.bench.serve import prompts
+from rayllm.bench.serve import parse_variant, prompts
+from rayllm.errors import RayllmError
 
 
 def test_a_load_is_either_closed_or_open_loop():
@@ -34,10 +35,24 @@ def test_the_summary_counts_what_users_wait_for():
     assert summary["itl_p99_ms"] == pytest.approx(600, rel=0.05)
 
 
-def test_prompts_have_the_asked_length():
+def test_prompts_have_the_asked_length_after_the_shared_prefix():
     texts = prompts(5, 12)
     assert len(texts) == 5 and len(set(texts)) == 5
     assert all(len(text.split()) == 12 for text in texts)
+    shared = prompts(5, 12, shared_words=30)
+    assert all(len(text.split()) == 42 for text in shared) and len(set(shared)) == 5
+    assert len({" ".join(text.split()[:30]) for text in shared}) == 1
+
+
+def test_variants_name_engine_settings_and_bad_ones_are_refused():
+    assert parse_variant("kv_cache_gib=0.05,prefix_caching=false") == {
+        "kv_cache_gib": 0.05,
+        "prefix_caching": False,
+    }
+    with pytest.raises(RayllmError, match="KEY one of kv_cache_gib, prefix_caching"):
+        parse_variant("port=1")
+    with pytest.raises(ValueError, match="kv_cache_gib must be above 0"):
+        parse_variant("kv_cache_gib=0")
 
 
 @pytest.mark.slow
@@ -69,12 +84,14 @@ def test_bench_serve_measures_vllm_and_hf_generate_on_a_registry_version(tiny_ru
     command += ["--registry", registry, "--model", "tiny-shakespeare"]
     command += ["--system", "vllm", "--system", "hf generate", "--concurrency", "2"]
     command += ["--requests", "4", "--output-tokens", "6", "--hf-requests", "2"]
+    command += ["--variant", "kv_cache_gib=0.05,prefix_caching=false", "--shared-prefix-words", "8"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[re.search(r"^\{$", done.stdout, re.M).start() :])
     assert result["model"] == "tiny-shakespeare:1"
     vllm, hf = result["rows"]
     assert (vllm["system"], vllm["load"], vllm["failed"]) == ("vllm", "concurrency 2", 0)
+    assert vllm["variant"] == "kv_cache_gib=0.05,prefix_caching=False"
     assert vllm["output_tokens"] == 4 * 6 and vllm["vs_vllm_tokens_per_s"] == 1.0
     assert (hf["system"], hf["output_tokens"]) == ("hf generate", 2 * 6)
     assert vllm["vs_hf_generate"] == vllm["output_tokens_per_s"] / hf["output_tokens_per_s"]

@@ -150,3 +150,18 @@ def test_the_cli_exports_without_starting_ray(registry, tmp_path):
     done = rayllm("serve", "--set", f"registry={registry.url}", "--export-config", "-")
     assert done.returncode == 2
     assert "holds 2 models" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_memory_settings_reach_the_engine_where_the_platform_has_them(registry):
+    config = pin(ServeConfig(registry=registry.url, model="scribe", kv_cache_gib=0.25))
+    on_cpu = llm_config(config.models[0], config, has_gpus=False).engine_kwargs
+    assert on_cpu["kv_cache_memory_bytes"] == 2**28 and on_cpu["enable_prefix_caching"] is True
+    offloading = config.model_copy(update={"kv_offload_gib": 8, "weight_offload_gib": 2})
+    offloading = pin(offloading.model_copy(update={"models": [], "model": "scribe"}))
+    on_gpu = llm_config(offloading.models[0], offloading, has_gpus=True).engine_kwargs
+    assert (on_gpu["kv_offloading_size"], on_gpu["cpu_offload_gb"]) == (8, 2)
+    assert "kv_cache_memory_bytes" not in on_gpu  # GPUs: gpu_memory_utilization sizes it
+    with pytest.raises(RayllmError, match="kv_offload_gib offloads GPU memory to the CPU"):
+        llm_config(offloading.models[0], offloading, has_gpus=False)
+    with pytest.raises(ValueError, match="kv_cache_gib must be above 0"):
+        ServeConfig(kv_cache_gib=0)
