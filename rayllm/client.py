@@ -282,7 +282,9 @@ class HandleClient:
     """Completions and chat from code running inside the Ray cluster (a task, an actor,
     another deployment) through the model's Serve DeploymentHandle: no proxy, no HTTP and no
     API key (the cluster is the trust boundary); Serve routes and queues the calls as it does
-    the HTTP ones. Blocking: from async code, call it in a thread."""
+    the HTTP ones. Blocking: from async code, call it in a thread. A LoRA adapter is named as
+    over HTTP (``shakespeare:shakespeare-lora``) and pinned to one version when the client is
+    made."""
 
     def __init__(self, model: str, app_name: str = "rayllm"):
         from ray import serve
@@ -292,12 +294,19 @@ class HandleClient:
         app = serve.status().applications.get(app_name)
         if app is None:
             raise EndpointError(f"no Serve app named {app_name!r} runs on this cluster")
+        base_id, _, adapter = model.partition(":")
         try:
-            deployment = model_deployment(app.deployments, model)
+            deployment = model_deployment(app.deployments, base_id)
         except StopIteration:
-            raise EndpointError(f"Serve app {app_name!r} serves no model {model!r}") from None
+            raise EndpointError(f"Serve app {app_name!r} serves no model {base_id!r}") from None
         self.model = model
         self.handle = serve.get_deployment_handle(deployment, app_name).options(stream=True)
+        if adapter:  # Serve routes it to the replicas holding the adapter, as the ingress does
+            pinned = serve.get_app_handle(app_name).pin_adapter.remote(model).result()
+            if "error" in pinned:
+                raise EndpointError(pinned["error"], pinned["status"])
+            self.model = pinned["model"]
+            self.handle = self.handle.options(multiplexed_model_id=self.model)
 
     def complete(
         self, prompt: str, max_tokens: int = 64, temperature: float = 0.8, **extra: Any

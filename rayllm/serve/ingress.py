@@ -121,6 +121,14 @@ class Ingress(OpenAiIngress):
             listing.data.append(base.model_copy(update={"id": name, "metadata": metadata}))
         return listing
 
+    async def pin_adapter(self, model: str) -> dict[str, Any]:
+        """For ``rayllm.client.HandleClient``: ``model`` pinned as a request naming it would
+        be (``{"model": ...}``), or why it cannot be served (``{"error": ..., "status": ...}``)."""
+        try:
+            return {"model": await self._adapters.pinned(model)}
+        except AdapterRefused as refused:
+            return {"error": str(refused), "status": refused.status}
+
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         return await self._pinned(body) or await super().completions(body, request)
 

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import ray
 import yaml
 
 from rayllm.registry.store import Registry
@@ -24,6 +25,18 @@ KEY = API_KEYS.split(",")[0]
 LOGPROBS = {"max_tokens": 4, "temperature": 0, "logprobs": 1, "extra_body": {"ignore_eos": True}}
 """What tells weights apart: the log-probabilities of the tokens chosen (the text of a model
 this small and this briefly trained is the same few tokens, whatever an adapter adds)."""
+
+
+@ray.remote(num_cpus=0)
+def ask_through_the_handle(model: str) -> dict:
+    from rayllm.client import EndpointError, HandleClient
+
+    answers = {"text": HandleClient(model).complete("KING.\n", 4, 0, ignore_eos=True)}
+    try:
+        HandleClient(f"{model}-c")
+    except EndpointError as error:
+        answers["unknown"] = (str(error), error.status)
+    return answers
 
 
 def rayllm(args: list[str], env: dict) -> str:
@@ -78,6 +91,11 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
     assert base_in_batch == pytest.approx(logprobs(base_answer), abs=0.01)
     assert lora_in_batch == pytest.approx(logprobs(lora), abs=0.01)
     assert differ(other_in_batch, lora_in_batch) and differ(other_in_batch, base_in_batch)
+
+    handled = ray.get(ask_through_the_handle.remote(f"{MODEL}:{MODEL}-lora"), timeout=300)
+    assert handled["text"] == lora.choices[0].text
+    message, status = handled["unknown"]
+    assert status == 404 and f"model '{MODEL}-lora-c' is not in the registry" in message
 
     listed = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     versions = {card["id"]: card["metadata"]["registry_version"] for card in listed["data"]}
