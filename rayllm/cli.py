@@ -232,6 +232,28 @@ ModelOption = Annotated[str, typer.Option(help="Served model id.")]
 
 
 @app.command()
+def batch(config: ConfigOption = None, set: SetOption = None) -> None:
+    """Complete every prompt of a dataset (JSON lines or Parquet) with a registry version on
+    Ray Data, into Parquet."""
+    from rayllm.registry.store import Registry
+    from rayllm.serve.config import BatchConfig
+
+    settings = load_config(BatchConfig, config, set or ())
+    settings.check_given()  # a missing setting, model or output fails before Ray starts
+    Registry(settings.registry_root()).resolve(settings.model)
+    check_replaceable(settings.output, settings.overwrite, "batch.output", "output")
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.serve.batch import run
+
+    connect(RayConfig())
+    result = run(settings)
+    console.print(
+        f"{result.rows} completions ({result.output_tokens} tokens) by {result.version} "
+        f"written to {result.output}"
+    )
+
+
+@app.command()
 def complete(
     prompt: str,
     url: UrlOption = "http://127.0.0.1:8000",
@@ -270,7 +292,9 @@ def chat(
 
 @app.command("config")
 def show_config(
-    stage: Annotated[str, typer.Argument(help="lifecycle | data | train | serve")] = "lifecycle",
+    stage: Annotated[
+        str, typer.Argument(help="lifecycle | data | train | serve | batch")
+    ] = "lifecycle",
     config: ConfigOption = None,
     set: SetOption = None,
 ) -> None:
@@ -278,7 +302,7 @@ def show_config(
     overrides applied and checked, as the stage would run it."""
     from rayllm.data.config import DataConfig
     from rayllm.lifecycle import LifecycleConfig
-    from rayllm.serve.config import ServeConfig
+    from rayllm.serve.config import BatchConfig, ServeConfig
     from rayllm.train.config import TrainConfig
 
     stages = {
@@ -286,6 +310,7 @@ def show_config(
         "data": DataConfig,
         "train": TrainConfig,
         "serve": ServeConfig,
+        "batch": BatchConfig,
     }
     if stage not in stages:
         raise RayllmError(f"unknown stage {stage!r}; choose one of {', '.join(stages)}")

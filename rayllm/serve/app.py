@@ -23,7 +23,7 @@ from rayllm.errors import RayllmError
 from rayllm.paths import filesystem
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry, split_ref
-from rayllm.serve.config import ModelEntry, ServeConfig
+from rayllm.serve.config import ModelEntry, ReplicaSettings, ServeConfig
 
 IMPORT_PATH = "rayllm.serve.app:build_app"
 """What a Serve config file names to build the app from its ``args`` (a ServeConfig)."""
@@ -125,45 +125,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     from rayllm.serve.server import ModelServer
 
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
-    if entry.tensor_parallel_size > 1 and not on_gpu:
-        raise RayllmError(
-            f"{entry.version}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
-            "(one per rank) and this replica has none; set tensor_parallel_size=1 on CPU"
-        )
-    engine: dict[str, Any] = {
-        "max_num_seqs": entry.max_num_seqs,
-        "enable_prefix_caching": entry.prefix_caching,
-    }
-    if entry.max_model_len:
-        engine["max_model_len"] = entry.max_model_len
-    if on_gpu:
-        engine |= {"dtype": entry.dtype, "tensor_parallel_size": entry.tensor_parallel_size}
-        if entry.kv_offload_gib:
-            engine["kv_offloading_size"] = entry.kv_offload_gib
-        if entry.weight_offload_gib:
-            engine["cpu_offload_gb"] = entry.weight_offload_gib
-    else:  # no CUDA graphs to capture on CPU
-        for name in ("kv_offload_gib", "weight_offload_gib"):
-            if getattr(entry, name):
-                raise RayllmError(
-                    f"{entry.version}: {name} offloads GPU memory to the CPU, and this replica "
-                    f"runs on the CPU already; set {name}=0 on CPU"
-                )
-        dtype = (
-            ("bfloat16" if cpu_has_bf16() else "float32") if entry.dtype == "auto" else entry.dtype
-        )
-        engine |= {
-            "dtype": dtype,
-            "enforce_eager": True,
-            "kv_cache_memory_bytes": int(entry.kv_cache_gib * 2**30),
-        }
-    if entry.max_loras:
-        engine |= {
-            "enable_lora": True,
-            "max_loras": entry.max_loras,
-            "max_lora_rank": entry.max_lora_rank,
-        }
-    engine |= entry.engine_kwargs
+    engine = engine_arguments(entry, on_gpu, entry.version or entry.model)
     bundle = {"CPU": entry.cpus_per_replica} | ({"GPU": 1} if on_gpu else {})
     return LLMConfig(
         model_loading_config={"model_id": entry.model_id, "model_source": entry.version},
@@ -182,6 +144,51 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
         server_cls=ModelServer,
         runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": config.log_level}},
     )
+
+
+def engine_arguments(entry: ReplicaSettings, on_gpu: bool, model: str) -> dict[str, Any]:
+    """vLLM's engine arguments for these settings of ``model``, on GPUs or on the CPU engine
+    (a Serve replica, or a batch-inference worker)."""
+    if entry.tensor_parallel_size > 1 and not on_gpu:
+        raise RayllmError(
+            f"{model}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
+            "(one per rank) and this replica has none; set tensor_parallel_size=1 on CPU"
+        )
+    engine: dict[str, Any] = {
+        "max_num_seqs": entry.max_num_seqs,
+        "enable_prefix_caching": entry.prefix_caching,
+    }
+    if entry.max_model_len:
+        engine["max_model_len"] = entry.max_model_len
+    if on_gpu:
+        engine |= {"dtype": entry.dtype, "tensor_parallel_size": entry.tensor_parallel_size}
+        if entry.kv_offload_gib:
+            engine["kv_offloading_size"] = entry.kv_offload_gib
+        if entry.weight_offload_gib:
+            engine["cpu_offload_gb"] = entry.weight_offload_gib
+    else:  # no CUDA graphs to capture on CPU
+        for setting in ("kv_offload_gib", "weight_offload_gib"):
+            if getattr(entry, setting):
+                raise RayllmError(
+                    f"{model}: {setting} offloads GPU memory to the CPU, and this replica "
+                    f"runs on the CPU already; set {setting}=0 on CPU"
+                )
+        dtype = (
+            ("bfloat16" if cpu_has_bf16() else "float32") if entry.dtype == "auto" else entry.dtype
+        )
+        engine |= {
+            "dtype": dtype,
+            "enforce_eager": True,
+            "kv_cache_memory_bytes": int(entry.kv_cache_gib * 2**30),
+        }
+    if entry.max_loras:
+        engine |= {
+            "enable_lora": True,
+            "max_loras": entry.max_loras,
+            "max_lora_rank": entry.max_lora_rank,
+        }
+    engine |= entry.engine_kwargs
+    return engine
 
 
 def autoscaling(entry: ModelEntry) -> dict[str, Any]:

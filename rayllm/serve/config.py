@@ -1,6 +1,6 @@
-"""What ``rayllm serve`` deploys: registry references, routes, API keys, and each model's
-replicas and engine settings. Nothing here imports Ray, so the CLI checks a config before
-anything starts."""
+"""What ``rayllm serve`` deploys (registry references, routes, API keys, and each model's
+replicas and engine settings) and what ``rayllm batch`` runs. Nothing here imports Ray, so
+the CLI checks a config before anything starts."""
 
 from __future__ import annotations
 
@@ -9,10 +9,62 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from rayllm.config import StageConfig
+from rayllm.errors import RayllmError
 from rayllm.registry.store import default_registry
 
 
-class ReplicaSettings(StageConfig):
+class EngineSettings(StageConfig):
+    """The vLLM engine one model runs on: placement, context, memory, batch, adapters."""
+
+    use_gpu: bool | None = None
+    """Run on GPUs (one per tensor-parallel rank) or on the CPU engine; default: GPUs where
+    the cluster has them."""
+    tensor_parallel_size: int = 1
+    """Shards one replica's weights over that many GPUs."""
+    max_model_len: int | None = None
+    """Context length; defaults to the model's max_position_embeddings."""
+    dtype: str = "auto"
+    """Weights' and activations' dtype; auto: bfloat16 on GPUs and on CPUs that compute it
+    natively, else float32."""
+    kv_cache_gib: float = 1.0
+    """KV-cache size per replica on CPU, in GiB (vLLM's kv_cache_memory_bytes): the tokens
+    of all running sequences must fit, or the engine queues and preempts; on GPUs vLLM sizes
+    it from gpu_memory_utilization (an engine_kwargs entry)."""
+    prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt prefix seen before (vLLM's automatic prefix caching):
+    prompts sharing a system prompt or a few-shot header skip its prefill."""
+    kv_offload_gib: float = 0.0
+    """GPU replicas: a CPU-memory buffer the KV cache spills to (vLLM's native KV offloading),
+    so more sequences and longer prefixes stay cached than GPU memory holds; 0: none."""
+    weight_offload_gib: float = 0.0
+    """GPU replicas: GiB of weights kept in CPU memory and streamed in each step (vLLM's
+    cpu_offload_gb), for a model larger than GPU memory, at a large cost in speed; 0: none."""
+    max_num_seqs: int = 16
+    """Sequences one replica runs at once (continuous batching's batch size)."""
+    max_loras: int = 0
+    """LoRA adapters of this model (registry versions published against the served version)
+    one replica holds at once, loaded on first request and evicted least recently used;
+    0 serves no adapters. Requests name one as ``model_id:adapter`` (or ``:adapter:3``,
+    ``:adapter@production``)."""
+    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = 16
+    """The highest adapter rank the replicas accept (vLLM reserves memory for it)."""
+    engine_kwargs: dict[str, Any] = {}
+    """Any other vLLM engine argument, passed through unchanged."""
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> EngineSettings:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
+        if self.kv_cache_gib <= 0 or self.kv_offload_gib < 0 or self.weight_offload_gib < 0:
+            raise ValueError(
+                "kv_cache_gib must be above 0; kv_offload_gib, weight_offload_gib 0 or more"
+            )
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be 0 (no adapters) or more")
+        return self
+
+
+class ReplicaSettings(EngineSettings):
     """How one model is served: its replicas, their resources, and the vLLM engine."""
 
     min_replicas: int = 1
@@ -37,66 +89,57 @@ class ReplicaSettings(StageConfig):
     them); 0 stops old replicas first (Serve's default), and a model with one replica then
     stops answering until the new one has started."""
     cpus_per_replica: float = 1.0
-    use_gpu: bool | None = None
-    """Serve on GPUs (one per tensor-parallel rank) or on the CPU engine; default: GPUs
-    where the cluster has them."""
-    tensor_parallel_size: int = 1
-    """Shards one replica's weights over that many GPUs."""
-    max_model_len: int | None = None
-    """Context length; defaults to the model's max_position_embeddings."""
-    dtype: str = "auto"
-    """Weights' and activations' dtype; auto: bfloat16 on GPUs and on CPUs that compute it
-    natively, else float32."""
-    kv_cache_gib: float = 1.0
-    """KV-cache size per replica on CPU, in GiB (vLLM's kv_cache_memory_bytes): the tokens
-    of all running sequences must fit, or the engine queues and preempts; on GPUs vLLM sizes
-    it from gpu_memory_utilization (an engine_kwargs entry)."""
-    prefix_caching: bool = True
-    """Reuse the KV blocks of a prompt prefix seen before (vLLM's automatic prefix caching):
-    prompts sharing a system prompt or a few-shot header skip its prefill."""
-    kv_offload_gib: float = 0.0
-    """GPU replicas: a CPU-memory buffer the KV cache spills to (vLLM's native KV offloading),
-    so more sequences and longer prefixes stay cached than GPU memory holds; 0: none."""
-    weight_offload_gib: float = 0.0
-    """GPU replicas: GiB of weights kept in CPU memory and streamed in each step (vLLM's
-    cpu_offload_gb), for a model larger than GPU memory, at a large cost in speed; 0: none."""
-    max_num_seqs: int = 16
-    """Sequences one replica runs at once (continuous batching's batch size)."""
     stream_batching_ms: float = 0
     """How long a replica gathers streamed tokens before sending them on as one message;
     0 sends every token at once."""
-    max_loras: int = 0
-    """LoRA adapters of this model (registry versions published against the served version)
-    one replica holds at once, loaded on first request and evicted least recently used;
-    0 serves no adapters. Requests name one as ``model_id:adapter`` (or ``:adapter:3``,
-    ``:adapter@production``)."""
-    max_lora_rank: Literal[8, 16, 32, 64, 128, 256] = 16
-    """The highest adapter rank the replicas accept (vLLM reserves memory for it)."""
-    engine_kwargs: dict[str, Any] = {}
-    """Any other vLLM engine argument, passed through unchanged."""
 
     @model_validator(mode="after")
     def _check_replicas(self) -> ReplicaSettings:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
-        if self.tensor_parallel_size < 1:
-            raise ValueError("tensor_parallel_size must be at least 1")
         if not 0 < self.target_engine_load <= 1:
             raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
         if self.stream_batching_ms < 0:
             raise ValueError("stream_batching_ms must be 0 (no batching) or more")
-        if self.kv_cache_gib <= 0 or self.kv_offload_gib < 0 or self.weight_offload_gib < 0:
-            raise ValueError(
-                "kv_cache_gib must be above 0; kv_offload_gib, weight_offload_gib 0 or more"
-            )
-        if self.max_loras < 0:
-            raise ValueError("max_loras must be 0 (no adapters) or more")
         if not 0 <= self.max_surge_percent <= 100:
             raise ValueError("max_surge_percent is a percentage: 0 <= max_surge_percent <= 100")
         return self
 
     def replica_settings(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in ReplicaSettings.model_fields}
+
+
+class BatchConfig(EngineSettings):
+    """Batch inference: every prompt of a dataset through one registry version's vLLM engine
+    on Ray Data (``ray.data.llm``), completions written to Parquet."""
+
+    model: str | None = None
+    """Registry reference: ``name``, ``name:3`` or ``name@production`` (required)."""
+    registry: str | None = None
+    """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry."""
+    input: str | None = None
+    """JSON lines (``.jsonl``) or Parquet files, a path, folder or URL; each row has a
+    ``prompt`` (text to complete) or ``messages`` (a chat, through the model's template)
+    (required)."""
+    output: str = "rayllm-work/batch"
+    """A folder (path or URL) for the Parquet files: each input row with ``completion``, its
+    token counts and the registry version that wrote it."""
+    overwrite: bool = False
+    max_tokens: int = 64
+    temperature: float = 0.0
+    batch_size: int = 16
+    """Rows sent to an engine at once."""
+    engines: int = 1
+    """Engine workers running at once (data parallel)."""
+    cpus_per_engine: float = 1.0
+
+    def registry_root(self) -> str:
+        return self.registry or default_registry()
+
+    def check_given(self) -> None:
+        for key in ("model", "input"):
+            if getattr(self, key) is None:
+                raise RayllmError(f"batch.{key} is not set; give it with --set {key}=...")
 
 
 class ModelEntry(ReplicaSettings):
