@@ -6,6 +6,10 @@ hold ``messages``, tokenizer, vLLM engine actors, detokenizer) with its own prog
 rayllm adds the registry version (its verified files, the same engine settings as a Serve
 replica) and the write: the Parquet files are staged beside the output and published with a
 ``manifest.json`` (rows, tokens, version), so a reader never sees half a result.
+
+Ray Data LLM loads the model from a path: the driver resolves the registry version to a
+verified local copy, so the engine workers must run where that path exists (this node, or a
+registry every node mounts).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from rayllm.paths import MARKER, check_replaceable, staged_folder
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry
 from rayllm.serve.config import BatchConfig
+
+COMPLETIONS = "completions"
+"""The output's Parquet folder, beside its manifest.json."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +86,8 @@ def run(config: BatchConfig) -> BatchResult:
         staged_folder(config.output) as (fs, staging),
     ):
         arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-        processor(prompts).write_parquet(staging, filesystem=arrow_fs)
-        written = ray.data.read_parquet(staging, filesystem=arrow_fs)
+        processor(prompts).write_parquet(f"{staging}/{COMPLETIONS}", filesystem=arrow_fs)
+        written = ray.data.read_parquet(f"{staging}/{COMPLETIONS}", filesystem=arrow_fs)
         rows, tokens = written.count(), int(written.sum("output_tokens") or 0)
         summary = {"version": version.ref, "input": config.input, "rows": rows}
         summary |= {"output_tokens": tokens, "seconds": time.perf_counter() - started}

@@ -122,8 +122,8 @@ class BatchConfig(EngineSettings):
     ``prompt`` (text to complete) or ``messages`` (a chat, through the model's template)
     (required)."""
     output: str = "rayllm-work/batch"
-    """A folder (path or URL) for the Parquet files: each input row with ``completion``, its
-    token counts and the registry version that wrote it."""
+    """A folder (path or URL): ``completions/`` holds the Parquet files, each input row with
+    its ``completion``, token counts and the registry version that wrote it."""
     overwrite: bool = False
     max_tokens: int = 64
     temperature: float = 0.0
