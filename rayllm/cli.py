@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from rayllm.config import dump_config, load_config
+from rayllm.config import dump_config, dump_yaml, load_config
 from rayllm.errors import RayllmError
 from rayllm.paths import check_replaceable
 from rayllm.progress import console
@@ -25,6 +25,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks and quality measu
 app.add_typer(bench_app, name="bench")
 serve_app = typer.Typer(invoke_without_command=True)
 app.add_typer(serve_app, name="serve")
+k8s_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests for Kubernetes clusters.")
+app.add_typer(k8s_app, name="k8s")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOption = Annotated[
@@ -115,14 +117,12 @@ def serve(
         return
     import time
 
-    import yaml
-
     from rayllm.serve.app import api_key_digests, pin, serve_config_file
     from rayllm.serve.config import ServeConfig
 
     settings = pin(load_config(ServeConfig, config, set or ()))  # unknown versions fail here
     if export is not None:  # the app is built, and its keys read, where the file is deployed
-        text = yaml.safe_dump(serve_config_file(settings), sort_keys=False)
+        text = dump_yaml(serve_config_file(settings))
         if str(export) == "-":
             print(text, end="")
         else:
@@ -290,10 +290,27 @@ def chat(
     console.print()
 
 
+@k8s_app.command("render")
+def k8s_render(
+    config: ConfigOption = None,
+    set: SetOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder the manifests go to.")] = Path("k8s"),
+) -> None:
+    """Write the RayCluster, a RayJob per job, the RayService and the volume claim that a
+    deployment config describes (`rayllm config k8s` lists its settings); run it from the
+    checkout the image is built from."""
+    from rayllm.k8s import K8sConfig, render, write
+
+    settings = load_config(K8sConfig, config, set or ())
+    files = render(settings, Path.cwd())
+    for path in write(files, out, f" --config {config}" if config else ""):
+        console.print(f"wrote {path}")
+
+
 @app.command("config")
 def show_config(
     stage: Annotated[
-        str, typer.Argument(help="lifecycle | data | train | serve | batch")
+        str, typer.Argument(help="lifecycle | data | train | serve | batch | k8s")
     ] = "lifecycle",
     config: ConfigOption = None,
     set: SetOption = None,
@@ -301,6 +318,7 @@ def show_config(
     """Print a stage's full config as YAML: its defaults, or a recipe (--config) with its
     overrides applied and checked, as the stage would run it."""
     from rayllm.data.config import DataConfig
+    from rayllm.k8s import K8sConfig
     from rayllm.lifecycle import LifecycleConfig
     from rayllm.serve.config import BatchConfig, ServeConfig
     from rayllm.train.config import TrainConfig
@@ -311,6 +329,7 @@ def show_config(
         "train": TrainConfig,
         "serve": ServeConfig,
         "batch": BatchConfig,
+        "k8s": K8sConfig,
     }
     if stage not in stages:
         raise RayllmError(f"unknown stage {stage!r}; choose one of {', '.join(stages)}")

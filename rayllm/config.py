@@ -110,4 +110,26 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
 
 def dump_config(config: BaseModel) -> str:
     """The config as YAML, the same shape ``load_config`` reads."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return dump_yaml(config.model_dump(mode="json"))
+
+
+class _ReadableDumper(yaml.SafeDumper):
+    """Safe YAML for people to read: no anchors for repeated objects, text of several lines
+    as a block."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar(
+        "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None
+    )
+
+
+_ReadableDumper.add_representer(str, _text)
+
+
+def dump_yaml(document: Any) -> str:
+    """``document`` as YAML, keys in their order (configs, Serve config files, manifests)."""
+    return yaml.dump(document, Dumper=_ReadableDumper, sort_keys=False, width=100)

@@ -1,0 +1,305 @@
+"""KubeRay manifests rendered from rayllm's configs, never kept by hand: one RayCluster with
+in-tree autoscaling, a RayJob per job entrypoint, a RayService whose ``serveConfigV2`` is the
+file ``rayllm serve --export-config`` wrote, and the volume they share.
+
+Every Ray node's ``rayStartParams`` are derived from its container's resources, so the two
+cannot disagree. ``rayllm k8s render`` writes the files; the copies under ``k8s/`` are its
+output for ``cluster/k8s.yaml`` (``tests/test_k8s.py`` checks both, and validates every
+object against the KubeRay 1.7 CRDs).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import rayllm
+from rayllm.config import StageConfig, dump_yaml
+from rayllm.errors import RayllmError
+
+API_KEYS_ENV = "RAYLLM_API_KEYS"
+"""Where the RayService's head reads the serving keys from its Secret; the served app's
+``api_keys_env`` must name it."""
+
+RENDERED = "# Written by `rayllm k8s render"
+"""How every file the renderer writes begins."""
+
+SERVE_PORT = 8000
+"""The port KubeRay's serve Service targets."""
+
+
+class NodeGroup(BaseModel):
+    """One kind of Ray node: its pod's resources, and how many pods the autoscaler may run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: int = Field(ge=1)
+    memory_gib: int = Field(ge=1)
+    gpus: int = Field(0, ge=0)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(4, ge=1)
+
+
+class JobSpec(BaseModel):
+    """A RayJob: a ``jobs/`` entrypoint, its recipe and overrides, on its own cluster (torn
+    down when the job ends) or on the RayCluster (``existing_cluster``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entrypoint: str
+    recipe: str
+    set: list[str] = []
+    existing_cluster: bool = False
+
+
+class K8sConfig(StageConfig):
+    """What ``rayllm k8s render`` writes, and the cluster it describes."""
+
+    name: str = "rayllm"
+    image: str = f"rayllm:{rayllm.__version__}"
+    """Built by ``cluster/Dockerfile``; the repository sits at /opt/rayllm in it."""
+    head: NodeGroup = NodeGroup(cpus=4, memory_gib=16)
+    workers: dict[str, NodeGroup] = {
+        "cpu": NodeGroup(cpus=8, memory_gib=32, max_replicas=4),
+        "gpu": NodeGroup(cpus=8, memory_gib=64, gpus=1, max_replicas=2),
+    }
+    volume_claim: str = "rayllm-work"
+    volume_gib: int = Field(200, ge=1)
+    storage_class: str | None = None
+    """None: the cluster's default. The claim is ReadWriteMany: every node reads the registry."""
+    mount: str = "/mnt/rayllm"
+    jobs: dict[str, JobSpec] = {
+        "lifecycle": JobSpec(
+            entrypoint="jobs/lifecycle.py",
+            recipe="jobs/configs/lifecycle.yaml",
+            set=["workdir=/mnt/rayllm/work", "serve.host=0.0.0.0"],
+        ),
+        "data": JobSpec(
+            entrypoint="jobs/data.py",
+            recipe="jobs/configs/data-bible.yaml",
+            set=["output=/mnt/rayllm/work/data-bible"],
+            existing_cluster=True,
+        ),
+    }
+    serve_app: str | None = "cluster/serve-app.yaml"
+    """A file ``rayllm serve --export-config`` wrote: the RayService's ``serveConfigV2``, as
+    it is. None: no RayService."""
+    api_keys_secret: str = "rayllm-api-keys"
+    """The Secret (key ``keys``: comma-separated API keys) the RayService's head reads."""
+
+    @model_validator(mode="after")
+    def _some_workers(self) -> K8sConfig:
+        if not self.workers:
+            raise ValueError("workers: name at least one worker group")
+        return self
+
+
+def render(config: K8sConfig, repo: Path) -> dict[str, dict[str, Any]]:
+    """File name -> Kubernetes object. ``repo``: where the recipes and the serve app file are
+    read (the checkout the image was built from)."""
+    files = {
+        "pvc.yaml": _volume_claim(config),
+        "raycluster.yaml": {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": {"name": config.name},
+            "spec": _cluster_spec(config),
+        },
+    }
+    for name, job in config.jobs.items():
+        for path in (job.entrypoint, job.recipe):
+            if not (repo / path).is_file():
+                raise RayllmError(f"jobs.{name}: {path} is not a file of {repo}")
+        files[f"rayjob-{name}.yaml"] = _job(config, name, job)
+    if config.serve_app is not None:
+        files["rayservice.yaml"] = _service(config, repo / config.serve_app)
+    return files
+
+
+def write(files: dict[str, dict[str, Any]], folder: Path, options: str = "") -> list[Path]:
+    """Write the manifests under ``folder``, and remove the ones an earlier render wrote that
+    this one no longer has (a dropped job's RayJob). ``options``: the command's, for the
+    header."""
+    header = f"{RENDERED}{options}`: change its settings, not this file.\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.yaml"):
+        if stale.name not in files and stale.read_text().startswith(RENDERED):
+            stale.unlink()
+    written = []
+    for name, document in files.items():
+        path = folder / name
+        path.write_text(header + dump_yaml(document))
+        written.append(path)
+    return written
+
+
+def _volume_claim(config: K8sConfig) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": f"{config.volume_gib}Gi"}},
+    }
+    if config.storage_class:
+        spec["storageClassName"] = config.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": config.volume_claim},
+        "spec": spec,
+    }
+
+
+def _cluster_spec(config: K8sConfig, head_env: list[dict] | None = None) -> dict[str, Any]:
+    workers = [
+        {
+            "groupName": name,
+            "replicas": group.min_replicas,
+            "minReplicas": group.min_replicas,
+            "maxReplicas": group.max_replicas,
+            "rayStartParams": _start_params(group),
+            "template": _pod(config, "ray-worker", group),
+        }
+        for name, group in config.workers.items()
+    ]
+    head = _pod(config, "ray-head", config.head, env=head_env)
+    head["spec"]["containers"][0]["ports"] = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": SERVE_PORT, "name": "serve"},
+    ]
+    return {
+        "rayVersion": version("ray"),
+        "enableInTreeAutoscaling": True,
+        "headGroupSpec": {"rayStartParams": _start_params(config.head), "template": head},
+        "workerGroupSpecs": workers,
+    }
+
+
+def _start_params(group: NodeGroup) -> dict[str, str]:
+    """What Ray schedules on the node: exactly the container's CPUs, GPUs and memory."""
+    params = {"num-cpus": str(group.cpus), "memory": str(group.memory_gib * 2**30)}
+    if group.gpus:
+        params["num-gpus"] = str(group.gpus)
+    return params
+
+
+def _pod(
+    config: K8sConfig, container: str, group: NodeGroup, env: list[dict] | None = None
+) -> dict[str, Any]:
+    resources: dict[str, Any] = {"cpu": str(group.cpus), "memory": f"{group.memory_gib}Gi"}
+    if group.gpus:
+        resources["nvidia.com/gpu"] = str(group.gpus)
+    spec: dict[str, Any] = {
+        "name": container,
+        "image": config.image,
+        "resources": {"requests": resources, "limits": resources},
+        "volumeMounts": [{"name": "work", "mountPath": config.mount}],
+    }
+    if env:
+        spec["env"] = env
+    volume = {"name": "work", "persistentVolumeClaim": {"claimName": config.volume_claim}}
+    return {"spec": {"containers": [spec], "volumes": [volume]}}
+
+
+def _job(config: K8sConfig, name: str, job: JobSpec) -> dict[str, Any]:
+    words = [f"/opt/rayllm/{job.entrypoint}", "--config", f"/opt/rayllm/{job.recipe}"]
+    for override in job.set:
+        words += ["--set", override]
+    spec: dict[str, Any] = {"entrypoint": " ".join(["python", *words])}
+    if job.existing_cluster:
+        spec["clusterSelector"] = {"ray.io/cluster": config.name}
+    else:
+        spec |= {
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 600,
+            "rayClusterSpec": _cluster_spec(config),
+        }
+    spec["submissionMode"] = "K8sJobMode"
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": f"{config.name}-{name}"},
+        "spec": spec,
+    }
+
+
+def _service(config: K8sConfig, serve_app: Path) -> dict[str, Any]:
+    if not serve_app.is_file():
+        raise RayllmError(
+            f"serve_app: {serve_app} does not exist; write it with `rayllm serve --config "
+            "serve.yaml --export-config FILE`, or set serve_app to null for no RayService"
+        )
+    text = serve_app.read_text()
+    _check_served_app(yaml.safe_load(text), serve_app)
+    keys = {"secretKeyRef": {"name": config.api_keys_secret, "key": "keys"}}
+    cluster = _cluster_spec(config, head_env=[{"name": API_KEYS_ENV, "valueFrom": keys}])
+    for template in [cluster["headGroupSpec"]["template"]] + [
+        group["template"] for group in cluster["workerGroupSpecs"]
+    ]:
+        template["spec"]["containers"][0] |= _probes()
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": f"{config.name}-serve"},
+        "spec": {
+            # The old cluster serves until the new one's app is ready, then traffic moves.
+            "upgradeStrategy": {"type": "NewCluster"},
+            "serveConfigV2": text,
+            "rayClusterConfig": cluster,
+        },
+    }
+
+
+def _probes() -> dict[str, Any]:
+    """Liveness: the node's raylet answers; readiness: its Serve proxy does (KubeRay's own
+    health endpoints, so a pod leaves the serve Service while its proxy is down)."""
+
+    def probe(port: int, path: str, period_s: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": port},
+            "initialDelaySeconds": 30,
+            "periodSeconds": period_s,
+            "timeoutSeconds": 2,
+            "failureThreshold": 10,
+        }
+
+    return {
+        "livenessProbe": probe(52365, "/api/local_raylet_healthz", 5),
+        "readinessProbe": probe(SERVE_PORT, "/-/healthz", 5),
+    }
+
+
+def _check_served_app(document: Any, path: Path) -> None:
+    """A Serve config a RayService can serve: one that listens for the pod's Service, with
+    API keys from the Secret and a registry every node reaches."""
+    from rayllm.serve.config import ServeConfig
+
+    try:
+        (app,) = document["applications"]
+        http = document["http_options"]
+        served = ServeConfig.model_validate(app["args"])
+    except (KeyError, TypeError, ValueError):
+        raise RayllmError(
+            f"{path} is not a file `rayllm serve --export-config` wrote (one rayllm app); "
+            "write it again with that command"
+        ) from None
+    fix = f"export it again with `rayllm serve --config ... --export-config {path}`"
+    if http.get("host") != "0.0.0.0" or http.get("port") != SERVE_PORT:
+        raise RayllmError(
+            f"{path} listens on {http.get('host')}:{http.get('port')}, which the RayService's "
+            f"Service cannot reach; {fix} --set host=0.0.0.0 --set port={SERVE_PORT}"
+        )
+    if served.api_keys_env != API_KEYS_ENV:
+        raise RayllmError(
+            f"{path} serves without API keys from the Secret; {fix} "
+            f"--set api_keys_env={API_KEYS_ENV}"
+        )
+    if "://" not in served.registry and not served.registry.startswith("/"):
+        raise RayllmError(
+            f"{path} reads the registry at the relative path {served.registry!r}, which no pod "
+            f"has; {fix} --set registry=/mnt/rayllm/... (the shared volume) or an s3:// URL"
+        )
