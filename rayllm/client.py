@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import time
@@ -23,7 +24,10 @@ import httpx
 from rayllm.errors import RayllmError
 
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
-"""Answers a later try can turn into a success: overload, a replica starting or stopping."""
+"""Answers a later try can turn into a success: overload, a replica starting, stopping or
+lost mid-request."""
+
+logger = logging.getLogger(__name__)
 
 
 class EndpointError(RayllmError):
@@ -90,19 +94,29 @@ class _Endpoint:
         choice = (json.loads(line[len("data: ") :]).get("choices") or [{}])[0]
         return choice.get("text") or (choice.get("delta") or {}).get("content")
 
-    def _check_retryable(
+    def _retry_delay(
         self,
         attempt: int,
+        path: str,
         response: httpx.Response | None = None,
         error: httpx.TransportError | None = None,
-    ) -> None:
-        """Return to try again; raise when the failure is final or the tries are spent."""
+    ) -> float:
+        """The pause before the next try (logged); raises when the failure is final or the
+        tries are spent."""
         last = attempt == self.retry.attempts - 1
         if error is not None:
             if last:
                 raise self._unreachable(error) from None
+            reason = str(error) or type(error).__name__
         elif last or response.status_code not in RETRYABLE_STATUS:
             raise self._error(response)
+        else:
+            reason = f"answered {response.status_code}"
+        delay = self.retry.delay(attempt)
+        tries = f"try {attempt + 2} of {self.retry.attempts}"
+        url = self.options["base_url"] + path
+        logger.info("%s %s; %s in %.1f s", url, reason, tries, delay)
+        return delay
 
     def _error(self, response: httpx.Response) -> EndpointError:
         try:
@@ -184,13 +198,13 @@ class Client(_Endpoint):
                 request = self.http.build_request(method, path, json=body)
                 response = self.http.send(request, stream=stream)
             except httpx.TransportError as error:
-                self._check_retryable(attempt, error=error)
+                delay = self._retry_delay(attempt, path, error=error)
             else:
                 if response.status_code == 200:
                     return response
                 response.read()
-                self._check_retryable(attempt, response=response)
-            time.sleep(self.retry.delay(attempt))
+                delay = self._retry_delay(attempt, path, response=response)
+            time.sleep(delay)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -259,13 +273,13 @@ class AsyncClient(_Endpoint):
                 request = self.http.build_request(method, path, json=body)
                 response = await self.http.send(request, stream=stream)
             except httpx.TransportError as error:
-                self._check_retryable(attempt, error=error)
+                delay = self._retry_delay(attempt, path, error=error)
             else:
                 if response.status_code == 200:
                     return response
                 await response.aread()
-                self._check_retryable(attempt, response=response)
-            await asyncio.sleep(self.retry.delay(attempt))
+                delay = self._retry_delay(attempt, path, response=response)
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def close(self) -> None:

@@ -1,6 +1,7 @@
 """The OpenAI front end: ``ray.serve.llm``'s ingress, with rayllm's API-key check in front
 and OpenAI-style errors for the requests it would otherwise answer in FastAPI's own shape
-(unknown model or route), with a 500 (a body that is not JSON) or not at all (unknown roles).
+(unknown model or route), with a 500 (a body that is not JSON) or not at all (unknown roles),
+and a retryable 503 where Serve would answer 500 for a model replica lost mid-request.
 
 The ingress class, its deployment options and ``make_fastapi_ingress`` are public in Ray 2.60
 (``ray.serve.llm.ingress``); the FastAPI app that carries Ray's own middleware (request ids,
@@ -15,6 +16,7 @@ import hmac
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -97,6 +99,15 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
     return openai_error(error.status_code, str(error.detail))
 
 
+def replica_lost(error: RayActorError) -> Response:
+    """A model replica that died or became unreachable before its first answer: a 503, which
+    clients retry (Serve would answer 500) and Serve routes to another replica or the one
+    replacing it. A stream cut after its first chunk stays cut: its text was already sent."""
+    reason = str(error).splitlines()[0][:200]
+    message = f"the replica serving this request was lost ({reason}); retry it"
+    return openai_error(503, message, "replica_unavailable", **{"Retry-After": "1"})
+
+
 class Ingress(OpenAiIngress):
     """``ray.serve.llm``'s ingress, pinning each request for a LoRA adapter to one registry
     version (``rayllm.serve.adapters``), refusing chat messages in roles OpenAI's API does not
@@ -130,7 +141,10 @@ class Ingress(OpenAiIngress):
             return {"error": str(refused), "status": refused.status}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._pinned(body) or await super().completions(body, request)
+        try:
+            return await self._pinned(body) or await super().completions(body, request)
+        except RayActorError as lost:
+            return replica_lost(lost)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         for number, message in enumerate(body.messages):
@@ -138,7 +152,10 @@ class Ingress(OpenAiIngress):
             if role not in CHAT_ROLES:
                 known = ", ".join(sorted(CHAT_ROLES))
                 return openai_error(400, f"messages[{number}].role is {role!r}; use one of {known}")
-        return await self._pinned(body) or await super().chat(body, request)
+        try:
+            return await self._pinned(body) or await super().chat(body, request)
+        except RayActorError as lost:
+            return replica_lost(lost)
 
     async def _pinned(self, body: CompletionRequest | ChatCompletionRequest) -> Response | None:
         """Points ``body`` at one adapter version; the error to send if it cannot be served."""
