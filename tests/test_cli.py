@@ -17,6 +17,13 @@ def rayllm(*args: str, env: dict | None = None, timeout: int = 120) -> subproces
     )
 
 
+def rayllm_ok(*args: str, env: dict | None = None, timeout: int = 600) -> str:
+    """``rayllm ARGS``, which must succeed: its stdout (and its output when it fails)."""
+    done = rayllm(*args, env=env, timeout=timeout)
+    assert done.returncode == 0, f"rayllm {' '.join(args)}\n{done.stdout}{done.stderr[-3000:]}"
+    return done.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

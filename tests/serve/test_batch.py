@@ -3,23 +3,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.test_cli import rayllm
 from tests.test_readme import block_with, commands
-
-
-def rayllm(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rayllm.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.mark.slow
@@ -37,7 +26,7 @@ def test_prompts_become_completions_in_parquet(tiny_run, ray_cluster, tmp_path):
         "output=rayllm-work/completions": f"output={output}",
     }
     [batch] = commands(block_with("rayllm batch"))
-    done = rayllm([ours.get(a, a) for a in batch] + ["--set", "max_tokens=6"], env)
+    done = rayllm(*(ours.get(a, a) for a in batch), "--set", "max_tokens=6", env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "3 completions" in done.stdout and base in done.stdout
 
@@ -51,21 +40,14 @@ def test_prompts_become_completions_in_parquet(tiny_run, ray_cluster, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "no prompt"}) + "\n")
     wrong = rayllm(
-        [
-            "batch",
-            "--set",
-            f"model={base}",
-            "--set",
-            f"input={bad}",
-            "--set",
-            f"output={tmp_path / 'x'}",
-        ],
-        env,
+        "batch",
+        *("--set", f"model={base}", "--set", f"input={bad}", "--set", f"output={tmp_path / 'x'}"),
+        env=env,
     )
     assert wrong.returncode == 2 and "give each row a 'prompt'" in wrong.stderr
 
 
 def test_a_batch_without_its_model_or_input_is_refused_before_ray_starts():
-    done = rayllm(["batch", "--set", "input=prompts.jsonl"], dict(os.environ))
+    done = rayllm("batch", "--set", "input=prompts.jsonl")
     assert done.returncode == 2 and "batch.model is not set" in done.stderr
     assert "Traceback" not in done.stderr

@@ -3,8 +3,6 @@ README's commands publish two random adapters of the served version, and request
 by name, one at a time and in one batch, through the official SDK and rayllm's CLI."""
 
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,6 +14,7 @@ import yaml
 from rayllm.registry.store import Registry
 from tests.adapters import random_adapter
 from tests.conftest import API_KEYS
+from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with, commands
 
 pytestmark = pytest.mark.slow
@@ -39,18 +38,6 @@ def ask_through_the_handle(model: str) -> dict:
     return answers
 
 
-def rayllm(args: list[str], env: dict) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "rayllm.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"rayllm {' '.join(args)}\n{done.stdout}{done.stderr[-3000:]}"
-    return done.stdout
-
-
 def test_adapters_are_picked_per_request_on_the_base_models_replicas(
     tiny_run, ray_cluster, tmp_path
 ):
@@ -63,7 +50,7 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
     for name, seed in ((f"{MODEL}-lora", 0), (f"{MODEL}-lora-b", 1)):
         folder = random_adapter(base_folder, tmp_path / name, seed=seed)
         ours = {"shakespeare-lora": name, "./adapter": str(folder), "shakespeare:1": base}
-        published = rayllm([ours.get(a, a) for a in publish], env)
+        published = rayllm_ok(*(ours.get(a, a) for a in publish), env=env)
         assert f"published {name}:1" in published
 
     sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
@@ -106,7 +93,7 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
     }
 
     chat = [a.replace("shakespeare:shakespeare-lora", f"{MODEL}:{MODEL}-lora") for a in chat]
-    said = rayllm([*chat, "--url", url, "--max-tokens", "6"], env | {"RAYLLM_API_KEY": KEY})
+    said = rayllm_ok(*chat, "--url", url, "--max-tokens", "6", env=env | {"RAYLLM_API_KEY": KEY})
     assert said.strip()
 
     with pytest.raises(
@@ -119,6 +106,6 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
     # The README's serve line, as the Serve config it deploys.
     serve = [a.replace("shakespeare:1", base) for a in serve]
     exported = tmp_path / "app.yaml"
-    rayllm([*serve, "--export-config", str(exported)], env)
+    rayllm_ok(*serve, "--export-config", str(exported), env=env)
     args = yaml.safe_load(exported.read_text())["applications"][0]["args"]
     assert args["max_loras"] == 4 and args["models"][0]["version"] == base

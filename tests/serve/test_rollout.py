@@ -4,8 +4,6 @@ stream of requests. No request fails (the client does not retry), and the answer
 from one version's to the other's."""
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from rayllm.client import Client, EndpointError, Retry
 from rayllm.registry.importers import import_folder
 from rayllm.registry.store import Registry
+from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with, commands
 
 pytestmark = pytest.mark.slow
@@ -76,18 +75,6 @@ def steady_stream(url: str):
         thread.join(timeout=150)
 
 
-def rayllm(args: list[str], env: dict) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "rayllm.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, f"rayllm {' '.join(args)}\n{done.stdout}{done.stderr[-3000:]}"
-    return done.stdout
-
-
 def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
     tiny_run, ray_cluster, tmp_path
 ):
@@ -97,7 +84,7 @@ def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
     second = publish_perturbed(root, first, tmp_path / "second")
     env = os.environ | ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
     env |= {"RAYLLM_REGISTRY": root, "COLUMNS": "200"}
-    rayllm(["registry", "promote", first, "production"], env)
+    rayllm_ok("registry", "promote", first, "production", env=env)
     promote, follow, rollback, rollout = commands(block_with("rayllm serve rollout"))
     promote, follow, rollback, rollout = (
         [arg.replace("shakespeare", MODEL).replace(":2", f":{second.split(':')[1]}") for arg in a]
@@ -108,8 +95,8 @@ def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
         old_answer = client.complete(PROMPT, **SAMPLING)
 
     with steady_stream(url) as stream:
-        rayllm(promote, env)
-        moved = rayllm(follow, env)
+        rayllm_ok(*promote, env=env)
+        moved = rayllm_ok(*follow, env=env)
     assert f"{MODEL}: {first} -> {second} (follows {MODEL}@production)" in moved
     assert not stream.failures, stream.failures
     new_answer = stream.answers[-1]
@@ -119,12 +106,12 @@ def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
         assert client.versions()[MODEL] == second
 
     with steady_stream(url) as stream:
-        rayllm(rollback, env)
-        moved = rayllm(rollout, env)
+        rayllm_ok(*rollback, env=env)
+        moved = rayllm_ok(*rollout, env=env)
     assert f"{MODEL}: {second} -> {first}" in moved
     assert not stream.failures, stream.failures
     assert stream.answers[-1] == old_answer
     assert set(stream.answers) == {old_answer, new_answer}, stream.answers
     with Client(url, MODEL) as client:
         assert client.versions()[MODEL] == first
-    assert "already serves what its references name" in rayllm(rollout, env)
+    assert "already serves what its references name" in rayllm_ok(*rollout, env=env)
