@@ -115,7 +115,7 @@ class _Endpoint:
         delay = self.retry.delay(attempt)
         tries = f"try {attempt + 2} of {self.retry.attempts}"
         url = self.options["base_url"] + path
-        logger.info("%s %s; %s in %.1f s", url, reason, tries, delay)
+        logger.warning("%s %s; %s in %.1f s", url, reason, tries, delay)
         return delay
 
     def _error(self, response: httpx.Response) -> EndpointError:

@@ -2,11 +2,15 @@
 (on the session cluster) replicas rising under a burst of requests and falling after it."""
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
+from ray.util.state import list_actors
+from ray.util.state.common import ActorState
 
 from rayllm.serve.app import ENGINE_LOAD_POLICY, autoscaling
 from rayllm.serve.autoscaling import EngineLoadPolicy
@@ -70,14 +74,16 @@ def test_a_model_may_scale_to_zero_but_not_be_capped_at_zero():
 
 
 @pytest.mark.slow
-def test_replicas_start_from_zero_rise_under_a_burst_and_fall_to_zero(
+def test_replicas_rise_under_a_burst_survive_a_killed_one_and_fall_to_zero(
     tiny_run, ray_cluster, serve_port
 ):
     """One model scaled to zero, 2 sequences per replica, short delays. The first request
-    starts a replica (the cold start); 10 clients streaming long completions then fill its
-    engine (load 5 against a target of 0.5) and Serve starts a second; when they stop, both
-    go. No request fails meanwhile. (Measured here: the cold start answers in 91 s, the second
-    replica is started 11 s into the burst, both are gone 38 s after it.)"""
+    starts a replica (the cold start); 10 clients sending long completions then fill its
+    engine (load 5 against a target of 0.5) and Serve starts a second. Once both run, both are
+    SIGKILLed under the burst; Serve starts replicas in their place, and every request is
+    answered: Serve sends again what a dead replica had not accepted, the ingress answers 503
+    for what it had, and the clients retry those. When the
+    clients stop, every replica goes. No request fails meanwhile."""
     from ray import serve
 
     from rayllm.client import AsyncClient
@@ -99,7 +105,7 @@ def test_replicas_start_from_zero_rise_under_a_burst_and_fall_to_zero(
     )
     endpoint = deploy(settings)
     try:
-        assert _live_replicas(serve) == 0
+        assert _replicas(serve) == 0
 
         async def cold_start_then_burst() -> tuple[float, int]:
             stop = asyncio.Event()
@@ -116,10 +122,16 @@ def test_replicas_start_from_zero_rise_under_a_burst_and_fall_to_zero(
                     return done
 
                 users = [asyncio.create_task(user()) for _ in range(10)]
-                deadline = time.time() + 300
-                while _live_replicas(serve) < 2:
-                    assert time.time() < deadline, "no second replica under the burst"
-                    await asyncio.sleep(2)
+                await _until(lambda: _replicas(serve, "RUNNING") == 2, "no second replica")
+                killed = _replica_actors()
+                for replica in killed.values():  # wherever Serve routed the burst
+                    os.kill(replica.pid, signal.SIGKILL)
+                await asyncio.sleep(5)  # Serve's controller sees them die
+                await _until(
+                    lambda: _replicas(serve, "RUNNING") and not killed.keys() & _replica_actors(),
+                    "the killed replicas were not replaced",
+                )
+                await asyncio.sleep(5)  # the retried requests are answered
                 stop.set()
                 return cold_start, sum(await asyncio.gather(*users))  # a failure raises
 
@@ -127,17 +139,35 @@ def test_replicas_start_from_zero_rise_under_a_burst_and_fall_to_zero(
         print(f"cold start {cold_start:.1f} s, {served} requests in the burst")
         assert served > 0
         deadline = time.time() + 180
-        while _live_replicas(serve) > 0:
+        while _replicas(serve) > 0:
             assert time.time() < deadline, "the replicas did not go after the burst"
             time.sleep(2)
     finally:
         serve.delete("scaling")
 
 
-def _live_replicas(serve) -> int:
-    """Replicas running or starting: what the autoscaler has asked for."""
+async def _until(condition, failure: str, timeout_s: float = 300) -> None:
+    """Wait for ``condition`` (a blocking call: in a thread, while the clients run)."""
+    deadline = time.time() + timeout_s
+    while not await asyncio.to_thread(condition):
+        assert time.time() < deadline, failure
+        await asyncio.sleep(1)
+
+
+def _replicas(serve, *states: str) -> int:
+    """The model's replicas in ``states``; running or starting (what the autoscaler has asked
+    for) by default."""
     app = serve.status().applications["scaling"]
     deployment = next(
         d for name, d in app.deployments.items() if name.endswith(":tiny-shakespeare")
     )
-    return sum(deployment.replica_states.get(state, 0) for state in ("RUNNING", "STARTING"))
+    return sum(
+        deployment.replica_states.get(state, 0) for state in states or ("RUNNING", "STARTING")
+    )
+
+
+def _replica_actors() -> dict[str, ActorState]:
+    """The model's live replica actors, by id."""
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    prefix = "ServeReplica:scaling:ModelServer:tiny-shakespeare"
+    return {a.actor_id: a for a in actors if a.class_name.startswith(prefix)}

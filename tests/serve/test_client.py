@@ -45,15 +45,27 @@ def endpoint():
     server.shutdown()
 
 
+@pytest.fixture
+def retries():
+    """The messages the clients log as they retry (a handler on their own logger: a process
+    that started Ray has Ray's handlers on the root logger)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("rayllm.client")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
+
+
 @pytest.mark.parametrize("status", [503, 429, 502])
-def test_retryable_answers_are_tried_again_and_logged(endpoint, caplog, status):
+def test_retryable_answers_are_tried_again_and_logged(endpoint, retries, status):
     url, state = endpoint
     state["statuses"] = [status, status]
-    caplog.set_level(logging.INFO, logger="rayllm.client")
     with Client(url, "m", retry=FAST) as client:
         assert client.complete("KING.") == "a completion"
     assert state["requests"] == 3
-    tries = [record.getMessage() for record in caplog.records]
+    tries = retries
     assert len(tries) == 2
     assert tries[0].startswith(f"{url}/v1/completions answered {status}; try 2 of 3 in ")
 
