@@ -4,8 +4,8 @@ file ``rayllm serve --export-config`` wrote, and the volume they share.
 
 Every Ray node's ``rayStartParams`` are derived from its container's resources, so the two
 cannot disagree. ``rayllm k8s render`` writes the files; the copies under ``k8s/`` are its
-output for ``cluster/k8s.yaml`` (``tests/test_k8s.py`` checks both, and validates every
-object against the KubeRay 1.7 CRDs).
+output for the default settings (``tests/test_k8s.py`` checks that, and validates every object
+against the KubeRay 1.7 CRDs).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ through the served app.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable
 from typing import Any
 
 from ray import serve
@@ -99,13 +100,17 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
     return openai_error(error.status_code, str(error.detail))
 
 
-def replica_lost(error: RayActorError) -> Response:
-    """A model replica that died or became unreachable before its first answer: a 503, which
-    clients retry (Serve would answer 500) and Serve routes to another replica or the one
-    replacing it. A stream cut after its first chunk stays cut: its text was already sent."""
-    reason = str(error).splitlines()[0][:200]
-    message = f"the replica serving this request was lost ({reason}); retry it"
-    return openai_error(503, message, "replica_unavailable", **{"Retry-After": "1"})
+async def unless_replica_lost(answer: Awaitable[Response]) -> Response:
+    """``answer``, or a 503 if the model replica died or became unreachable before its first
+    answer: clients retry a 503 (Serve would answer 500), and Serve routes the retry to another
+    replica or the one replacing it. A stream cut after its first chunk stays cut: its text
+    was already sent."""
+    try:
+        return await answer
+    except RayActorError as lost:
+        reason = str(lost).splitlines()[0][:200]
+        message = f"the replica serving this request was lost ({reason}); retry it"
+        return openai_error(503, message, "replica_unavailable", **{"Retry-After": "1"})
 
 
 class Ingress(OpenAiIngress):
@@ -141,10 +146,8 @@ class Ingress(OpenAiIngress):
             return {"error": str(refused), "status": refused.status}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        try:
-            return await self._pinned(body) or await super().completions(body, request)
-        except RayActorError as lost:
-            return replica_lost(lost)
+        refused = await self._pinned(body)
+        return refused or await unless_replica_lost(super().completions(body, request))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         for number, message in enumerate(body.messages):
@@ -152,10 +155,8 @@ class Ingress(OpenAiIngress):
             if role not in CHAT_ROLES:
                 known = ", ".join(sorted(CHAT_ROLES))
                 return openai_error(400, f"messages[{number}].role is {role!r}; use one of {known}")
-        try:
-            return await self._pinned(body) or await super().chat(body, request)
-        except RayActorError as lost:
-            return replica_lost(lost)
+        refused = await self._pinned(body)
+        return refused or await unless_replica_lost(super().chat(body, request))
 
     async def _pinned(self, body: CompletionRequest | ChatCompletionRequest) -> Response | None:
         """Points ``body`` at one adapter version; the error to send if it cannot be served."""
