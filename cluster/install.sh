@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs rayllm and its pinned engines into a virtual environment, on CPU or GPU machines.
 #
-# Usage: cluster/install.sh [VENV_DIR]   (default .venv)
+# Usage: [RAYLLM_DEVICE=cpu|gpu] cluster/install.sh [VENV_DIR]   (default .venv)
+# RAYLLM_DEVICE picks the engines' build; unset, a GPU that nvidia-smi sees means gpu (an
+# image build sees none: cluster/Dockerfile passes its DEVICE argument).
 # Idempotent: a second run with nothing changed returns in seconds (stamp file).
 # The quirks it handles, so nobody has to remember them:
 #   - torch must be the CPU build on CPU machines (a resolver left alone pulls GBs of CUDA);
@@ -15,7 +17,20 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-"$here/.venv"}
 python=${PYTHON:-python3.11}
 stamp="$venv/.rayllm-installed"
-fingerprint=$(cat "$here/pyproject.toml" "$here/cluster/install.sh" | sha256sum | cut -c1-16)
+
+device=${RAYLLM_DEVICE:-}
+if [[ -z "$device" ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        device=gpu
+    else
+        device=cpu
+    fi
+fi
+if [[ "$device" != cpu && "$device" != gpu ]]; then
+    echo "rayllm: RAYLLM_DEVICE=$device is neither cpu nor gpu; set one of them, or unset it to detect a GPU" >&2
+    exit 2
+fi
+fingerprint=$( (cat "$here/pyproject.toml" "$here/cluster/install.sh"; echo "$device") | sha256sum | cut -c1-16)
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$fingerprint" ]]; then
     echo "rayllm: environment $venv is up to date"
@@ -34,7 +49,7 @@ pip_install() {
 }
 pip_install --upgrade "pip>=25" wheel setuptools
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if [[ "$device" == gpu ]]; then
     gpu=1
     torch_spec="torch==2.13.0"
     vllm_spec="vllm==0.29.0"
@@ -55,7 +70,7 @@ else
     echo "torch==2.13.0" >"$constraints"
 fi
 
-echo "rayllm: installing torch ($torch_spec)"
+echo "rayllm: installing torch ($torch_spec) for $device"
 if [[ $gpu == 0 ]]; then
     # The CPU wheel comes from a local wheel folder where pip is configured with one,
     # otherwise from PyTorch's CPU index.

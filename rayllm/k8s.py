@@ -10,6 +10,7 @@ against the KubeRay 1.7 CRDs).
 
 from __future__ import annotations
 
+import shlex
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ RENDERED = "# Written by `rayllm k8s render"
 SERVE_PORT = 8000
 """The port KubeRay's serve Service targets."""
 
+IMAGE_REPO = "/opt/rayllm"
+"""Where cluster/Dockerfile puts the repository (entrypoints and recipes) in the image."""
+
 
 class NodeGroup(BaseModel):
     """One kind of Ray node: its pod's resources, and how many pods the autoscaler may run."""
@@ -42,17 +46,23 @@ class NodeGroup(BaseModel):
     gpus: int = Field(0, ge=0)
     min_replicas: int = Field(0, ge=0)
     max_replicas: int = Field(4, ge=1)
+    image: str | None = None
+    """None: the config's ``image``. GPU groups take the image built with ``DEVICE=gpu``."""
 
 
 class JobSpec(BaseModel):
-    """A RayJob: a ``jobs/`` entrypoint, its recipe and overrides, on its own cluster (torn
-    down when the job ends) or on the RayCluster (``existing_cluster``)."""
+    """A RayJob: a ``jobs/`` entrypoint, its recipe, overrides and arguments, on its own
+    cluster (torn down when the job ends) or on the RayCluster (``existing_cluster``).
+    ``{mount}`` in ``set`` and ``args`` stands for the shared volume's mount path."""
 
     model_config = ConfigDict(extra="forbid")
 
     entrypoint: str
-    recipe: str
+    recipe: str | None = None
     set: list[str] = []
+    """``--set key=value`` overrides of the recipe."""
+    args: list[str] = []
+    """The entrypoint's other arguments, e.g. what ``jobs/publish.py`` publishes."""
     existing_cluster: bool = False
 
 
@@ -61,27 +71,48 @@ class K8sConfig(StageConfig):
 
     name: str = "rayllm"
     image: str = f"rayllm:{rayllm.__version__}"
-    """Built by ``cluster/Dockerfile``; the repository sits at /opt/rayllm in it."""
+    """Built by ``cluster/Dockerfile``; the repository sits at ``IMAGE_REPO`` in it."""
     head: NodeGroup = NodeGroup(cpus=4, memory_gib=16)
     workers: dict[str, NodeGroup] = {
         "cpu": NodeGroup(cpus=8, memory_gib=32, max_replicas=4),
-        "gpu": NodeGroup(cpus=8, memory_gib=64, gpus=1, max_replicas=2),
+        "gpu": NodeGroup(
+            cpus=8, memory_gib=64, gpus=1, max_replicas=2, image=f"rayllm:{rayllm.__version__}-gpu"
+        ),
     }
     volume_claim: str = "rayllm-work"
     volume_gib: int = Field(200, ge=1)
     storage_class: str | None = None
     """None: the cluster's default. The claim is ReadWriteMany: every node reads the registry."""
     mount: str = "/mnt/rayllm"
+    object_storage_secret: str | None = None
+    """A Secret every pod takes environment variables from (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``...) for ``s3://`` registry and data roots.
+    None: the nodes' own credentials, if any (an instance role), or the shared volume only."""
     jobs: dict[str, JobSpec] = {
         "lifecycle": JobSpec(
             entrypoint="jobs/lifecycle.py",
             recipe="jobs/configs/lifecycle.yaml",
-            set=["workdir=/mnt/rayllm/work", "serve.host=0.0.0.0"],
+            set=["workdir={mount}/work", "serve.host=0.0.0.0"],
         ),
         "data": JobSpec(
             entrypoint="jobs/data.py",
             recipe="jobs/configs/data-bible.yaml",
-            set=["output=/mnt/rayllm/work/data-bible"],
+            set=["output={mount}/work/data-bible"],
+            existing_cluster=True,
+        ),
+        "train": JobSpec(
+            entrypoint="jobs/train.py",
+            recipe="jobs/configs/train-bible.yaml",
+            set=[
+                "data={mount}/work/data-bible",
+                "output={mount}/work/model-bible",
+                "storage={mount}/work/runs",
+            ],
+            existing_cluster=True,
+        ),
+        "publish": JobSpec(
+            entrypoint="jobs/publish.py",
+            args=["bible", "{mount}/work/model-bible", "--root", "{mount}/work/registry"],
             existing_cluster=True,
         ),
     }
@@ -112,7 +143,7 @@ def render(config: K8sConfig, repo: Path) -> dict[str, dict[str, Any]]:
     }
     for name, job in config.jobs.items():
         for path in (job.entrypoint, job.recipe):
-            if not (repo / path).is_file():
+            if path is not None and not (repo / path).is_file():
                 raise RayllmError(f"jobs.{name}: {path} is not a file of {repo}")
         files[f"rayjob-{name}.yaml"] = _job(config, name, job)
     if config.serve_app is not None:
@@ -195,21 +226,27 @@ def _pod(
         resources["nvidia.com/gpu"] = str(group.gpus)
     spec: dict[str, Any] = {
         "name": container,
-        "image": config.image,
+        "image": group.image or config.image,
         "resources": {"requests": resources, "limits": resources},
         "volumeMounts": [{"name": "work", "mountPath": config.mount}],
     }
     if env:
         spec["env"] = env
+    if config.object_storage_secret:
+        spec["envFrom"] = [{"secretRef": {"name": config.object_storage_secret}}]
     volume = {"name": "work", "persistentVolumeClaim": {"claimName": config.volume_claim}}
     return {"spec": {"containers": [spec], "volumes": [volume]}}
 
 
 def _job(config: K8sConfig, name: str, job: JobSpec) -> dict[str, Any]:
-    words = [f"/opt/rayllm/{job.entrypoint}", "--config", f"/opt/rayllm/{job.recipe}"]
+    words = ["python", f"{IMAGE_REPO}/{job.entrypoint}"]
+    if job.recipe is not None:
+        words += ["--config", f"{IMAGE_REPO}/{job.recipe}"]
     for override in job.set:
         words += ["--set", override]
-    spec: dict[str, Any] = {"entrypoint": " ".join(["python", *words])}
+    words += job.args
+    command = shlex.join(word.replace("{mount}", config.mount) for word in words)
+    spec: dict[str, Any] = {"entrypoint": command}
     if job.existing_cluster:
         spec["clusterSelector"] = {"ray.io/cluster": config.name}
     else:

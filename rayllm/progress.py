@@ -7,7 +7,9 @@ from types import TracebackType
 
 from rich.console import Console
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+"""Lines are never broken at the console's width: a path in a job's log or a piped output
+stays whole (a terminal still wraps what it shows)."""
 
 
 class Stage:

@@ -68,6 +68,8 @@ def test_the_checked_in_manifests_are_what_the_renderer_writes(tmp_path):
         "raycluster.yaml",
         "rayjob-data.yaml",
         "rayjob-lifecycle.yaml",
+        "rayjob-publish.yaml",
+        "rayjob-train.yaml",
         "rayservice.yaml",
     ]
     for name in names:
@@ -105,7 +107,7 @@ def test_the_volume_claim_the_pods_mount_is_defined():
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every node reads the registry
 
 
-@pytest.mark.parametrize("name", ["rayjob-data.yaml", "rayjob-lifecycle.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CHECKED_IN.glob("rayjob-*.yaml")))
 def test_each_job_runs_its_recipe_through_the_cli(name):
     job = yaml.safe_load((CHECKED_IN / name).read_text())
     check_job(job_command(job["spec"]["entrypoint"]))
@@ -114,6 +116,15 @@ def test_each_job_runs_its_recipe_through_the_cli(name):
     if not own_cluster:
         raycluster = yaml.safe_load((CHECKED_IN / "raycluster.yaml").read_text())
         assert job["spec"]["clusterSelector"] == {"ray.io/cluster": raycluster["metadata"]["name"]}
+
+
+def test_the_jobs_paths_follow_the_volumes_mount(tmp_path):
+    files = render(tmp_path, "mount=/data", "serve_app=null")
+    jobs = [document for name, document in files.items() if name.startswith("rayjob-")]
+    assert len(jobs) == 4
+    for job in jobs:
+        assert "/data/work" in job["spec"]["entrypoint"]
+        assert "/mnt/rayllm" not in json.dumps(job)
 
 
 def test_the_service_serves_the_exported_app_with_keys_from_a_secret():
@@ -166,6 +177,26 @@ def test_a_users_export_becomes_the_services_serve_config(registry, tmp_path):
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     assert head["containers"][0]["image"] == "registry.example/rayllm:9"
     assert "rayservice.yaml" not in render(tmp_path, "serve_app=null")
+
+
+def test_pods_take_object_storage_credentials_from_a_secret(registry, tmp_path):
+    """An s3:// registry: every pod of every object (cluster, jobs' clusters, service) reads
+    the credentials from one Secret, and the objects still pass their CRDs."""
+    app = export(registry, tmp_path / "app.yaml", "host=0.0.0.0", "api_keys_env=RAYLLM_API_KEYS")
+    document = yaml.safe_load(app.read_text())
+    document["applications"][0]["args"]["registry"] = "s3://models/registry"
+    app.write_text(yaml.safe_dump(document))
+    files = render(tmp_path, f"serve_app={app}", "object_storage_secret=rayllm-s3")
+    containers = 0
+    for name, document in files.items():
+        if cluster := cluster_of(document):
+            validate(document)
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                (container,) = group["template"]["spec"]["containers"]
+                assert container["envFrom"] == [{"secretRef": {"name": "rayllm-s3"}}], name
+                containers += 1
+    assert containers == 3 * 3  # the RayCluster's, the lifecycle job's and the service's
+    assert "envFrom" not in (CHECKED_IN / "raycluster.yaml").read_text()  # none by default
 
 
 @pytest.mark.parametrize(

@@ -53,10 +53,16 @@ def job_command(text: str) -> list[str]:
 
 
 def check_job(words: list[str]) -> None:
-    """The stage a job entrypoint runs gets the job's arguments, through ``rayllm config``."""
+    """The command a job entrypoint runs: a stage takes the job's recipe and overrides
+    through ``rayllm config``; any other command exists."""
     entrypoint = (REPO / words[0]).read_text()
-    stage = re.search(r'sys.argv = \["rayllm", "(\w+)"', entrypoint).group(1)
-    done = rayllm("config", stage, *words[1:])
+    listed = re.search(r"sys.argv = \[(.*), \*sys.argv", entrypoint).group(1)
+    command = json.loads(f"[{listed}]")
+    assert command[0] == "rayllm", command
+    if "--config" in words:
+        done = rayllm("config", *command[1:], *words[1:])
+    else:  # the command exists (its files are the cluster's, not this machine's)
+        done = rayllm(*command[1:], "--help")
     assert done.returncode == 0, done.stderr
 
 

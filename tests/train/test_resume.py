@@ -1,6 +1,7 @@
 """Checkpoints that survive: a worker killed mid-run restarts the worker group from the last
-checkpoint and ends where an uninterrupted run ends; a crashed run resumed explicitly does the
-same; a resume that does not fit the checkpoint is refused before any worker starts."""
+checkpoint and ends where an uninterrupted run ends; a training job stopped with ``ray job
+stop`` and resumed explicitly does the same; a resume that does not fit the checkpoint is
+refused before any worker starts."""
 
 import json
 import os
@@ -11,23 +12,26 @@ import time
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobStatus
 from ray.util.state import list_actors
 
 from rayllm.config import build_config
 from rayllm.errors import RayllmError
+from rayllm.registry.store import Registry
 from rayllm.train.checkpoint import latest_checkpoint
 from rayllm.train.config import TrainConfig
 from rayllm.train.metrics import METRICS_LOG
 from rayllm.train.trainer import run
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, overrides
+from tests.test_jobs import readme_job, run_job, submit, wait
 
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 60, 15
 
 
-def config_for(tiny_run, tmp_path, name: str, **changes) -> TrainConfig:
-    settings = {
+def settings_for(tiny_run, tmp_path, name: str, **changes) -> dict:
+    return {
         "data": str(tiny_run["workdir"] / "data"),
         "storage": str(tmp_path / "runs"),
         "output": str(tmp_path / name),
@@ -41,8 +45,11 @@ def config_for(tiny_run, tmp_path, name: str, **changes) -> TrainConfig:
         "eval_batches": 1,
         "parallel": {"strategy": "fsdp"},
         "model": TINY_MODEL,
-    }
-    return build_config(TrainConfig, settings | changes)
+    } | changes
+
+
+def config_for(tiny_run, tmp_path, name: str, **changes) -> TrainConfig:
+    return build_config(TrainConfig, settings_for(tiny_run, tmp_path, name, **changes))
 
 
 def losses(config: TrainConfig) -> dict[int, float]:
@@ -96,24 +103,44 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_ends_the_same(
     assert losses(config) == pytest.approx(losses(reference_config), abs=1e-5)
 
 
-def test_a_crashed_run_resumes_explicitly_and_ends_the_same(straight, tiny_run, tmp_path):
-    config = config_for(tiny_run, tmp_path, "crashed", max_failures=0)
-    outcome = run_killing_a_worker(config)
-    assert "error" in outcome, outcome
-    step = latest_checkpoint(f"{config.storage}/crashed")[1]["step"]
+def test_a_stopped_training_job_resumes_and_ends_the_same_then_publishes(
+    straight, tiny_run, ray_cluster, tmp_path
+):
+    """``jobs/train.py`` through the Jobs SDK, stopped (``ray job stop``) once it has written a
+    checkpoint; a second job with ``resume=true`` ends where the straight run ends, and
+    ``jobs/publish.py`` publishes the model it wrote."""
+    settings = settings_for(tiny_run, tmp_path, "stopped", max_failures=0)
+    config = build_config(TrainConfig, settings)
+    dashboard = ray_cluster["dashboard"]
+    entrypoint = readme_job("jobs/train.py", str(tmp_path))[0]
+    client, job = submit(dashboard, entrypoint, *overrides(settings))
+    run_folder = f"{config.storage}/stopped"
+    deadline = time.time() + 300
+    while latest_checkpoint(run_folder) is None:
+        assert time.time() < deadline, client.get_job_logs(job)[-4000:]
+        assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-4000:]
+        time.sleep(0.05)
+    client.stop_job(job)
+    assert wait(client, job) == JobStatus.STOPPED
+    step = latest_checkpoint(run_folder)[1]["step"]
     assert 0 < step < STEPS
 
     other = config.model_dump() | {"resume": True, "parallel": {"strategy": "ddp"}}
     with pytest.raises(RayllmError, match="different parallel"):
         run(TrainConfig.model_validate(other))
 
-    resumed = run(config.model_copy(update={"resume": True}))
+    logs = run_job(dashboard, entrypoint, *overrides(settings | {"resume": True}))
+    assert f"model written to {config.output}" in logs
     reference_config, reference = straight
-    assert resumed.metrics["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-5)
     assert losses(config) == pytest.approx(losses(reference_config), abs=1e-5)
-
     with pytest.raises(RayllmError, match="already finished"):
         run(config.model_copy(update={"resume": True}))
+
+    publish = readme_job("jobs/publish.py", str(tmp_path))  # /shared/work -> tmp_path
+    publish = [config.output if word.endswith("/model-bible") else word for word in publish]
+    logs = run_job(dashboard, *publish)
+    assert "published bible:1" in logs
+    assert Registry(str(tmp_path / "registry")).resolve("bible").ref == "bible:1"
 
 
 def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(
