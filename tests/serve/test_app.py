@@ -1,7 +1,8 @@
 """The served app on the session cluster.
 
 - Two models in one app behind API keys, deployed the way a cluster deploys it: ``serve
-  deploy`` of the file ``rayllm serve --export-config`` wrote.
+  deploy`` of the ``serveConfigV2`` of the RayService ``rayllm k8s render`` made of the file
+  ``rayllm serve --export-config`` wrote.
 - Bad requests get OpenAI-style 4xx answers, never a 5xx, and the replica keeps serving.
 """
 
@@ -18,6 +19,7 @@ import yaml
 
 from rayllm.client import AsyncClient, Client, EndpointError
 from tests.conftest import API_KEYS, BIN, TOKEN
+from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with
 
 pytestmark = pytest.mark.slow
@@ -27,10 +29,16 @@ KEY = API_KEYS.split(",")[0]
 
 @pytest.fixture(scope="module")
 def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
-    """The README's two-model app behind API keys, at reduced size (the session's registry and
-    tiny model, one replica per model): exported with ``rayllm serve --export-config``,
-    deployed with ``serve deploy``, queried with ``rayllm chat``, as the README says."""
+    """The README's two-model app behind API keys, at reduced size (the session's S3 registry
+    and tiny model, one replica per model), as a KubeRay RayService carries it: exported with
+    ``rayllm serve --export-config``, rendered by ``rayllm k8s render`` into a RayService (valid
+    against its CRD, pods reading S3 credentials from a Secret), whose ``serveConfigV2`` is
+    deployed with ``serve deploy`` and queried with ``rayllm chat``, as the README says. The
+    file listens on 0.0.0.0:8000 as a pod must; Serve, already running on this cluster, keeps
+    the session's address and says so."""
     from ray import serve
+
+    from tests.test_k8s import validate
 
     folder = tmp_path_factory.mktemp("keyed")
     recipe = yaml.safe_load(block_with("api_keys_env:", "yaml"))
@@ -45,7 +53,7 @@ def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
         "max_replicas": 1,
         "max_num_seqs": 4,
         "kv_cache_gib": 1,
-        "port": serve_port,
+        "host": "0.0.0.0",
         "app_name": "keyed",
         "route_prefix": "/keyed",
     }
@@ -55,7 +63,17 @@ def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
     lines = [line for line in block_with("serve deploy serve-app.yaml").splitlines()]
     export, deploy, chat = (shlex.split(line) for line in lines if not line.startswith("export"))
     _run(export, folder, env)
-    _run(deploy, folder, env)
+    exported = folder / "serve-app.yaml"
+    k8s = folder / "k8s"
+    rayllm_ok(
+        "k8s", "render", "--out", str(k8s), "--set", f"serve_app={exported}",
+        "--set", "object_storage_secret=rayllm-s3",
+    )  # fmt: skip
+    service = yaml.safe_load((k8s / "rayservice.yaml").read_text())
+    validate(service)
+    assert service["spec"]["serveConfigV2"] == exported.read_text()
+    (folder / "rayservice-app.yaml").write_text(service["spec"]["serveConfigV2"])
+    _run([arg.replace("serve-app.yaml", "rayservice-app.yaml") for arg in deploy], folder, env)
     deadline = time.time() + 600
     while (
         status := serve.status().applications.get("keyed")
@@ -65,7 +83,7 @@ def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
         time.sleep(2)
     reply = _run([*chat, "--url", url, "--max-tokens", "6"], folder, env)
     assert reply.stdout.strip()
-    yield {"url": url, "exported": folder / "serve-app.yaml"}
+    yield {"url": url, "exported": exported}
     serve.delete("keyed")  # its replicas' CPU goes back to the rest of the session
 
 
