@@ -7,6 +7,7 @@ User errors print one line and exit 2; anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -106,8 +107,9 @@ def serve(
     set: SetOption = None,
     export: ExportOption = None,
 ) -> None:
-    """Serve registry versions behind OpenAI routes until interrupted (Ctrl-C removes the
-    app); `rayllm serve rollout` moves a running app onto newly promoted versions."""
+    """Serve registry versions behind OpenAI routes until interrupted (Ctrl-C, or SIGTERM
+    from `ray job stop`, removes the app); `rayllm serve rollout` moves a running app onto
+    newly promoted versions."""
     if context.invoked_subcommand is not None:
         if config or set or export:
             raise RayllmError(
@@ -139,12 +141,17 @@ def serve(
     endpoint = deploy(settings)
     served = ", ".join(f"{ref} as {name}" for name, ref in endpoint.models.items())
     console.print(f"serving {served} at {endpoint.url}/v1; Ctrl-C to stop")
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, a pod's shutdown
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         shutdown(settings)
         console.print(f"stopped serving {served}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 AppOption = Annotated[str, typer.Option("--app", help="The running Serve app's name.")]

@@ -6,7 +6,8 @@
   own temp dir, ports (its Prometheus metrics' included) and auth token; the test process
   joins it (``ray_cluster``);
 - ``tiny_run``: the README's ``ray job submit`` of ``jobs/lifecycle.py`` at reduced size,
-  publishing to the S3 registry and leaving its model served for the tests that query it.
+  publishing to the S3 registry and leaving its model served for the tests that query it;
+- ``worker_nodes``: two more nodes joined to that cluster for a module's multi-node tests.
 """
 
 from __future__ import annotations
@@ -160,6 +161,92 @@ def ray_cluster(ray_head):
     ray.init(address=ray_head["address"], logging_level="WARNING")
     yield ray_head
     ray.shutdown()
+
+
+WORKER_NODE = "rayllm_test_worker_node"
+"""The custom resource every worker node of ``worker_nodes`` has one of (the head none)."""
+
+
+class WorkerNodes:
+    """Worker nodes joined to the session's cluster with ``ray start --address`` (each its own
+    raylet, object store and agents, with 2 CPUs, a resource named after it and one
+    ``WORKER_NODE``), so work spreads over several nodes; ``remove`` kills one whole node, as a
+    lost machine."""
+
+    def __init__(self, cluster: dict):
+        self.cluster = cluster
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def add(self, name: str) -> None:
+        self.processes[name] = subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--block",
+                f"--address={self.cluster['address']}",
+                "--num-cpus=2",
+                f"--resources={json.dumps({name: 1, WORKER_NODE: 1})}",
+                "--object-store-memory=200000000",
+                f"--metrics-export-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+            ],
+            env=self.cluster["env"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            # A process group of its own (to kill the node whole), in this session: a session
+            # of its own would be a scheduler autogroup of its own, and Linux then starves a
+            # vLLM worker pinned to the core another node's worker spins on.
+            process_group=0,
+        )
+        self._wait(lambda: name in self.alive(), f"node {name} did not join")
+
+    def alive(self) -> dict[str, str]:
+        """Node id of each of these nodes that is alive."""
+        import ray
+
+        return {
+            name: node["NodeID"]
+            for node in ray.nodes()
+            if node["Alive"]
+            for name in self.processes
+            if name in node["Resources"]
+        }
+
+    def remove(self, node_id: str) -> str:
+        """Kill the node with this id (a worker node of these): its raylet and every process on
+        it. Returns its name once the cluster has marked it dead."""
+        (name,) = [name for name, alive in self.alive().items() if alive == node_id]
+        os.killpg(self.processes[name].pid, signal.SIGKILL)
+        self.processes[name].wait()
+        self._wait(lambda: name not in self.alive(), f"node {name} is still alive")
+        return name
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+
+    @staticmethod
+    def _wait(condition, failure: str, timeout_s: float = 120) -> None:
+        deadline = time.time() + timeout_s
+        while not condition():
+            assert time.time() < deadline, failure
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def worker_nodes(ray_cluster):
+    """The session's cluster with two more nodes for one module: a head and two workers."""
+    nodes = WorkerNodes(ray_cluster)
+    try:
+        nodes.add("rayllm_test_node_a")
+        nodes.add("rayllm_test_node_b")
+        yield nodes
+    finally:
+        nodes.close()
 
 
 @pytest.fixture(scope="session")

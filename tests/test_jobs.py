@@ -44,24 +44,34 @@ def wait(client: JobSubmissionClient, job: str, timeout_s: float = 600) -> JobSt
     return status
 
 
-def run_job(dashboard: str, *words: str) -> str:
-    """Submit, wait for SUCCEEDED, and return the job's logs."""
+def run_job(dashboard: str, *words: str) -> tuple[str, str]:
+    """Submit, wait for SUCCEEDED, and return the job's logs and its Ray job id."""
     client, job = submit(dashboard, *words)
     status = wait(client, job)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"{shlex.join(words)}: {status}\n{logs[-4000:]}"
-    return logs
+    return logs, client.get_job_info(job).job_id
 
 
-def test_the_data_job_curates_its_recipe_onto_shared_storage(ray_cluster, s3):
-    """The README's data job (the Bible recipe, every block on) at reduced size, writing its
-    shards to object storage: the job's own working directory is gone once it ends."""
+def test_the_data_job_curates_its_recipe_over_the_nodes_onto_shared_storage(
+    ray_cluster, worker_nodes, s3
+):
+    """The README's data job (the Bible recipe, every block on) at reduced size, on a head and
+    two worker nodes: its tasks run on more than one node, and its shards go to object storage
+    (the job's own working directory is gone once it ends)."""
+    from ray.util.state import list_tasks
+
     shared = f"s3://{s3['bucket']}/jobs"
     sizes = ["max_documents=150", "tokenizer.vocab_size=512", "seq_len=64", "workers=1"]
     sets = [word for size in sizes for word in ("--set", size)]
-    logs = run_job(ray_cluster["dashboard"], *readme_job("jobs/data.py", shared), *sets)
+    logs, job_id = run_job(ray_cluster["dashboard"], *readme_job("jobs/data.py", shared), *sets)
     output = f"{shared}/data-bible"
     assert f"shards, tokenizer and stats.json written to {output}" in logs
     import fsspec
 
     assert fsspec.filesystem("s3").exists(f"{output}/manifest.json")
+    tasks = list_tasks(
+        filters=[("job_id", "=", job_id)], limit=10_000, raise_on_missing_output=False
+    )
+    nodes = {task.node_id for task in tasks if task.node_id}
+    assert len(nodes) > 1 and nodes & set(worker_nodes.alive().values()), nodes

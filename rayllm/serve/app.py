@@ -126,7 +126,8 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
 
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
     engine = engine_arguments(entry, on_gpu, entry.version or entry.model)
-    bundle = {"CPU": entry.cpus_per_replica} | ({"GPU": 1} if on_gpu else {})
+    bundle = {"CPU": entry.cpus_per_replica, **entry.replica_resources}
+    bundle |= {"GPU": 1} if on_gpu else {}
     return LLMConfig(
         model_loading_config={"model_id": entry.model_id, "model_source": entry.version},
         engine_kwargs=engine,

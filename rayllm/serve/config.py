@@ -89,6 +89,10 @@ class ReplicaSettings(EngineSettings):
     them); 0 stops old replicas first (Serve's default), and a model with one replica then
     stops answering until the new one has started."""
     cpus_per_replica: float = 1.0
+    replica_resources: dict[str, float] = {}
+    """Custom Ray resources each replica (each tensor-parallel rank) asks for as well, e.g.
+    ``{serving: 1}``: replicas then run only on the nodes started with them (``ray start
+    --resources``), as many on each as its amount allows."""
     stream_batching_ms: float = 0
     """How long a replica gathers streamed tokens before sending them on as one message;
     0 sends every token at once."""
@@ -101,6 +105,14 @@ class ReplicaSettings(EngineSettings):
             raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
         if self.stream_batching_ms < 0:
             raise ValueError("stream_batching_ms must be 0 (no batching) or more")
+        if any(
+            name in ("CPU", "GPU", "memory") or amount <= 0
+            for name, amount in self.replica_resources.items()
+        ):
+            raise ValueError(
+                "replica_resources names custom resources with positive amounts; CPUs are "
+                "cpus_per_replica, GPUs use_gpu"
+            )
         if not 0 <= self.max_surge_percent <= 100:
             raise ValueError("max_surge_percent is a percentage: 0 <= max_surge_percent <= 100")
         return self

@@ -108,6 +108,10 @@ class TrainConfig(StageConfig):
     parallel: ParallelConfig = ParallelConfig()
     num_workers: int = 2
     cpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers over the cluster's nodes (Ray Train's): PACK fills as few
+    nodes as it can, SPREAD puts them on different nodes where it can, STRICT_SPREAD waits
+    until each has a node of its own."""
     use_gpu: bool = False
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """bf16: autocast for ddp / tp / pp, bf16 compute with fp32 reductions and master weights

@@ -138,6 +138,7 @@ def _trainer(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker},
+            placement_strategy=config.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=config.run_name,

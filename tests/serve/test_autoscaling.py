@@ -1,5 +1,6 @@
 """Autoscaling on engine load: the policy's decisions, its place in the app's config, and
-(on the session cluster) replicas rising under a burst of requests and falling after it."""
+(on the session cluster grown by two worker nodes) replicas rising under a burst of requests,
+surviving a lost node and falling after it."""
 
 import asyncio
 import os
@@ -15,6 +16,8 @@ from ray.util.state.common import ActorState
 from rayllm.serve.app import ENGINE_LOAD_POLICY, autoscaling
 from rayllm.serve.autoscaling import EngineLoadPolicy
 from rayllm.serve.config import ModelEntry, ServeConfig
+from tests.conftest import WORKER_NODE, overrides
+from tests.test_jobs import readme_job, submit, wait
 
 
 def context(replicas: int, requests: float, loads: list[float]) -> AutoscalingContext:
@@ -73,43 +76,60 @@ def test_a_model_may_scale_to_zero_but_not_be_capped_at_zero():
         ServeConfig(min_replicas=0, max_replicas=0)
 
 
+USERS = 6
+"""Clients in the burst: a load of 3 against the target of 0.5 on one replica."""
+
+
 @pytest.mark.slow
-def test_replicas_rise_under_a_burst_survive_a_killed_one_and_fall_to_zero(
-    tiny_run, ray_cluster, serve_port
+def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
+    tiny_run, ray_cluster, serve_port, worker_nodes
 ):
-    """One model scaled to zero, 2 sequences per replica, short delays. The first request
-    starts a replica (the cold start); 10 clients sending long completions then fill its
-    engine (load 5 against a target of 0.5) and Serve starts a second. Once both run, both are
-    SIGKILLed under the burst; Serve starts replicas in their place, and every request is
-    answered: Serve sends again what a dead replica had not accepted, the ingress answers 503
-    for what it had, and the clients retry those. When the
-    clients stop, every replica goes. No request fails meanwhile."""
+    """One model scaled to zero, 2 sequences per replica, short delays, its replicas only on
+    the two worker nodes (one each: ``replica_resources``), never on the driver's, each
+    resolving its version from the S3 registry. The first request starts a replica (the cold
+    start); 6 clients sending long completions then fill its engine (load 3 against a target
+    of 0.5) and Serve starts a second. Once both run, under the burst, one's node is removed
+    (its raylet and every process on it killed) and the other replica is SIGKILLed; Serve
+    starts one in their place on the node left, and every request is answered: Serve sends
+    again what a dead replica had not accepted, the ingress answers 503 for what it had, and
+    the clients retry those. When the clients stop, every replica goes. No request fails.
+    The app is served by a Ray job (``jobs/serve.py``); stopping the job removes it."""
+    import ray
     from ray import serve
+    from ray.job_submission import JobStatus
 
     from rayllm.client import AsyncClient
-    from rayllm.serve.app import deploy
 
-    settings = ServeConfig(
-        registry=tiny_run["settings"]["registry"]["root"],
-        model="tiny-shakespeare:1",
-        app_name="scaling",
-        route_prefix="/scaling",
-        port=serve_port,
-        min_replicas=0,
-        max_replicas=2,
-        max_num_seqs=2,
-        target_engine_load=0.5,
-        upscale_delay_s=2,
-        downscale_delay_s=5,
-        target_ongoing_requests=100,  # Serve's own policy would never add a replica here
-    )
-    endpoint = deploy(settings)
+    settings = {
+        "registry": tiny_run["settings"]["registry"]["root"],
+        "model": "tiny-shakespeare:1",
+        "app_name": "scaling",
+        "route_prefix": "/scaling",
+        "port": serve_port,
+        "min_replicas": 0,
+        "max_replicas": 2,
+        "max_num_seqs": 2,
+        "target_engine_load": 0.5,
+        "upscale_delay_s": 2,
+        "downscale_delay_s": 5,
+        "target_ongoing_requests": 100,  # Serve's own policy would never add a replica here
+        "replica_resources": {WORKER_NODE: 1},
+    }
+    entrypoint = readme_job("jobs/serve.py", "")[0]
+    jobs, job = submit(ray_cluster["dashboard"], entrypoint, *overrides(settings))
+    url = f"http://127.0.0.1:{serve_port}/scaling"
     try:
+        deadline = time.time() + 300
+        while "serving tiny-shakespeare:1 as tiny-shakespeare" not in jobs.get_job_logs(job):
+            assert time.time() < deadline and not jobs.get_job_status(job).is_terminal(), (
+                jobs.get_job_logs(job)[-3000:]
+            )
+            time.sleep(1)
         assert _replicas(serve) == 0
 
         async def cold_start_then_burst() -> tuple[float, int]:
             stop = asyncio.Event()
-            async with AsyncClient(endpoint.url, "tiny-shakespeare", timeout=600) as client:
+            async with AsyncClient(url, "tiny-shakespeare", timeout=600) as client:
                 started = time.perf_counter()
                 assert await client.complete("KING.", max_tokens=4)
                 cold_start = time.perf_counter() - started
@@ -121,15 +141,21 @@ def test_replicas_rise_under_a_burst_survive_a_killed_one_and_fall_to_zero(
                         done += 1
                     return done
 
-                users = [asyncio.create_task(user()) for _ in range(10)]
+                users = [asyncio.create_task(user()) for _ in range(USERS)]
                 await _until(lambda: _replicas(serve, "RUNNING") == 2, "no second replica")
                 killed = _replica_actors()
-                for replica in killed.values():  # wherever Serve routed the burst
-                    os.kill(replica.pid, signal.SIGKILL)
-                await asyncio.sleep(5)  # Serve's controller sees them die
+                placed = {replica.node_id for replica in killed.values()}
+                assert placed == set(worker_nodes.alive().values())
+                assert ray.get_runtime_context().get_node_id() not in placed
+                # The node lost is one without the app's ingress (Serve placed it anywhere).
+                ingress = {actor.node_id for actor in _replica_actors("Ingress").values()}
+                lost = next(r for r in killed.values() if r.node_id not in ingress)
+                other = next(r for r in killed.values() if r is not lost)
+                os.kill(other.pid, signal.SIGKILL)
+                await asyncio.to_thread(worker_nodes.remove, lost.node_id)
                 await _until(
                     lambda: _replicas(serve, "RUNNING") and not killed.keys() & _replica_actors(),
-                    "the killed replicas were not replaced",
+                    "the lost replicas were not replaced",
                 )
                 await asyncio.sleep(5)  # the retried requests are answered
                 stop.set()
@@ -142,11 +168,20 @@ def test_replicas_rise_under_a_burst_survive_a_killed_one_and_fall_to_zero(
         while _replicas(serve) > 0:
             assert time.time() < deadline, "the replicas did not go after the burst"
             time.sleep(2)
+        jobs.stop_job(job)  # the job's end is the app's (a Serve app outlives its driver)
+        assert wait(jobs, job) == JobStatus.STOPPED
+        deadline = time.time() + 60
+        while "scaling" in serve.status().applications:
+            assert time.time() < deadline, "stopping the job left its app serving"
+            time.sleep(1)
     finally:
-        serve.delete("scaling")
+        if not jobs.get_job_status(job).is_terminal():
+            jobs.stop_job(job)
+        if "scaling" in serve.status().applications:
+            serve.delete("scaling")
 
 
-async def _until(condition, failure: str, timeout_s: float = 300) -> None:
+async def _until(condition, failure: str, timeout_s: float = 420) -> None:
     """Wait for ``condition`` (a blocking call: in a thread, while the clients run)."""
     deadline = time.time() + timeout_s
     while not await asyncio.to_thread(condition):
@@ -166,8 +201,8 @@ def _replicas(serve, *states: str) -> int:
     )
 
 
-def _replica_actors() -> dict[str, ActorState]:
-    """The model's live replica actors, by id."""
+def _replica_actors(deployment: str = "ModelServer:tiny-shakespeare") -> dict[str, ActorState]:
+    """The live replica actors of one of the app's deployments (the model's), by id."""
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    prefix = "ServeReplica:scaling:ModelServer:tiny-shakespeare"
+    prefix = f"ServeReplica:scaling:{deployment}"
     return {a.actor_id: a for a in actors if a.class_name.startswith(prefix)}

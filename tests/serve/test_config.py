@@ -104,6 +104,16 @@ def test_tensor_parallel_needs_gpus(registry):
     assert on_gpus.engine_kwargs["tensor_parallel_size"] == 2
 
 
+def test_replicas_ask_for_the_custom_resources_of_their_nodes(registry):
+    settings = {"registry": registry.url, "model": "scribe", "replica_resources": {"serving": 1}}
+    config = pin(ServeConfig(**settings))
+    bundles = llm_config(config.models[0], config, has_gpus=False).placement_group_config
+    assert bundles == {"bundles": [{"CPU": 1.0, "serving": 1}]}
+    for wrong in ({"CPU": 2}, {"serving": 0}):
+        with pytest.raises(ValueError, match="replica_resources names custom resources"):
+            ServeConfig(**settings | {"replica_resources": wrong})
+
+
 def test_api_keys_come_from_a_file_and_the_environment(tmp_path, monkeypatch):
     keys = tmp_path / "keys"
     keys.write_text("# one key per line\nalpha\n\n beta \n")

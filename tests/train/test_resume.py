@@ -1,12 +1,11 @@
-"""Checkpoints that survive: a worker killed mid-run restarts the worker group from the last
-checkpoint and ends where an uninterrupted run ends; a training job stopped with ``ray job
-stop`` and resumed explicitly does the same; a resume that does not fit the checkpoint is
-refused before any worker starts."""
+"""Checkpoints that survive: a run whose workers sit on different nodes loses one node mid-run,
+restarts the worker group from the last checkpoint on the nodes left, and ends where an
+uninterrupted run on one node ends; a training job stopped with ``ray job stop`` and resumed
+explicitly does the same; a resume that does not fit the checkpoint is refused before any
+worker starts."""
 
 import json
-import os
 import re
-import signal
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from rayllm.train.checkpoint import latest_checkpoint
 from rayllm.train.config import TrainConfig
 from rayllm.train.metrics import METRICS_LOG
 from rayllm.train.trainer import run
-from tests.conftest import TINY_MODEL, overrides
+from tests.conftest import TINY_MODEL, WorkerNodes, overrides
 from tests.test_jobs import readme_job, run_job, submit, wait
 
 pytestmark = pytest.mark.slow
@@ -57,9 +56,10 @@ def losses(config: TrainConfig) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, log.read_text().splitlines())}
 
 
-def run_killing_a_worker(config: TrainConfig):
-    """Run ``config`` in a thread; SIGKILL one worker process as soon as the first checkpoint
-    is written. Returns the run's outcome (its result or its exception)."""
+def run_losing_a_node(config: TrainConfig, nodes: WorkerNodes) -> tuple[dict, set[str]]:
+    """Run ``config`` in a thread; as soon as the first checkpoint is written, remove a worker
+    node that holds one of the run's workers. Returns the run's outcome (its result or its
+    exception) and the nodes the workers ran on before."""
     outcome = {}
 
     def target():
@@ -71,19 +71,20 @@ def run_killing_a_worker(config: TrainConfig):
     thread = threading.Thread(target=target)
     thread.start()
     folder = f"{config.storage}/{config.run_name}"
-    pids: list[int] = []
+    placed: set[str] = set()
     deadline = time.time() + 300
     while latest_checkpoint(folder) is None:
         assert time.time() < deadline and thread.is_alive(), outcome
-        if not pids:
+        if len(placed) < config.num_workers:
             alive = list_actors(
                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
             )
-            pids = [actor.pid for actor in alive]
+            placed = {actor.node_id for actor in alive}
         time.sleep(0.02)
-    os.kill(pids[-1], signal.SIGKILL)
+    lost = next(node for node in placed if node in nodes.alive().values())
+    nodes.remove(lost)
     thread.join(timeout=600)
-    return outcome
+    return outcome, placed
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +93,18 @@ def straight(tiny_run, ray_cluster, tmp_path_factory):
     return config, run(config)
 
 
-def test_a_killed_worker_restarts_from_the_checkpoint_and_ends_the_same(
-    straight, tiny_run, tmp_path
+def test_a_run_over_nodes_loses_one_restarts_on_the_others_and_ends_the_same(
+    straight, tiny_run, worker_nodes, tmp_path
 ):
-    config = config_for(tiny_run, tmp_path, "killed", max_failures=1)
-    outcome = run_killing_a_worker(config)
+    """Two workers on two nodes of the three (STRICT_SPREAD); once the first checkpoint is
+    written, a worker node holding one of them is removed (its raylet and every process on it
+    killed). The group restarts from that checkpoint on the nodes left and ends where the run
+    on one node ends, step for step."""
+    config = config_for(
+        tiny_run, tmp_path, "node-lost", max_failures=1, placement_strategy="STRICT_SPREAD"
+    )
+    outcome, placed = run_losing_a_node(config, worker_nodes)
+    assert len(placed) == 2, placed
     assert "result" in outcome, outcome
     reference_config, reference = straight
     assert outcome["result"].metrics["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-5)
@@ -129,7 +137,7 @@ def test_a_stopped_training_job_resumes_and_ends_the_same_then_publishes(
     with pytest.raises(RayllmError, match="different parallel"):
         run(TrainConfig.model_validate(other))
 
-    logs = run_job(dashboard, entrypoint, *overrides(settings | {"resume": True}))
+    logs, _ = run_job(dashboard, entrypoint, *overrides(settings | {"resume": True}))
     assert f"model written to {config.output}" in logs
     reference_config, reference = straight
     assert losses(config) == pytest.approx(losses(reference_config), abs=1e-5)
@@ -138,7 +146,7 @@ def test_a_stopped_training_job_resumes_and_ends_the_same_then_publishes(
 
     publish = readme_job("jobs/publish.py", str(tmp_path))  # /shared/work -> tmp_path
     publish = [config.output if word.endswith("/model-bible") else word for word in publish]
-    logs = run_job(dashboard, *publish)
+    logs, _ = run_job(dashboard, *publish)
     assert "published bible:1" in logs
     assert Registry(str(tmp_path / "registry")).resolve("bible").ref == "bible:1"
 
