@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import rayllm
-from rayllm.config import StageConfig, dump_yaml
+from rayllm.config import StageConfig, dump_yaml, load_config
 from rayllm.errors import RayllmError
+from rayllm.serve.config import ServeConfig
 
 API_KEYS_ENV = "RAYLLM_API_KEYS"
 """Where the RayService's head reads the serving keys from its Secret; the served app's
@@ -145,6 +146,7 @@ def render(config: K8sConfig, repo: Path) -> dict[str, dict[str, Any]]:
         for path in (job.entrypoint, job.recipe):
             if path is not None and not (repo / path).is_file():
                 raise RayllmError(f"jobs.{name}: {path} is not a file of {repo}")
+        _check_workers_fit(config, name, job, repo)
         files[f"rayjob-{name}.yaml"] = _job(config, name, job)
     if config.serve_app is not None:
         files["rayservice.yaml"] = _service(config, repo / config.serve_app)
@@ -271,7 +273,15 @@ def _service(config: K8sConfig, serve_app: Path) -> dict[str, Any]:
             "serve.yaml --export-config FILE`, or set serve_app to null for no RayService"
         )
     text = serve_app.read_text()
-    _check_served_app(yaml.safe_load(text), serve_app)
+    served = _check_served_app(yaml.safe_load(text), serve_app)
+    _check_versions(served, serve_app)
+    for entry in served.models:
+        _check_fits(
+            config,
+            f"{serve_app}: a replica of {entry.model_id}",
+            entry.cpus_per_replica,
+            int(bool(entry.use_gpu)),
+        )
     keys = {"secretKeyRef": {"name": config.api_keys_secret, "key": "keys"}}
     cluster = _cluster_spec(config, head_env=[{"name": API_KEYS_ENV, "valueFrom": keys}])
     for template in [cluster["headGroupSpec"]["template"]] + [
@@ -310,11 +320,25 @@ def _probes() -> dict[str, Any]:
     }
 
 
-def _check_served_app(document: Any, path: Path) -> None:
+def _check_workers_fit(config: K8sConfig, name: str, job: JobSpec, repo: Path) -> None:
+    """A job that trains (its recipe a training or lifecycle config) has workers some node
+    group can hold."""
+    from rayllm.lifecycle import LifecycleConfig
+    from rayllm.train.config import TrainConfig
+
+    stage = {"jobs/train.py": TrainConfig, "jobs/lifecycle.py": LifecycleConfig}.get(job.entrypoint)
+    if stage is None or job.recipe is None:
+        return
+    overrides = [item.replace("{mount}", config.mount) for item in job.set]
+    settings = load_config(stage, repo / job.recipe, overrides)
+    train = settings if isinstance(settings, TrainConfig) else settings.train
+    gpus = int(train.use_gpu)
+    _check_fits(config, f"jobs.{name}: a training worker", train.cpus_per_worker, gpus)
+
+
+def _check_served_app(document: Any, path: Path) -> ServeConfig:
     """A Serve config a RayService can serve: one that listens for the pod's Service, with
     API keys from the Secret and a registry every node reaches."""
-    from rayllm.serve.config import ServeConfig
-
     try:
         (app,) = document["applications"]
         http = document["http_options"]
@@ -339,4 +363,38 @@ def _check_served_app(document: Any, path: Path) -> None:
         raise RayllmError(
             f"{path} reads the registry at the relative path {served.registry!r}, which no pod "
             f"has; {fix} --set registry=/mnt/rayllm/... (the shared volume) or an s3:// URL"
+        )
+    return served
+
+
+def _check_versions(served: ServeConfig, path: Path) -> None:
+    """Every version the app pins is in its registry, where this machine can read the root
+    (object storage with credentials, or the volume mounted here too); a root only the pods
+    mount is read when the app starts."""
+    from rayllm.registry.store import Registry
+
+    try:
+        registry = Registry(served.registry)
+        readable = registry.fs.exists(registry.root)
+    except Exception:  # noqa: BLE001 - no credentials or no network here: the pods check
+        return
+    if not readable:
+        return
+    for entry in served.models:
+        try:
+            registry.resolve(entry.version or entry.model)
+        except RayllmError as error:
+            raise RayllmError(
+                f"{path} serves {entry.version}, which the registry cannot give: {error}"
+            ) from None
+
+
+def _check_fits(config: K8sConfig, what: str, cpus: float, gpus: int) -> None:
+    """Some node group (the head included) has the CPUs and GPUs ``what`` asks for."""
+    groups = {"head": config.head, **config.workers}
+    if not any(g.cpus >= cpus and g.gpus >= gpus for g in groups.values()):
+        sizes = ", ".join(f"{name}: {g.cpus} CPUs, {g.gpus} GPUs" for name, g in groups.items())
+        raise RayllmError(
+            f"{what} asks for {cpus:g} CPUs and {gpus} GPUs, which no node group has ({sizes}); "
+            "lower the request or give a group (workers.NAME.cpus / gpus) that much"
         )

@@ -228,6 +228,27 @@ def test_a_relative_registry_and_a_missing_file_are_refused(registry, tmp_path, 
     assert done.returncode == 2 and "--export-config" in done.stderr
 
 
+def test_requests_no_node_group_can_hold_are_refused_and_nothing_written(registry, tmp_path):
+    out = tmp_path / "k8s"
+    keyed = ["host=0.0.0.0", "api_keys_env=RAYLLM_API_KEYS"]
+    app = export(registry, tmp_path / "app.yaml", *keyed, "cpus_per_replica=16")
+    done = rayllm("k8s", "render", "--out", str(out), "--set", f"serve_app={app}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "a replica of bard asks for 16 CPUs and 0 GPUs, which no node group has" in done.stderr
+    settings = ["serve_app=null", 'jobs.train.set=["cpus_per_worker=12"]']
+    done = rayllm("k8s", "render", "--out", str(out), *(a for s in settings for a in ("--set", s)))
+    assert done.returncode == 2
+    assert "jobs.train: a training worker asks for 12 CPUs and 0 GPUs" in done.stderr
+    assert not out.exists()
+
+
+def test_an_app_pinned_to_a_version_its_registry_lacks_is_refused(registry, tmp_path):
+    app = export(registry, tmp_path / "app.yaml", "host=0.0.0.0", "api_keys_env=RAYLLM_API_KEYS")
+    app.write_text(app.read_text().replace("bard:1", "bard:9"))
+    done = rayllm("k8s", "render", "--out", str(tmp_path / "k8s"), "--set", f"serve_app={app}")
+    assert done.returncode == 2 and "serves bard:9, which the registry cannot give" in done.stderr
+
+
 def test_the_readme_commands_render_an_exported_app(registry, tmp_path):
     """The README's Kubernetes block as written, on a scratch registry and output folder."""
     from tests.test_readme import block_with, commands

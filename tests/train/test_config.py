@@ -155,3 +155,38 @@ def test_the_readme_training_layout_loads_and_fits():
     example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
     config = TrainConfig.model_validate(example)
     assert mesh_shape(config) == MeshShape(pp=2, dp_replicate=1, dp_shard=2, tp=2)
+
+
+SCALE_MODELS = {
+    "8 B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336},
+    "70 B": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "ffn_dim": 28672},
+}
+
+
+def test_the_scale_plans_layouts_fit_their_models_and_gpus():
+    """Every layout of cluster/scale.md's pretraining table is one rayllm accepts, and its
+    mesh multiplies to the row's GPUs."""
+    import re
+    from pathlib import Path
+
+    plan = (Path(__file__).resolve().parents[2] / "cluster" / "scale.md").read_text()
+    rows = re.findall(r"^\| (8 B|70 B) \| ([\d,]+) \| `fsdp`, ([^|]*)\|", plan, re.M)
+    assert len(rows) == 6
+    for model, gpus, layout in rows:
+        sizes = {
+            name: int(n) for name, n in re.findall(r"(tp|pp|dp_replicate|dp_shard) (\d+)", layout)
+        }
+        parallel = {"strategy": "fsdp"} | {k: v for k, v in sizes.items() if k != "dp_shard"}
+        if "pp" in sizes:
+            parallel |= {"pp_schedule": "interleaved_1f1b", "pp_microbatches": 16}
+        config = TrainConfig.model_validate(
+            {
+                "num_workers": int(gpus.replace(",", "")),
+                "micro_batch_size": 16 if "pp" in sizes else 1,
+                "precision": "bf16",
+                "model": SCALE_MODELS[model] | {"max_seq_len": 8192},
+                "parallel": parallel,
+            }
+        )
+        expected = {"pp": 1, "dp_replicate": 1, "tp": 1} | sizes
+        assert mesh_shape(config) == MeshShape(**expected), (model, gpus, layout)
