@@ -90,6 +90,29 @@ def train(config: ConfigOption = None, set: SetOption = None) -> None:
     console.print(f"model written to {result.model}")
 
 
+@app.command("eval")
+def evaluate(config: ConfigOption = None, set: SetOption = None) -> None:
+    """Held-out perplexity of a registry version (or a model folder) on the validation split
+    of a shard set, in a Ray task."""
+    from rayllm.data.shards import load_manifest
+    from rayllm.eval.config import EvalConfig
+
+    settings = load_config(EvalConfig, config, set or ()).with_work_paths()
+    manifest = load_manifest(settings.data)  # missing shards or model fail before Ray starts
+    folder, name = settings.model_folder()
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.eval.perplexity import run_remote
+
+    connect(RayConfig())
+    files = manifest["shards"]["val"]
+    sizes = {"batch_size": settings.batch_size, "max_rows": settings.max_rows}
+    scores = run_remote(str(folder), settings.data, files, **sizes)
+    console.print(
+        f"{name}: held-out perplexity {scores['perplexity']:.2f} (loss {scores['val_loss']:.4f}) "
+        f"over {scores['tokens']:,} tokens of {settings.data}"
+    )
+
+
 ExportOption = Annotated[
     Path | None,
     typer.Option(
@@ -317,7 +340,7 @@ def k8s_render(
 @app.command("config")
 def show_config(
     stage: Annotated[
-        str, typer.Argument(help="lifecycle | data | train | serve | batch | k8s")
+        str, typer.Argument(help="lifecycle | data | train | eval | serve | batch | k8s")
     ] = "lifecycle",
     config: ConfigOption = None,
     set: SetOption = None,
@@ -325,6 +348,7 @@ def show_config(
     """Print a stage's full config as YAML: its defaults, or a recipe (--config) with its
     overrides applied and checked, as the stage would run it."""
     from rayllm.data.config import DataConfig
+    from rayllm.eval.config import EvalConfig
     from rayllm.k8s import K8sConfig
     from rayllm.lifecycle import LifecycleConfig
     from rayllm.serve.config import BatchConfig, ServeConfig
@@ -334,6 +358,7 @@ def show_config(
         "lifecycle": LifecycleConfig,
         "data": DataConfig,
         "train": TrainConfig,
+        "eval": EvalConfig,
         "serve": ServeConfig,
         "batch": BatchConfig,
         "k8s": K8sConfig,

@@ -111,6 +111,11 @@ class K8sConfig(StageConfig):
             ],
             existing_cluster=True,
         ),
+        "eval": JobSpec(
+            entrypoint="jobs/eval.py",
+            set=["model={mount}/work/model-bible", "data={mount}/work/data-bible"],
+            existing_cluster=True,
+        ),
         "publish": JobSpec(
             entrypoint="jobs/publish.py",
             args=["bible", "{mount}/work/model-bible", "--root", "{mount}/work/registry"],

@@ -33,6 +33,10 @@ def rayllm_ok(*args: str, env: dict | None = None, timeout: int = 600) -> str:
         (["data", "--set", "output=nosuch://b/out"], "unknown storage protocol 'nosuch'"),
         (["train", "--set", "data=/no/such/shards"], "no finished token shards"),
         (
+            ["eval", "--set", "model=bard", "--set", "data=/no/such/shards"],
+            "no finished token shards",
+        ),
+        (
             ["train", "--set", "parallel.strategy=fsdp", "--set", "parallel.tp=3"],
             "num_workers (2) is not a multiple of parallel.tp x parallel.pp (3 x 1)",
         ),

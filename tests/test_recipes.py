@@ -54,14 +54,14 @@ def job_command(text: str) -> list[str]:
 
 def check_job(words: list[str]) -> None:
     """The command a job entrypoint runs: a stage takes the job's recipe and overrides
-    through ``rayllm config``; any other command exists."""
+    through ``rayllm config``; any other command (``registry publish``) exists."""
     entrypoint = (REPO / words[0]).read_text()
     listed = re.search(r"sys.argv = \[(.*), \*sys.argv", entrypoint).group(1)
     command = json.loads(f"[{listed}]")
     assert command[0] == "rayllm", command
-    if "--config" in words:
-        done = rayllm("config", *command[1:], *words[1:])
-    else:  # the command exists (its files are the cluster's, not this machine's)
+    if len(command) == 2:  # a stage: its config loads with the job's recipe and overrides
+        done = rayllm("config", command[1], *words[1:])
+    else:  # another command exists (its files are the cluster's, not this machine's)
         done = rayllm(*command[1:], "--help")
     assert done.returncode == 0, done.stderr
 

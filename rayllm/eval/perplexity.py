@@ -38,9 +38,9 @@ def perplexity(
     return {"val_loss": mean, "perplexity": math.exp(mean), "tokens": count}
 
 
-def run_remote(model_dir: str, data: str, files: list[dict]) -> dict:
-    """Run :func:`perplexity` as a Ray task off the driver process, on the driver's node
-    (where the trained model folder is)."""
+def run_remote(model_dir: str, data: str, files: list[dict], **sizes: int) -> dict:
+    """Run :func:`perplexity` (``sizes``: its batch_size and max_rows) as a Ray task off the
+    driver process, on the driver's node (where the model folder is)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(num_cpus=1, scheduling_strategy=here)(perplexity)
-    return ray.get(task.remote(model_dir, data, files))
+    return ray.get(task.remote(model_dir, data, files, **sizes))

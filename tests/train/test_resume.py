@@ -111,12 +111,12 @@ def test_a_run_over_nodes_loses_one_restarts_on_the_others_and_ends_the_same(
     assert losses(config) == pytest.approx(losses(reference_config), abs=1e-5)
 
 
-def test_a_stopped_training_job_resumes_and_ends_the_same_then_publishes(
+def test_a_stopped_training_job_resumes_ends_the_same_and_is_published_and_scored(
     straight, tiny_run, ray_cluster, tmp_path
 ):
     """``jobs/train.py`` through the Jobs SDK, stopped (``ray job stop``) once it has written a
-    checkpoint; a second job with ``resume=true`` ends where the straight run ends, and
-    ``jobs/publish.py`` publishes the model it wrote."""
+    checkpoint; a second job with ``resume=true`` ends where the straight run ends;
+    ``jobs/publish.py`` publishes the model it wrote, and ``jobs/eval.py`` scores that version."""
     settings = settings_for(tiny_run, tmp_path, "stopped", max_failures=0)
     config = build_config(TrainConfig, settings)
     dashboard = ray_cluster["dashboard"]
@@ -149,6 +149,12 @@ def test_a_stopped_training_job_resumes_and_ends_the_same_then_publishes(
     logs, _ = run_job(dashboard, *publish)
     assert "published bible:1" in logs
     assert Registry(str(tmp_path / "registry")).resolve("bible").ref == "bible:1"
+
+    data = str(tiny_run["workdir"] / "data")
+    score = readme_job("jobs/eval.py", str(tmp_path))
+    logs, _ = run_job(dashboard, *(f"data={data}" if w.startswith("data=") else w for w in score))
+    perplexity = float(re.search(r"bible:1: held-out perplexity ([\d.]+)", logs).group(1))
+    assert 1 < perplexity < 1024  # the tiny model's vocabulary: better than chance
 
 
 def test_a_diverging_run_stops_at_the_step_and_keeps_the_last_good_checkpoint(
