@@ -91,14 +91,16 @@ def test_the_stages_one_at_a_time(scratch, serve_port):
     port = serve_port
     steps = commands(block_after("The stages one at a time"))
     verbs = [args[0] for args in steps]
-    assert verbs == ["data", "train", "registry", "serve", "complete", "chat"]
-    data, train, publish, serve, complete, chat = steps
+    assert verbs == ["data", "train", "registry", "eval", "serve", "complete", "chat"]
+    data, train, publish, evaluate, serve, complete, chat = steps
 
     run(data + overrides(REDUCED["data"]), folder, env)
     assert (folder / "rayllm-work" / "data" / "manifest.json").exists()
     run(train + overrides(REDUCED["train"]), folder, env)
     assert (folder / "rayllm-work" / "model" / "tokenizer.json").exists()
     run(publish, folder, env)
+    scored = run(evaluate, folder, env).stdout
+    assert "bible:1: held-out perplexity" in scored, scored
 
     serve = [a.replace("port=8000", f"port={port}") for a in serve] + overrides(REDUCED["serve"])
     server = subprocess.Popen(
