@@ -169,7 +169,7 @@ WORKER_NODE = "rayllm_test_worker_node"
 
 class WorkerNodes:
     """Worker nodes joined to the session's cluster with ``ray start --address`` (each its own
-    raylet, object store and agents, with 2 CPUs, a resource named after it and one
+    raylet, object store, agents and temp dir, with 2 CPUs, a resource named after it and one
     ``WORKER_NODE``), so work spreads over several nodes; ``remove`` kills one whole node, as a
     lost machine."""
 
@@ -187,6 +187,7 @@ class WorkerNodes:
                 "--num-cpus=2",
                 f"--resources={json.dumps({name: 1, WORKER_NODE: 1})}",
                 "--object-store-memory=200000000",
+                f"--temp-dir={tempfile.mkdtemp(prefix=f'rayllm-test-{name}-')}",  # as on a machine of its own
                 f"--metrics-export-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}",
                 f"--dashboard-agent-grpc-port={free_port()}",
