@@ -96,6 +96,7 @@ def evaluate(config: ConfigOption = None, set: SetOption = None) -> None:
     of a shard set, in a Ray task."""
     from rayllm.data.shards import load_manifest
     from rayllm.eval.config import EvalConfig
+    from rayllm.paths import absolute_url
 
     settings = load_config(EvalConfig, config, set or ()).with_work_paths()
     manifest = load_manifest(settings.data)  # missing shards or model fail before Ray starts
@@ -106,7 +107,8 @@ def evaluate(config: ConfigOption = None, set: SetOption = None) -> None:
     connect(RayConfig())
     files = manifest["shards"]["val"]
     sizes = {"batch_size": settings.batch_size, "max_rows": settings.max_rows}
-    scores = run_remote(str(folder), settings.data, files, **sizes)
+    data = absolute_url(settings.data)  # the task's working directory is not this one
+    scores = run_remote(str(folder.resolve()), data, files, **sizes)
     console.print(
         f"{name}: held-out perplexity {scores['perplexity']:.2f} (loss {scores['val_loss']:.4f}) "
         f"over {scores['tokens']:,} tokens of {settings.data}"
