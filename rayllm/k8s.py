@@ -66,6 +66,15 @@ class JobSpec(BaseModel):
     """The entrypoint's other arguments, e.g. what ``jobs/publish.py`` publishes."""
     existing_cluster: bool = False
 
+    def mounted(self, mount: str) -> JobSpec:
+        """This job with ``{mount}`` in its overrides and arguments read as ``mount``."""
+        return self.model_copy(
+            update={
+                "set": [item.replace("{mount}", mount) for item in self.set],
+                "args": [item.replace("{mount}", mount) for item in self.args],
+            }
+        )
+
 
 class K8sConfig(StageConfig):
     """What ``rayllm k8s render`` writes, and the cluster it describes."""
@@ -148,6 +157,7 @@ def render(config: K8sConfig, repo: Path) -> dict[str, dict[str, Any]]:
         },
     }
     for name, job in config.jobs.items():
+        job = job.mounted(config.mount)
         for path in (job.entrypoint, job.recipe):
             if path is not None and not (repo / path).is_file():
                 raise RayllmError(f"jobs.{name}: {path} is not a file of {repo}")
@@ -252,8 +262,7 @@ def _job(config: K8sConfig, name: str, job: JobSpec) -> dict[str, Any]:
     for override in job.set:
         words += ["--set", override]
     words += job.args
-    command = shlex.join(word.replace("{mount}", config.mount) for word in words)
-    spec: dict[str, Any] = {"entrypoint": command}
+    spec: dict[str, Any] = {"entrypoint": shlex.join(words)}
     if job.existing_cluster:
         spec["clusterSelector"] = {"ray.io/cluster": config.name}
     else:
@@ -334,8 +343,7 @@ def _check_workers_fit(config: K8sConfig, name: str, job: JobSpec, repo: Path) -
     stage = {"jobs/train.py": TrainConfig, "jobs/lifecycle.py": LifecycleConfig}.get(job.entrypoint)
     if stage is None or job.recipe is None:
         return
-    overrides = [item.replace("{mount}", config.mount) for item in job.set]
-    settings = load_config(stage, repo / job.recipe, overrides)
+    settings = load_config(stage, repo / job.recipe, job.set)
     train = settings if isinstance(settings, TrainConfig) else settings.train
     gpus = int(train.use_gpu)
     _check_fits(config, f"jobs.{name}: a training worker", train.cpus_per_worker, gpus)
