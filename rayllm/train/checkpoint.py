@@ -47,6 +47,7 @@ def read_progress(folder: Path) -> dict[str, Any]:
 def latest_checkpoint(run: str) -> tuple[str, dict[str, Any]] | None:
     """The newest complete checkpoint of the Ray Train run folder ``run``, with its progress."""
     fs, path = filesystem(run)
+    fs.invalidate_cache(path)  # object stores' listings are cached, and the run goes on
     if not fs.exists(path):
         return None
     found = []

@@ -16,6 +16,7 @@ from ray.util.state import list_actors
 
 from rayllm.config import build_config
 from rayllm.errors import RayllmError
+from rayllm.paths import filesystem
 from rayllm.registry.store import Registry
 from rayllm.train.checkpoint import latest_checkpoint
 from rayllm.train.config import TrainConfig
@@ -52,8 +53,9 @@ def config_for(tiny_run, tmp_path, name: str, **changes) -> TrainConfig:
 
 
 def losses(config: TrainConfig) -> dict[int, float]:
-    log = Path(config.storage) / config.run_name / METRICS_LOG
-    return {m["step"]: m["loss"] for m in map(json.loads, log.read_text().splitlines())}
+    fs, folder = filesystem(f"{config.storage}/{config.run_name}")
+    lines = fs.cat_file(f"{folder}/{METRICS_LOG}").decode().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines)}
 
 
 def run_losing_a_node(config: TrainConfig, nodes: WorkerNodes) -> tuple[dict, set[str]]:
@@ -94,14 +96,20 @@ def straight(tiny_run, ray_cluster, tmp_path_factory):
 
 
 def test_a_run_over_nodes_loses_one_restarts_on_the_others_and_ends_the_same(
-    straight, tiny_run, worker_nodes, tmp_path
+    straight, tiny_run, worker_nodes, s3, tmp_path
 ):
-    """Two workers on two nodes of the three (STRICT_SPREAD); once the first checkpoint is
-    written, a worker node holding one of them is removed (its raylet and every process on it
-    killed). The group restarts from that checkpoint on the nodes left and ends where the run
-    on one node ends, step for step."""
+    """Two workers on two nodes of the three (STRICT_SPREAD), checkpoints and metrics in object
+    storage, as nodes of their own need; once the first checkpoint is written, a worker node
+    holding one of them is removed (its raylet and every process on it killed). The group
+    restarts from that checkpoint on the nodes left and ends where the run on one node ends,
+    step for step."""
     config = config_for(
-        tiny_run, tmp_path, "node-lost", max_failures=1, placement_strategy="STRICT_SPREAD"
+        tiny_run,
+        tmp_path,
+        "node-lost",
+        max_failures=1,
+        placement_strategy="STRICT_SPREAD",
+        storage=f"s3://{s3['bucket']}/runs",
     )
     outcome, placed = run_losing_a_node(config, worker_nodes)
     assert len(placed) == 2, placed
