@@ -90,6 +90,25 @@ def train(config: ConfigOption = None, set: SetOption = None) -> None:
     console.print(f"model written to {result.model}")
 
 
+@app.command()
+def finetune(config: ConfigOption = None, set: SetOption = None) -> None:
+    """Supervised fine-tuning (LoRA or full) of a registry version on chat data with Ray
+    Train; the result is published to the registry with the base as its parent."""
+    from rayllm.finetune.config import FinetuneConfig
+    from rayllm.finetune.examples import read_conversations
+
+    settings = load_config(FinetuneConfig, config, set or ())
+    read_conversations(settings.data)  # bad data fails before Ray starts
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.finetune.sft import run
+
+    connect(RayConfig())
+    result = run(settings)
+    console.print(
+        f"published {result.version} ({result.trainable_parameters:,} trainable parameters)"
+    )
+
+
 @app.command("eval")
 def evaluate(config: ConfigOption = None, set: SetOption = None) -> None:
     """Held-out perplexity of a registry version (or a model folder) on the validation split
@@ -342,7 +361,8 @@ def k8s_render(
 @app.command("config")
 def show_config(
     stage: Annotated[
-        str, typer.Argument(help="lifecycle | data | train | eval | serve | batch | k8s")
+        str,
+        typer.Argument(help="lifecycle | data | train | finetune | eval | serve | batch | k8s"),
     ] = "lifecycle",
     config: ConfigOption = None,
     set: SetOption = None,
@@ -351,6 +371,7 @@ def show_config(
     overrides applied and checked, as the stage would run it."""
     from rayllm.data.config import DataConfig
     from rayllm.eval.config import EvalConfig
+    from rayllm.finetune.config import FinetuneConfig
     from rayllm.k8s import K8sConfig
     from rayllm.lifecycle import LifecycleConfig
     from rayllm.serve.config import BatchConfig, ServeConfig
@@ -360,6 +381,7 @@ def show_config(
         "lifecycle": LifecycleConfig,
         "data": DataConfig,
         "train": TrainConfig,
+        "finetune": FinetuneConfig,
         "eval": EvalConfig,
         "serve": ServeConfig,
         "batch": BatchConfig,

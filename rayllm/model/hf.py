@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 from transformers import LlamaConfig
 
+from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
+from rayllm.paths import filesystem
 
 
 def to_hf_config(config: ModelConfig, *, bos_token_id: int, eos_token_id: int) -> LlamaConfig:
@@ -40,7 +44,56 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    """LlamaForCausalLM names -> rayllm names; a tied head becomes a copy of the embedding."""
+    state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"].clone()
+    return state
+
+
+def from_hf_config(hf_config: dict[str, Any]) -> ModelConfig:
+    """The rayllm shape of a Hugging Face Llama ``config.json``; other architectures (and Llama
+    variants rayllm's decoder does not compute: biases, rope scaling) are refused."""
+    architectures = hf_config.get("architectures") or [hf_config.get("model_type")]
+    unsupported = [
+        key
+        for key in ("attention_bias", "mlp_bias", "rope_scaling")
+        if hf_config.get(key) not in (None, False)
+    ]
+    if architectures[0] != "LlamaForCausalLM" or unsupported:
+        raise RayllmError(
+            f"rayllm trains Llama decoders (LlamaForCausalLM without {', '.join(unsupported)}); "
+            f"this model is {architectures[0]}"
+            + (f" with {', '.join(unsupported)}" if unsupported else "")
+        )
+    dim, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    if hf_config.get("head_dim", dim // heads) != dim // heads:
+        raise RayllmError(f"head_dim {hf_config['head_dim']} is not hidden_size / heads")
+    return ModelConfig(
+        vocab_size=hf_config["vocab_size"],
+        dim=dim,
+        n_layers=hf_config["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf_config.get("num_key_value_heads") or heads,
+        ffn_dim=hf_config["intermediate_size"],
+        max_seq_len=hf_config["max_position_embeddings"],
+        rope_theta=hf_config.get("rope_theta", 10_000.0),
+        norm_eps=hf_config.get("rms_norm_eps", 1e-5),
+    )
+
+
+def read_hf_model(url: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The shape and fp32 weights (rayllm names) of the Hugging Face Llama folder at ``url``
+    (any fsspec URL), read shard by shard."""
+    fs, path = filesystem(url)
+    hf_config = json.loads(fs.cat_file(f"{path}/config.json"))
+    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".safetensors"))
+    if not files:
+        raise RayllmError(f"{url} holds no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state |= {k: v.float() for k, v in load(fs.cat_file(file)).items()}
+    return from_hf_config(hf_config), from_hf_state_dict(state)
 
 
 def save_hf_model(

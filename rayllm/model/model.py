@@ -43,13 +43,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -74,8 +82,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -111,19 +125,48 @@ class Transformer(nn.Module):
             )
             nn.init.normal_(param, mean=0.0, std=std * scale)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """A pipeline stage sets the parts it does not hold to None: the first stage takes
-        token ids, later stages take the previous stage's hidden states."""
+        token ids, later stages take the previous stage's hidden states.
+
+        ``segments`` (``[batch, seq]``, optional) numbers the examples packed into each row:
+        a token attends only to earlier tokens of its own segment, and positions restart at
+        each segment, so every example is computed as if it were alone."""
         seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        cos, sin, mask = self.rope_cos[:seq], self.rope_sin[:seq], None
+        if segments is not None:
+            positions = positions_in_segments(segments)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            mask = segment_mask(segments)
         x = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         for layer in self.layers.values():
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         if self.lm_head is None:
             return x
         return self.lm_head(self.norm(x))
 
 
+def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its segment: 0, 1, 2, ... restarting where a segment does."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, seq, seq]``: causal attention within each segment only."""
+    seq = segments.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segments.device).tril()
+    return (segments[:, :, None] == segments[:, None, :]).logical_and(causal).unsqueeze(1)
+
+
+IGNORED = -100
+"""A target that is not trained on (a prompt token of fine-tuning data, or padding)."""
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting ``targets`` (the inputs shifted by one)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """Mean cross-entropy of predicting ``targets`` (the inputs shifted by one), over the
+    targets that are not :data:`IGNORED`."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORED)

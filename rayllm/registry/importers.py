@@ -67,9 +67,16 @@ def import_folder(
     return registry.publish(name, folder, lineage)
 
 
-def import_adapter(registry: Registry, name: str, folder: Path, base: str | None) -> Version:
+def import_adapter(
+    registry: Registry,
+    name: str,
+    folder: Path,
+    base: str | None,
+    details: dict[str, Any] | None = None,
+) -> Version:
     """Publish a peft adapter against the registry version it was trained on: that version,
-    pinned, is its lineage's parent, and every adapted weight must fit that version's shape."""
+    pinned, is its lineage's parent, and every adapted weight must fit that version's shape.
+    ``details`` (how it was trained) join the lineage."""
     from peft import PeftConfig
 
     if base is None:
@@ -101,7 +108,7 @@ def import_adapter(registry: Registry, name: str, folder: Path, base: str | None
         "adapter": {"peft_type": str(config.peft_type.value)} | settings,
         "architecture": base_version.lineage.get("architecture"),
         "source": {"kind": "peft-adapter", "path": str(folder.resolve())},
-    }
+    } | (details or {})
     return registry.publish(name, folder, lineage)
 
 

@@ -208,6 +208,10 @@ class Registry:
         """Check every file's size and sha256 against the manifest."""
         check_files(self.fs, self._version_dir(version.name, version.version), version)
 
+    def version_url(self, version: Version) -> str:
+        """The fsspec URL of the version's folder: what processes on any node read it from."""
+        return f"{self.url.rstrip('/')}/{check_name(version.name)}/versions/{version.version}"
+
     def tensor_shapes(self, version: Version) -> dict[str, list[int]]:
         """Every tensor's shape in the version's safetensors files, read from their headers
         only (an 8-byte length, then JSON), so a remote model is not downloaded for it."""

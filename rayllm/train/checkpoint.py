@@ -20,10 +20,20 @@ from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
 from rayllm.model.model import Transformer
 from rayllm.paths import filesystem
-from rayllm.train.config import TrainConfig
+from rayllm.train.config import LoraSettings, TrainConfig
+from rayllm.train.lora import add_lora
 
 PROGRESS = "progress.json"
-RESUMABLE = ("model", "parallel", "num_workers", "micro_batch_size", "grad_accum_steps", "steps")
+RESUMABLE = (
+    "model",
+    "init_from",
+    "lora",
+    "parallel",
+    "num_workers",
+    "micro_batch_size",
+    "grad_accum_steps",
+    "steps",
+)
 """Settings a resumed run must share with the run it continues."""
 
 
@@ -94,9 +104,17 @@ def consolidate(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dic
     model_config = ModelConfig.model_validate(progress["layout"]["model"])
     if progress["layout"]["parallel"]["strategy"] == "zero":
         return model_config, _consolidate_zero(folder, progress), progress
-    state = {"model": Transformer(model_config).state_dict()}
+    state = {"model": trained_model(progress["layout"]).state_dict()}
     dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     return model_config, {k: v.float() for k, v in state["model"].items()}, progress
+
+
+def trained_model(layout: dict[str, Any]) -> Transformer:
+    """An empty model of the checkpoint's layout: its shape, with LoRA adapters if it had them."""
+    model = Transformer(ModelConfig.model_validate(layout["model"]))
+    if layout.get("lora"):
+        model = add_lora(model, LoraSettings.model_validate(layout["lora"]))
+    return model
 
 
 def _consolidate_zero(folder: Path, progress: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from rayllm.config import StageConfig
 from rayllm.model.config import ModelConfig
@@ -89,6 +89,31 @@ class ParallelConfig(StageConfig):
         return " x ".join(parts)
 
 
+class LoraSettings(StageConfig):
+    """Low-rank adapters (peft's LoRA) on the named linear layers; every other weight frozen."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    """The adapters' output is scaled by ``alpha / r``."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Names of the linear layers adapted, as in Hugging Face's Llama (``q_proj`` ...
+    ``down_proj``)."""
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> LoraSettings:
+        unknown = sorted(set(self.target_modules) - set(LINEAR_LAYERS))
+        if unknown or not self.target_modules:
+            raise ValueError(
+                f"lora.target_modules {unknown or '[]'}: the model's linear layers are "
+                f"{', '.join(LINEAR_LAYERS)}"
+            )
+        return self
+
+
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class TrainConfig(StageConfig):
     work_paths: ClassVar[dict[str, str]] = {"data": "data", "output": "model", "storage": "runs"}
 
@@ -105,6 +130,11 @@ class TrainConfig(StageConfig):
     default rayllm-work/runs."""
     run_name: str = "rayllm-pretrain"
     model: ModelConfig = ModelConfig()
+    init_from: str | None = None
+    """A Hugging Face Llama folder (any fsspec URL) whose weights the model starts from instead
+    of a random init; its shape must be ``model``'s. ``rayllm finetune`` sets it."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters only, the model's own weights frozen (with ``init_from``)."""
     parallel: ParallelConfig = ParallelConfig()
     num_workers: int = 2
     cpus_per_worker: float = 1.0
@@ -171,6 +201,11 @@ class TrainConfig(StageConfig):
             raise ValueError(
                 "data_loader ray_data gives every rank its own batches, but tensor and pipeline "
                 "ranks must share theirs; use data_loader mmap with tp / pp"
+            )
+        if self.lora is not None and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ValueError(
+                "lora trains with data parallelism (ddp, fsdp or zero); tensor and pipeline "
+                "parallel plans address the plain linear layers LoRA wraps: set tp and pp to 1"
             )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")

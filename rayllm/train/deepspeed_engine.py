@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from rayllm.model.model import Transformer, next_token_loss
+from rayllm.model.model import next_token_loss
+from rayllm.train.batches import Batch
 from rayllm.train.config import TrainConfig
-from rayllm.train.engine import Batch
+from rayllm.train.engine import build_model, model_inputs
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
 from rayllm.train.optim import BETAS, build_optimizer, lr_schedule, param_groups
 
@@ -22,7 +23,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
         import deepspeed
 
-        model = Transformer(config.model).to(device)
+        model = build_model(config, device)
         parallel = config.parallel
         # Bucket sizes follow the model (Hugging Face's "auto" values) instead of DeepSpeed's
         # fixed 5e8 elements, which ZeRO-3 allocates up front: 2 GB for any model size.
@@ -67,8 +68,8 @@ class DeepSpeedEngine:
 
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
         total = torch.zeros((), device=self.engine.device)
-        for inputs, targets in batches:
-            loss = next_token_loss(self.engine(inputs), targets)
+        for batch in batches:
+            loss = next_token_loss(self.engine(*model_inputs(batch)), batch[1])
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
             # the state is allocated by the first step, then stays that size
             if not self.memory and self.engine.is_gradient_accumulation_boundary():
@@ -82,7 +83,7 @@ class DeepSpeedEngine:
 
     def evaluate(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            return next_token_loss(self.engine(batch[0]), batch[1])
+            return next_token_loss(self.engine(*model_inputs(batch)), batch[1])
 
     def learning_rate(self) -> float:
         return self.engine.get_lr()[0]

@@ -24,15 +24,17 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from rayllm.errors import RayllmError
+from rayllm.model.hf import read_hf_model
 from rayllm.model.model import Transformer, next_token_loss
+from rayllm.train.batches import Batch
 from rayllm.train.config import TrainConfig
+from rayllm.train.lora import add_lora
 from rayllm.train.mesh import MeshShape, build_mesh
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
 from rayllm.train.pipeline import build_schedule, cut_stage, stage_indices
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Engine(Protocol):
@@ -56,6 +58,27 @@ class Engine(Protocol):
         """Every rank reads its part back from the whole checkpoint in ``folder``."""
 
 
+def build_model(config: TrainConfig, device: torch.device) -> Transformer:
+    """The model a run trains: a seeded random init (the same on every rank) or the weights of
+    ``init_from``; with ``lora``, adapters added and everything else frozen."""
+    model = Transformer(config.model)
+    if config.init_from:
+        shape, state = read_hf_model(config.init_from)
+        if shape != config.model:
+            raise RayllmError(
+                f"train.init_from {config.init_from} has the shape {shape}, not train.model's"
+            )
+        model.load_state_dict(state)
+    if config.lora:
+        model = add_lora(model, config.lora)
+    return model.to(device)
+
+
+def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """What the model takes of a batch: the token ids, and the segments of packed examples."""
+    return (batch[0], *batch[2:])
+
+
 def build_engine(config: TrainConfig, shape: MeshShape, device: torch.device) -> Engine:
     if config.parallel.strategy == "zero":
         from rayllm.train.deepspeed_engine import DeepSpeedEngine
@@ -74,7 +97,7 @@ class TorchEngine:
 
     def __init__(self, config: TrainConfig, shape: MeshShape, device: torch.device):
         mesh = build_mesh(shape, device.type)
-        model = Transformer(config.model).to(device)  # same seed everywhere: same weights
+        model = build_model(config, device)
         self.pp_group, self.schedule = None, None
         stages: list[tuple[int, nn.Module]] = [(0, model)]
         if shape.pp > 1:
@@ -137,7 +160,7 @@ class TorchEngine:
         with torch.no_grad():
             if self.schedule is None:
                 with self._precision():
-                    return next_token_loss(self.parts[0](batch[0]), batch[1])
+                    return next_token_loss(self.parts[0](*model_inputs(batch)), batch[1])
             losses: list[torch.Tensor] = []
             with self._precision():
                 self._run_pipeline(batch, losses, self.schedule.eval)
@@ -185,7 +208,7 @@ class TorchEngine:
         """This micro-batch's loss; its gradients, divided by the accumulation steps, added."""
         if self.schedule is None:
             with self._precision():
-                loss = next_token_loss(self.parts[0](batch[0]), batch[1])
+                loss = next_token_loss(self.parts[0](*model_inputs(batch)), batch[1])
             (loss / self.accum).backward()
             return loss.detach()
         losses: list[torch.Tensor] = []

@@ -11,17 +11,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from rayllm.paths import filesystem
-from rayllm.train.batches import StreamedBatches, TokenBatches, step_window
+from rayllm.train.batches import (
+    Batch,
+    Batches,
+    ExampleBatches,
+    StreamedBatches,
+    TokenBatches,
+    step_window,
+)
 from rayllm.train.checkpoint import read_progress, write_progress
 from rayllm.train.config import TrainConfig
 from rayllm.train.engine import Engine, build_engine
-from rayllm.train.mesh import mesh_shape
+from rayllm.train.mesh import MeshShape, mesh_shape
 from rayllm.train.metrics import (
     METRICS_LOG,
     MetricsLog,
@@ -49,13 +57,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         torch.cuda.set_device(device)  # NCCL and the device mesh use the current device
     shape = mesh_shape(config)
     engine = build_engine(config, shape, device)
-    streamed = config.data_loader == "ray_data"
-    train = StreamedBatches(config.micro_batch_size, config.seed) if streamed else None
-    shards = manifest["shards"]
-    data = {
-        "train": train or TokenBatches.for_rank(config, shards["train"], shape, rank),
-        "val": TokenBatches.for_rank(config, shards["val"], shape, rank),
-    }
+    data = _readers(config, settings, shape, rank)
     start_step = _resume(engine, rank)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     peak = config.peak_tflops_per_worker or measure_peak_tflops(device, dtype)
@@ -66,6 +68,14 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     )
     flops_per_token = config.model.flops_per_token(manifest["seq_len"])
     _log(rank, f"{config.parallel.describe()} on mesh {shape}, peak {peak:.3f} TFLOP/s per worker")
+    if config.init_from and start_step == 0:  # where the starting weights stand
+        before = {
+            "step": 0,
+            "val_loss": _evaluate(engine, data["val"], config.eval_batches, device),
+        }
+        _log(rank, f"step {0:>5}/{config.steps}  val {before['val_loss']:.3f} (starting weights)")
+        if log:
+            log.write(before)
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         window = [
@@ -108,6 +118,26 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
+def _readers(
+    config: TrainConfig, settings: dict[str, Any], shape: MeshShape, rank: int
+) -> dict[str, Batches]:
+    """This rank's reader of each split: packed fine-tuning examples (handed over through the
+    object store), or the shard set's memory-mapped shards, the train split perhaps streamed
+    by Ray Data instead."""
+    if "examples" in settings:
+        return {
+            split: ExampleBatches.for_rank(config, ray.get(packed), shape, rank)
+            for split, packed in settings["examples"].items()
+        }
+    shards = settings["manifest"]["shards"]
+    streamed = config.data_loader == "ray_data"
+    train = StreamedBatches(config.micro_batch_size, config.seed) if streamed else None
+    return {
+        "train": train or TokenBatches.for_rank(config, shards["train"], shape, rank),
+        "val": TokenBatches.for_rank(config, shards["val"], shape, rank),
+    }
+
+
 def _resume(engine: Engine, rank: int) -> int:
     """The step to start from: 0, or the step of the checkpoint Ray Train hands back after a
     restart or to a resumed run."""
@@ -121,7 +151,7 @@ def _resume(engine: Engine, rank: int) -> int:
     return step
 
 
-def _evaluate(engine: Engine, val: TokenBatches, batches: int, device: torch.device) -> float:
+def _evaluate(engine: Engine, val: Batches, batches: int, device: torch.device) -> float:
     total = sum(engine.evaluate(_to(val.get(index), device)) for index in range(batches))
     return _mean_over_ranks(total / batches)
 
@@ -135,8 +165,8 @@ def _report_checkpoint(engine: Engine, metrics: dict, rank: int, layout: dict) -
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _to(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device):
-    return batch[0].to(device), batch[1].to(device)
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return tuple(tensor.to(device) for tensor in batch)
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:

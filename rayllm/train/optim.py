@@ -17,8 +17,8 @@ BETAS = (0.9, 0.95)
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only, not on norms."""
-    params = [p for module in modules for p in module.parameters()]
+    """Weight decay on matrices only, not on norms; frozen parameters (LoRA's base) left out."""
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

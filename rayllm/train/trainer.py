@@ -90,12 +90,8 @@ def run(config: TrainConfig) -> TrainResult:
             f"{config.steps} steps of {shape.dp * config.micro_batch_size * config.grad_accum_steps}"
             f" x {manifest['seq_len']} tokens"
         )
-        trainer = _trainer(config, manifest, layout, run_folder)
-        result = trainer.fit()
-        if result.error:
-            raise _user_error_in(result.error) or result.error
+        result = fit(config, manifest, layout, run_folder)
         metrics = dict(result.metrics or {})
-        check_finite(run_folder, result)
         with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as hf:
             model_config, state, _ = consolidate(Path(folder))
             save_hf_model(
@@ -119,8 +115,30 @@ def run(config: TrainConfig) -> TrainResult:
     )
 
 
+def fit(
+    config: TrainConfig,
+    manifest: dict[str, Any],
+    layout: dict[str, Any],
+    run_folder: str,
+    examples: dict[str, ray.ObjectRef] | None = None,
+) -> ray.train.Result:
+    """Run the worker group to the end (restarting it after failures, as configured); a user
+    error inside a worker or a loss that became NaN is raised as the user error it is.
+    ``examples``: packed fine-tuning examples per split, read instead of the shard set."""
+    extra = {"examples": examples} if examples else {}
+    result = _trainer(config, manifest, layout, run_folder, extra).fit()
+    if result.error:
+        raise _user_error_in(result.error) or result.error
+    check_finite(run_folder, result)
+    return result
+
+
 def _trainer(
-    config: TrainConfig, manifest: dict[str, Any], layout: dict[str, Any], run_folder: str
+    config: TrainConfig,
+    manifest: dict[str, Any],
+    layout: dict[str, Any],
+    run_folder: str,
+    extra: dict[str, Any],
 ) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
@@ -129,7 +147,8 @@ def _trainer(
             "manifest": manifest,
             "layout": layout,
             "run_folder": run_folder,
-        },
+        }
+        | extra,
         torch_config=TorchConfig(
             backend="nccl" if config.use_gpu else "gloo", timeout_s=config.timeout_s
         ),

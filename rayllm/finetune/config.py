@@ -1,0 +1,74 @@
+"""What ``rayllm finetune`` does: which registry version it starts from, on which chat data,
+full or LoRA, with which training settings, and the name it publishes the result under."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rayllm.config import StageConfig
+from rayllm.train.config import LoraSettings, ParallelConfig, TrainConfig
+
+
+class FinetuneTrainConfig(TrainConfig):
+    """The trainer's settings, with defaults for fine-tuning (``model``, ``init_from``,
+    ``lora``, ``data`` and ``output`` are set by ``rayllm finetune`` itself)."""
+
+    run_name: str = "rayllm-finetune"
+    parallel: ParallelConfig = ParallelConfig(strategy="ddp")
+    steps: int = 100
+    micro_batch_size: int = 4
+    learning_rate: float = 2e-4
+    min_learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+
+
+class FinetuneConfig(StageConfig):
+    """Supervised fine-tuning of a registry version on chat data, on Ray Train."""
+
+    base: str | None = None
+    """The registry version fine-tuned (``name``, ``name:3``, ``name@production``; required)."""
+    registry: str | None = None
+    """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry."""
+    data: str = "chat"
+    """JSON lines of ``messages``, or of ``prompt`` and ``response``: a file, folder, glob or
+    URL, or the built-in ``chat`` (chatterbot-corpus's questions and answers)."""
+    name: str | None = None
+    """The registry name the result is published under; default: the base's name + ``-sft``."""
+    method: Literal["lora", "full"] = "lora"
+    """``lora``: train low-rank adapters and publish them as an adapter of the base version
+    (served by multi-LoRA); ``full``: train every weight and publish a full model."""
+    lora: LoraSettings = LoraSettings()
+    seq_len: int = Field(256, ge=8)
+    """Tokens per packed row; every example fits in one row (or is cut to it)."""
+    strict: bool = False
+    """Refuse examples longer than ``seq_len`` instead of cutting them (and counting them)."""
+    held_out: float = Field(0.05, gt=0, lt=0.5)
+    """Share of the conversations kept out of training to measure the response loss on."""
+    train: FinetuneTrainConfig = FinetuneTrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        defaults = TrainConfig()
+        given = [
+            key
+            for key in ("model", "init_from", "lora", "data", "output")
+            if getattr(self.train, key) != getattr(defaults, key)
+        ]
+        if given:
+            raise ValueError(
+                f"train.{', train.'.join(given)}: set by rayllm finetune from base, method, "
+                "lora and data; set those instead"
+            )
+        if self.method == "lora" and (self.train.parallel.tp > 1 or self.train.parallel.pp > 1):
+            raise ValueError("method lora trains with data parallelism: set tp and pp to 1")
+        if self.train.parallel.pp > 1:
+            raise ValueError(
+                "fine-tuning packs several examples into a row with attention kept inside each, "
+                "which the pipeline schedules do not pass between stages: set parallel.pp to 1"
+            )
+        return self

@@ -1,0 +1,198 @@
+"""Supervised fine-tuning on Ray Train: a registry version and chat data in, a registry version
+out, with the base as its lineage parent. LoRA publishes an adapter of the base (what the
+serving app's multi-LoRA path serves); ``full`` publishes a whole model.
+
+The examples are rendered and packed here, once, and reach the workers through Ray's object
+store; the workers read the base's weights from the registry themselves, so they may run on
+any node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from rayllm.errors import RayllmError
+from rayllm.finetune.config import FinetuneConfig
+from rayllm.finetune.examples import Counts, PackedExamples, pack, read_conversations, render
+from rayllm.model.config import ModelConfig
+from rayllm.model.hf import from_hf_config, save_hf_model
+from rayllm.paths import filesystem
+from rayllm.progress import Stage, console
+from rayllm.registry.importers import import_adapter
+from rayllm.registry.store import Registry, Version, check_name, default_registry
+from rayllm.train.checkpoint import consolidate, run_layout, trained_model
+from rayllm.train.config import TrainConfig
+from rayllm.train.lora import merged_state, save_adapter, trainable_parameters
+from rayllm.train.metrics import METRICS_LOG
+from rayllm.train.trainer import fit, prepare_run_folder
+from rayllm.version import code_version
+
+
+@dataclass
+class FinetuneResult:
+    version: str
+    """The published registry version, ``name:N``."""
+    base: str
+    metrics: dict[str, Any]
+    """The trainer's last metrics, with ``base_val_loss``: the held-out response loss before."""
+    counts: Counts
+    trainable_parameters: int
+    seconds: float
+
+
+def run(config: FinetuneConfig) -> FinetuneResult:
+    started = time.time()
+    registry = Registry(config.registry or default_registry())
+    base, folder = base_version(registry, config)
+    name = check_name(config.name or f"{base.name}-sft", "finetune.name")
+    shape = from_hf_config(json.loads((folder / "config.json").read_text()))
+    if config.seq_len > shape.max_seq_len:
+        raise RayllmError(
+            f"finetune.seq_len {config.seq_len} is above {base.ref}'s context of "
+            f"{shape.max_seq_len} tokens; lower it"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not tokenizer.chat_template:
+        raise RayllmError(f"{base.ref} has no chat template; publish its tokenizer with one")
+    train = trainer_config(config, shape, registry.version_url(base))
+    with Stage(f"finetune: {config.method} of {base.ref} -> {name}") as stage:
+        splits, counts = prepare_examples(config, tokenizer)
+        console.print(
+            f"  {counts.examples:,} examples ({counts.truncated} cut to {config.seq_len} tokens, "
+            f"{counts.dropped} left with nothing to train on), "
+            f"{len(splits['train'].inputs):,} + {len(splits['val'].inputs):,} packed rows; "
+            f"{train.parallel.describe()} on {train.num_workers} workers"
+        )
+        manifest = {"seq_len": config.seq_len, "eos_token_id": tokenizer.eos_token_id}
+        layout = run_layout(train, examples_sha256(splits), manifest)
+        run_folder = f"{train.storage.rstrip('/')}/{train.run_name}"
+        prepare_run_folder(run_folder, train, layout)
+        refs = {split: ray.put(packed.arrays()) for split, packed in splits.items()}
+        result = fit(train, manifest, layout, run_folder, refs)
+        metrics = dict(result.metrics or {}) | {"base_val_loss": base_val_loss(run_folder)}
+        with result.checkpoint.as_directory() as checkpoint:
+            _, state, progress = consolidate(Path(checkpoint))
+        model = trained_model(progress["layout"])
+        model.load_state_dict(state)
+        trainable = trainable_parameters(model)
+        lineage = {
+            "finetune": {
+                "method": config.method,
+                "data": config.data,
+                "examples": counts.__dict__,
+                "settings": config.model_dump(mode="json", exclude={"registry"}),
+                "trainable_parameters": trainable,
+            },
+            "metrics": metrics,
+            "checkpoint": result.checkpoint.path,
+            "code": code_version(),
+        }
+        with tempfile.TemporaryDirectory(prefix="rayllm-finetune-") as out:
+            if config.method == "lora":
+                save_adapter(model, config.lora, Path(out), base=base.ref)
+                version = import_adapter(registry, name, Path(out), base.ref, lineage)
+            else:
+                save_full_model(Path(out), shape, merged_state(model), tokenizer)
+                version = registry.publish(
+                    name,
+                    out,
+                    {"parent": base.ref, "architecture": "LlamaForCausalLM"} | lineage,
+                )
+        stage.note(
+            f"held-out response loss {metrics['base_val_loss']:.3f} -> "
+            f"{metrics.get('val_loss', float('nan')):.3f}; published {version.ref}"
+        )
+    return FinetuneResult(
+        version=version.ref,
+        base=base.ref,
+        metrics=metrics,
+        counts=counts,
+        trainable_parameters=trainable,
+        seconds=time.time() - started,
+    )
+
+
+def base_version(registry: Registry, config: FinetuneConfig) -> tuple[Version, Path]:
+    """The base version, pinned, and a verified local copy (its config and tokenizer)."""
+    if not config.base:
+        raise RayllmError(
+            "finetune.base is required: the registry version to fine-tune, e.g. "
+            "--set base=smollm2 (after `rayllm registry import smollm2 smollm2`)"
+        )
+    version, folder = registry.local_path(config.base)
+    if "adapter" in version.lineage:
+        raise RayllmError(
+            f"{version.ref} is an adapter; fine-tune its base {version.lineage['parent']} "
+            "(or merge the adapter into a full version first)"
+        )
+    return version, folder
+
+
+def trainer_config(config: FinetuneConfig, shape: ModelConfig, base_url: str) -> TrainConfig:
+    settings = config.train.model_dump(mode="json") | {
+        "model": shape.model_dump(mode="json"),
+        "init_from": base_url,
+        "lora": config.lora.model_dump(mode="json") if config.method == "lora" else None,
+    }
+    return TrainConfig.model_validate(settings).with_work_paths()
+
+
+def prepare_examples(
+    config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[dict[str, PackedExamples], Counts]:
+    """The conversations rendered, split (a seeded share held out) and packed."""
+    conversations = read_conversations(config.data)
+    order = list(range(len(conversations)))
+    random.Random(config.train.seed).shuffle(order)
+    held = max(1, round(config.held_out * len(order)))
+    if held >= len(order):
+        raise RayllmError(f"{config.data} holds {len(order)} examples: too few to hold some out")
+    counts = Counts()
+    splits = {}
+    for split, picked in (("val", order[:held]), ("train", order[held:])):
+        examples = [render(tokenizer, conversations[i]) for i in picked]
+        splits[split] = pack(
+            examples, config.seq_len, tokenizer.eos_token_id, strict=config.strict, counts=counts
+        )
+    return splits, counts
+
+
+def examples_sha256(splits: dict[str, PackedExamples]) -> str:
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for array in splits[split].arrays().values():
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def base_val_loss(run_folder: str) -> float:
+    """The held-out loss the workers measured before the first step (the base's)."""
+    fs, path = filesystem(f"{run_folder}/{METRICS_LOG}")
+    for line in fs.cat_file(path).decode().splitlines():
+        record = json.loads(line)
+        if record["step"] == 0:
+            return record["val_loss"]
+    raise RayllmError(f"{run_folder} has no step-0 evaluation")
+
+
+def save_full_model(
+    folder: Path, shape: ModelConfig, state: dict, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    save_hf_model(
+        folder,
+        shape,
+        state,
+        bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    tokenizer.save_pretrained(str(folder))

@@ -1,0 +1,65 @@
+"""LoRA on rayllm's decoder through peft: adapters are injected in place, so the model keeps
+its parameter names (the adapted layers gain ``base_layer`` and ``lora_A`` / ``lora_B``) and
+every parallel plan that wraps whole layers applies unchanged. A trained adapter is saved in
+peft's layout for the Hugging Face Llama the decoder maps onto, which transformers, peft and
+vLLM load against the base version; or merged into full weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+
+from rayllm.model.model import Transformer
+from rayllm.train.config import LoraSettings
+
+HF_PREFIX = "base_model.model.model."
+"""Where peft puts the decoder's layers of a LlamaForCausalLM (PeftModel > Llama > model)."""
+
+
+def peft_config(settings: LoraSettings, base: str = "") -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base or None,
+    )
+
+
+def add_lora(model: Transformer, settings: LoraSettings) -> Transformer:
+    """Adapters on ``settings.target_modules``; every other parameter frozen."""
+    return inject_adapter_in_model(peft_config(settings), model)
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_adapter(model: Transformer, settings: LoraSettings, folder: Path, base: str) -> None:
+    """``adapter_config.json`` and ``adapter_model.safetensors``, as peft's ``save_pretrained``
+    writes them for a LlamaForCausalLM ``base``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        HF_PREFIX + name: tensor.detach().float().contiguous()
+        for name, tensor in get_peft_model_state_dict(model).items()
+    }
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_config(settings, base).save_pretrained(str(folder))
+
+
+def merged_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The full weights with every adapter added in (peft's merge), under the plain names."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    return {
+        name.replace(".base_layer", ""): tensor
+        for name, tensor in model.state_dict().items()
+        if ".lora_" not in name
+    }
