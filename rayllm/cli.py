@@ -98,7 +98,8 @@ def finetune(config: ConfigOption = None, set: SetOption = None) -> None:
     from rayllm.finetune.examples import read_conversations
 
     settings = load_config(FinetuneConfig, config, set or ())
-    read_conversations(settings.data)  # bad data fails before Ray starts
+    settings.base_version()  # a missing base, an adapter or bad data fail before Ray starts
+    read_conversations(settings.data)
     from rayllm.cluster import RayConfig, connect
     from rayllm.finetune.sft import run
 
@@ -111,26 +112,43 @@ def finetune(config: ConfigOption = None, set: SetOption = None) -> None:
 
 @app.command("eval")
 def evaluate(config: ConfigOption = None, set: SetOption = None) -> None:
-    """Held-out perplexity of a registry version (or a model folder) on the validation split
-    of a shard set, in a Ray task."""
+    """Score a registry version (or a model folder): held-out perplexity, question answering
+    (exact match, F1, BLEU, ROUGE-L; few-shot or chain of thought), refusals. A version's
+    results are stored in its manifest, for the promotion gate."""
     from rayllm.data.shards import load_manifest
     from rayllm.eval.config import EvalConfig
-    from rayllm.paths import absolute_url
 
     settings = load_config(EvalConfig, config, set or ()).with_work_paths()
-    manifest = load_manifest(settings.data)  # missing shards or model fail before Ray starts
-    folder, name = settings.model_folder()
+    if "perplexity" in settings.tasks:  # missing shards or model fail before Ray starts
+        load_manifest(settings.data)
+    version = settings.version()
     from rayllm.cluster import RayConfig, connect
-    from rayllm.eval.perplexity import run_remote
+    from rayllm.eval.suite import run
 
     connect(RayConfig())
-    files = manifest["shards"]["val"]
-    sizes = {"batch_size": settings.batch_size, "max_rows": settings.max_rows}
-    data = absolute_url(settings.data)  # the task's working directory is not this one
-    scores = run_remote(str(folder.resolve()), data, files, **sizes)
-    console.print(
-        f"{name}: held-out perplexity {scores['perplexity']:.2f} (loss {scores['val_loss']:.4f}) "
-        f"over {scores['tokens']:,} tokens of {settings.data}"
+    results = run(settings)
+    name = version.ref if version else settings.model
+    for key, scores in results.items():
+        console.print(f"{name}: {describe_scores(key, scores)}")
+    if version and settings.record:
+        console.print(f"results recorded in {version.ref}'s manifest")
+
+
+def describe_scores(key: str, scores: dict) -> str:
+    if key == "perplexity":
+        return (
+            f"held-out perplexity {scores['perplexity']:.2f} (loss {scores['val_loss']:.4f}) "
+            f"over {scores['tokens']:,} tokens of {scores['data']}"
+        )
+    if key == "safety":
+        return (
+            f"safety: refusal rate {scores['refusal_rate']:.2f}, over-refusal rate "
+            f"{scores['over_refusal_rate']:.2f} over {scores['examples']} prompts"
+        )
+    return (
+        f"{key}: exact match {scores['exact_match']:.3f}, F1 {scores['f1']:.3f}, "
+        f"BLEU {scores['bleu']:.2f}, ROUGE-L {scores['rouge_l']:.3f} "
+        f"over {scores['examples']} held-out questions"
     )
 
 
@@ -491,13 +509,48 @@ def registry_promote(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION to point the alias at.")],
     alias: str,
     reason: Annotated[str, typer.Option(help="Why, for the alias history.")] = "",
+    force: Annotated[
+        bool, typer.Option(help="Promote although the alias's gate fails (needs --reason).")
+    ] = False,
     root: RootOption = None,
 ) -> None:
-    """Point ALIAS at a version (e.g. promote shakespeare:3 production)."""
+    """Point ALIAS at a version (e.g. promote shakespeare:3 production); refused when the
+    version's recorded evaluations miss the alias's gate, unless forced with a reason."""
     registry = _registry(root)
     version = registry.resolve(ref)
-    previous = registry.set_alias(version.name, alias, version.version, reason)
+    previous = registry.set_alias(version.name, alias, version.version, reason, forced=force)
     console.print(f"{version.name}@{alias}: {previous} -> {version.version}")
+
+
+@registry_app.command("gate")
+def registry_gate(
+    name: str,
+    alias: str,
+    minimum: Annotated[
+        list[str] | None,
+        typer.Option("--min", help="TASK.SCORE=VALUE a version must reach, e.g. qa.f1=0.3."),
+    ] = None,
+    maximum: Annotated[
+        list[str] | None,
+        typer.Option("--max", help="TASK.SCORE=VALUE a version must stay under."),
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """Set what a version of NAME must score (as `rayllm eval` records it) to be promoted to
+    ALIAS; with no --min or --max, remove the gate."""
+    thresholds: dict[str, dict[str, float]] = {}
+    for bound, given in (("min", minimum or []), ("max", maximum or [])):
+        for text in given:
+            metric, sep, value = text.partition("=")
+            try:
+                thresholds.setdefault(metric, {})[bound] = float(value)
+            except ValueError:
+                raise RayllmError(
+                    f"--{bound} {text!r} is not TASK.SCORE=NUMBER (e.g. qa.f1=0.3)"
+                ) from None
+    _registry(root).set_gate(name, alias, thresholds)
+    shown = ", ".join(f"{m} {b}" for m, b in thresholds.items()) or "no gate"
+    console.print(f"{name}@{alias}: {shown}")
 
 
 @registry_app.command("rollback")
@@ -515,7 +568,10 @@ def registry_history(name: str, root: RootOption = None, as_json: JsonOption = F
     history = _registry(root).alias_state(name)["history"]
     table = Table("alias", "from", "to", "by", "at", "reason")
     for move in history:
-        table.add_row(*(str(move[k]) for k in ("alias", "from", "to", "by", "at", "reason")))
+        if "gate" in move:
+            move = move | {"from": "", "to": f"gate {move['gate'] or 'removed'}"}
+        row = ("alias", "from", "to", "by", "at", "reason")
+        table.add_row(*(str(move.get(k, "")) for k in row))
     _emit(as_json, history, table)
 
 

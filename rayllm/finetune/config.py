@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rayllm.config import StageConfig
+from rayllm.errors import RayllmError
+from rayllm.registry.store import Registry, Version, default_registry
 from rayllm.train.config import LoraSettings, ParallelConfig, TrainConfig
 
 
@@ -72,3 +74,19 @@ class FinetuneConfig(StageConfig):
                 "which the pipeline schedules do not pass between stages: set parallel.pp to 1"
             )
         return self
+
+    def base_version(self) -> Version:
+        """The base version, pinned: it must exist and be a full model (read from its manifest,
+        nothing downloaded)."""
+        if not self.base:
+            raise RayllmError(
+                "finetune.base is required: the registry version to fine-tune, e.g. "
+                "--set base=smollm2 (after `rayllm registry import smollm2 smollm2`)"
+            )
+        version = Registry(self.registry or default_registry()).resolve(self.base)
+        if "adapter" in version.lineage:
+            raise RayllmError(
+                f"{version.ref} is an adapter; fine-tune its base {version.lineage['parent']} "
+                "(or merge the adapter into a full version first)"
+            )
+        return version

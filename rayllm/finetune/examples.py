@@ -10,6 +10,7 @@ one exchange as ``prompt`` and ``response``; ``question`` and ``answer``, as the
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +82,18 @@ def checked(messages: object, where: str) -> Conversation:
     if not any(m["role"] == "assistant" for m in messages):
         raise RayllmError(f"{where} has no assistant message: nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def held_out_split(count: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the held-out and the training conversations: a seeded shuffle, its first
+    ``share`` held out (at least one). ``rayllm finetune`` and ``rayllm eval`` split the same
+    data the same way, so evaluation asks only questions training never saw."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(share * count))
+    if held >= count:
+        raise RayllmError(f"{count} examples are too few to hold {share:.0%} of them out")
+    return order[:held], order[held:]
 
 
 def render(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,7 +22,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rayllm.errors import RayllmError
 from rayllm.finetune.config import FinetuneConfig
-from rayllm.finetune.examples import Counts, PackedExamples, pack, read_conversations, render
+from rayllm.finetune.examples import (
+    Counts,
+    PackedExamples,
+    held_out_split,
+    pack,
+    read_conversations,
+    render,
+)
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import from_hf_config, save_hf_model
 from rayllm.paths import filesystem
@@ -124,18 +130,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
 
 def base_version(registry: Registry, config: FinetuneConfig) -> tuple[Version, Path]:
     """The base version, pinned, and a verified local copy (its config and tokenizer)."""
-    if not config.base:
-        raise RayllmError(
-            "finetune.base is required: the registry version to fine-tune, e.g. "
-            "--set base=smollm2 (after `rayllm registry import smollm2 smollm2`)"
-        )
-    version, folder = registry.local_path(config.base)
-    if "adapter" in version.lineage:
-        raise RayllmError(
-            f"{version.ref} is an adapter; fine-tune its base {version.lineage['parent']} "
-            "(or merge the adapter into a full version first)"
-        )
-    return version, folder
+    return registry.local_path(config.base_version().ref)
 
 
 def trainer_config(config: FinetuneConfig, shape: ModelConfig, base_url: str) -> TrainConfig:
@@ -152,14 +147,10 @@ def prepare_examples(
 ) -> tuple[dict[str, PackedExamples], Counts]:
     """The conversations rendered, split (a seeded share held out) and packed."""
     conversations = read_conversations(config.data)
-    order = list(range(len(conversations)))
-    random.Random(config.train.seed).shuffle(order)
-    held = max(1, round(config.held_out * len(order)))
-    if held >= len(order):
-        raise RayllmError(f"{config.data} holds {len(order)} examples: too few to hold some out")
+    held, kept = held_out_split(len(conversations), config.held_out, config.train.seed)
     counts = Counts()
     splits = {}
-    for split, picked in (("val", order[:held]), ("train", order[held:])):
+    for split, picked in (("val", held), ("train", kept)):
         examples = [render(tokenizer, conversations[i]) for i in picked]
         splits[split] = pack(
             examples, config.seq_len, tokenizer.eos_token_id, strict=config.strict, counts=counts

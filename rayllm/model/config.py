@@ -48,7 +48,8 @@ class ModelConfig(StageConfig):
         layer = attention + 3 * self.dim * self.ffn_dim + 2 * self.dim
         return 2 * v * self.dim + self.n_layers * layer + self.dim
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus the attention scores (PaLM, app. B)."""
+    def flops_per_token(self, seq_len: int, frozen: bool = False) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus the attention scores (PaLM, app. B).
+        ``frozen`` weights (LoRA's base) skip their gradients: 4N."""
         n_matmul = self.num_params() - self.vocab_size * self.dim  # embedding lookup is free
-        return 6 * n_matmul + 12 * self.n_layers * self.dim * seq_len
+        return (4 if frozen else 6) * n_matmul + 12 * self.n_layers * self.dim * seq_len

@@ -208,6 +208,24 @@ class Registry:
         """Check every file's size and sha256 against the manifest."""
         check_files(self.fs, self._version_dir(version.name, version.version), version)
 
+    def record_evaluations(self, version: Version, results: dict[str, dict[str, Any]]) -> Version:
+        """Add evaluation results (task -> scores) to the version's manifest, each stamped with
+        when and by whom; a task scored again replaces its row. Written whole, in one put (a
+        rename on local disks), so a reader sees the old manifest or the new one."""
+        manifest = self._read_manifest(version.name, version.version)
+        stamp = {"at": _now(), "by": _who()}
+        table = manifest.setdefault("evaluations", {})
+        table |= {task: scores | stamp for task, scores in results.items()}
+        path = f"{self._version_dir(version.name, version.version)}/{MANIFEST}"
+        payload = json.dumps(manifest, indent=2).encode()
+        if is_local(self.url):
+            staging = f"{path}.{uuid.uuid4().hex}"
+            Path(staging).write_bytes(payload)
+            os.replace(staging, path)
+        else:
+            self.fs.pipe_file(path, payload)
+        return Version(version.name, version.version, manifest)
+
     def version_url(self, version: Version) -> str:
         """The fsspec URL of the version's folder: what processes on any node read it from."""
         return f"{self.url.rstrip('/')}/{check_name(version.name)}/versions/{version.version}"
@@ -347,16 +365,63 @@ class Registry:
         time.sleep(random.uniform(0.01, 0.2))
         return None
 
-    def set_alias(self, name: str, alias: str, version: int, reason: str = "") -> int | None:
-        """Point ``alias`` at ``version``; returns the version it pointed at before.
-
-        Each change writes the next numbered alias state (``aliases/<n>.json``), derived from
-        state ``n - 1`` and claimed like a version number, so concurrent promotes never lose
-        an update: whoever loses the claim reads the winner's state and tries again.
-        """
+    def set_alias(
+        self, name: str, alias: str, version: int, reason: str = "", forced: bool = False
+    ) -> int | None:
+        """Point ``alias`` at ``version``; returns the version it pointed at before. The alias's
+        gate (``set_gate``) must pass unless ``forced``, which needs a reason."""
         check_name(alias, "alias")
         if version not in self.versions(name):
             raise RayllmError(f"{name} has no version {version} (versions: {self.versions(name)})")
+        gate = self.alias_state(name).get("gates", {}).get(alias, {})
+        failures = gate_failures(self.resolve(f"{name}:{version}"), gate)
+        if failures and not forced:
+            raise RayllmError(
+                f"{name}:{version} does not pass {name}@{alias}'s gate: {'; '.join(failures)}. "
+                "Score it with rayllm eval, or promote with --force and a --reason"
+            )
+        if forced and not reason:
+            raise RayllmError("a forced promotion needs a --reason, for the alias history")
+
+        def move(state: dict[str, Any]) -> int | None:
+            previous = state["aliases"].get(alias)
+            move = {"alias": alias, "from": previous, "to": version, "by": _who(), "at": _now()}
+            state["history"].append(
+                move | {"reason": reason} | ({"forced": failures} if forced and failures else {})
+            )
+            state["aliases"][alias] = version
+            return previous
+
+        return self._change_alias_state(name, move)
+
+    def set_gate(self, name: str, alias: str, thresholds: dict[str, dict[str, float]]) -> None:
+        """What a version must score to be promoted to ``alias``: ``{"qa.f1": {"min": 0.3},
+        "perplexity.perplexity": {"max": 40}}`` (task and score as ``rayllm eval`` records
+        them); empty removes the gate."""
+        check_name(alias, "alias")
+        self.resolve(name)  # the model must exist
+        for metric, bounds in thresholds.items():
+            if metric.count(".") != 1 or not bounds or set(bounds) - {"min", "max"}:
+                raise RayllmError(
+                    f"gate threshold {metric}={bounds}: name a task's score as TASK.SCORE "
+                    "(e.g. qa.f1) with a min or a max"
+                )
+
+        def change(state: dict[str, Any]) -> None:
+            gates = state.setdefault("gates", {})
+            if thresholds:
+                gates[alias] = thresholds
+            else:
+                gates.pop(alias, None)
+            move = {"alias": alias, "gate": thresholds, "by": _who(), "at": _now()}
+            state["history"].append(move)
+
+        self._change_alias_state(name, change)
+
+    def _change_alias_state(self, name: str, change) -> Any:
+        """Write the next numbered alias state (``aliases/<n>.json``): ``change`` applied to
+        state ``n - 1``, claimed like a version number, so concurrent writers never lose an
+        update: whoever loses the claim reads the winner's state and tries again."""
         folder = f"{self._model_dir(name)}/aliases"
         while True:
             self.fs.invalidate_cache()
@@ -367,23 +432,12 @@ class Registry:
             try:
                 if self.fs.exists(f"{folder}/{number + 1}.json"):
                     continue  # another writer finished state n + 1 meanwhile: start again
-                previous = state["aliases"].get(alias)
-                state["history"].append(
-                    {
-                        "alias": alias,
-                        "from": previous,
-                        "to": version,
-                        "by": _who(),
-                        "at": _now(),
-                        "reason": reason,
-                    }
-                )
-                state["aliases"][alias] = version
+                outcome = change(state)
                 ensure_parent(self.fs, f"{folder}/{number + 1}.json")
                 self.fs.pipe_file(
                     f"{folder}/{number + 1}.json", json.dumps(state, indent=2).encode()
                 )
-                return previous
+                return outcome
             finally:
                 self.fs.rm(claim)
 
@@ -404,11 +458,13 @@ class Registry:
     def rollback(self, name: str, alias: str, reason: str = "") -> int:
         """Point ``alias`` back at the version it pointed at before its last move."""
         state = self.alias_state(name)
-        moves = [h for h in state["history"] if h["alias"] == alias]
+        moves = [h for h in state["history"] if h["alias"] == alias and "to" in h]
         if not moves or moves[-1]["from"] is None:
             raise RayllmError(f"{name}@{alias} has no earlier target to roll back to")
         target = moves[-1]["from"]
-        self.set_alias(name, alias, target, reason or f"rollback from {moves[-1]['to']}")
+        # A rollback restores what served before: the gate does not hold it up.
+        reason = reason or f"rollback from {moves[-1]['to']}"
+        self.set_alias(name, alias, target, reason, forced=True)
         return target
 
     def gc(self, older_than_s: float = 3600.0) -> list[str]:
@@ -449,6 +505,22 @@ class Registry:
             modified = self.fs.modified(path)
             times.append(modified.timestamp())
         return max(times)
+
+
+def gate_failures(version: Version, gate: dict[str, dict[str, float]]) -> list[str]:
+    """Each threshold of ``gate`` the version's recorded evaluations miss or do not meet."""
+    table = version.manifest.get("evaluations", {})
+    failures = []
+    for metric, bounds in sorted(gate.items()):
+        task, score = metric.split(".")
+        value = table.get(task, {}).get(score)
+        if value is None:
+            failures.append(f"{metric} was never measured")
+        elif "min" in bounds and value < bounds["min"]:
+            failures.append(f"{metric} {value:.4g} is below {bounds['min']:.4g}")
+        elif "max" in bounds and value > bounds["max"]:
+            failures.append(f"{metric} {value:.4g} is above {bounds['max']:.4g}")
+    return failures
 
 
 def check_files(fs: fsspec.AbstractFileSystem, folder: str, version: Version) -> None:

@@ -17,12 +17,14 @@ BETAS = (0.9, 0.95)
 
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only, not on norms; frozen parameters (LoRA's base) left out."""
+    """Weight decay on matrices only, not on norms; frozen parameters (LoRA's base) left out,
+    and with them a group left empty."""
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
-    return [
+    groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]  # DeepSpeed drops empty groups
 
 
 def build_optimizer(modules: Iterable[nn.Module], config: TrainConfig) -> torch.optim.AdamW:

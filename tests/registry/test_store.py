@@ -154,3 +154,41 @@ def test_storage_mistakes_are_one_clear_line(s3):
         RayllmError, match=r"gs:// filesystem is not installed; pip install 'rayllm\[gcs\]'"
     ):
         Registry("gs://bucket/registry")
+
+
+def test_evaluations_are_recorded_and_gate_promotion(registry, model_folder):
+    """Results go into the version's manifest (files still verify); an alias's gate refuses a
+    version that misses a threshold or was never scored, unless forced with a reason; a
+    rollback is never held up by the gate."""
+    first = registry.publish("tiny", model_folder, lineage={"parent": None})
+    second = registry.publish("tiny", model_folder, lineage={"parent": first.ref})
+    registry.set_alias("tiny", "production", 1)
+    registry.set_gate(
+        "tiny", "production", {"qa.f1": {"min": 0.3}, "perplexity.perplexity": {"max": 40}}
+    )
+
+    with pytest.raises(RayllmError, match="qa.f1 was never measured"):
+        registry.set_alias("tiny", "production", 2)
+    registry.record_evaluations(second, {"qa": {"f1": 0.25}, "perplexity": {"perplexity": 30.0}})
+    stored = registry.resolve("tiny:2").manifest["evaluations"]
+    assert stored["qa"]["f1"] == 0.25 and "at" in stored["qa"] and "by" in stored["qa"]
+    registry.verify(registry.resolve("tiny:2"))
+    with pytest.raises(RayllmError, match=r"qa.f1 0.25 is below 0.3"):
+        registry.set_alias("tiny", "production", 2)
+    with pytest.raises(RayllmError, match="needs a --reason"):
+        registry.set_alias("tiny", "production", 2, forced=True)
+
+    registry.record_evaluations(registry.resolve("tiny:2"), {"qa": {"f1": 0.4}})
+    assert registry.resolve("tiny:2").manifest["evaluations"]["perplexity"]["perplexity"] == 30.0
+    assert registry.set_alias("tiny", "production", 2) == 1  # passes now
+    assert registry.rollback("tiny", "production") == 1  # version 1 was never scored
+    registry.set_alias("tiny", "production", 1, reason="hotfix", forced=True)
+    history = registry.alias_state("tiny")["history"]
+    assert history[-1]["forced"] == [
+        "perplexity.perplexity was never measured",
+        "qa.f1 was never measured",
+    ]
+    registry.set_gate("tiny", "production", {})
+    assert registry.set_alias("tiny", "production", 2) == 1
+    with pytest.raises(RayllmError, match="TASK.SCORE"):
+        registry.set_gate("tiny", "production", {"f1": {"min": 0.3}})

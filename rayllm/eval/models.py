@@ -1,0 +1,31 @@
+"""A model to score as a ``transformers`` model: a model folder, a registry version, or an
+adapter version merged into its base (registry versions read from verified local copies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rayllm.registry.store import Registry
+
+
+def load_model(registry: str, model: str):
+    """``(model, tokenizer)`` of ``model`` (a folder or a registry reference), fp32, in eval
+    mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(model).is_dir():
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        return loaded.eval(), AutoTokenizer.from_pretrained(model)
+    store = Registry(registry)
+    version, folder = store.local_path(model)
+    if "adapter" not in version.lineage:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return loaded.eval(), AutoTokenizer.from_pretrained(folder)
+    from peft import PeftModel
+
+    _, base = store.local_path(version.lineage["parent"])
+    loaded = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(loaded, folder).merge_and_unload()
+    return loaded.eval(), AutoTokenizer.from_pretrained(base)

@@ -1,0 +1,141 @@
+"""The README's fine-tuning and evaluation commands, on the session's served model (the
+lifecycle's tiny model in the S3 registry, served with ``max_loras=2``): LoRA over DDP
+publishes an adapter of that version, which the running app answers with at once; the same
+LoRA under ZeRO-3 follows DDP's losses; the full fine-tune under FSDP2 publishes a whole model.
+Each lowers the held-out response loss. The adapter is scored through the endpoint, the base
+in Ray tasks with few-shot chain-of-thought prompts; both results land in their manifests,
+and the gate they miss refuses the promotion until it is forced. Bad input is refused before
+any worker starts."""
+
+import json
+
+import httpx
+import pytest
+
+from rayllm.registry.store import Registry
+from tests.conftest import API_KEYS, overrides
+from tests.test_cli import rayllm, rayllm_ok
+from tests.test_jobs import readme_job, run_job
+from tests.test_readme import block_with, commands
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-shakespeare"
+
+
+def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
+    tiny_run, ray_cluster, tmp_path
+):
+    root = tiny_run["settings"]["registry"]["root"]
+    base = tiny_run["report"]["registry"]["ref"]
+    url = tiny_run["report"]["serve"]["url"]
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "COLUMNS": "200"}
+    block = commands(block_with("rayllm finetune --config"))
+    assert [args[0] for args in block] == ["registry", "finetune", "finetune", "serve", "chat"]
+    _, lora, full, _, chat = block  # the import and serve lines: tests/registry, the session app
+    small = {
+        "base": base,
+        "registry": root,
+        "seq_len": 96,
+        "train": {
+            "steps": 4,
+            "cpus_per_worker": 0.5,
+            "learning_rate": 0.003,
+            "log_every": 2,
+            "eval_every": 4,
+            "eval_batches": 2,
+            "checkpoint_every": 4,
+            "storage": str(tmp_path / "runs"),
+        },
+    }
+    registry = Registry(root)
+
+    def finetune(args: list[str], name: str, job: bool = False, **train) -> dict:
+        settings = small | {"name": name, "train": small["train"] | {"run_name": name} | train}
+        if job:  # the README's `ray job submit` of jobs/finetune.py
+            out, _ = run_job(ray_cluster["dashboard"], *args, *overrides(settings))
+        else:
+            out = rayllm_ok(*args, *overrides(settings), env=env, timeout=900)
+        assert f"published {name}:1" in out, out
+        lineage = registry.resolve(f"{name}:1").lineage
+        assert lineage["parent"] == base
+        metrics = lineage["metrics"]
+        assert metrics["val_loss"] < metrics["base_val_loss"]
+        return lineage
+
+    adapter = finetune(lora, f"{MODEL}-chat")
+    assert adapter["adapter"]["peft_type"] == "LORA"
+    assert adapter["finetune"]["trainable_parameters"] < 10_000
+    assert adapter["finetune"]["examples"]["examples"] > 1000  # the built-in chat corpus
+    refused = rayllm("finetune", "--set", f"base={MODEL}-chat", env={"RAYLLM_REGISTRY": root})
+    assert refused.returncode == 2 and "is an adapter" in refused.stdout + refused.stderr
+
+    job = readme_job("jobs/finetune.py", str(tmp_path))
+    zero3 = finetune(
+        job, f"{MODEL}-chat-zero3", job=True, parallel={"strategy": "zero", "zero_stage": 3}
+    )
+    for key in ("base_val_loss", "val_loss", "loss"):
+        assert zero3["metrics"][key] == pytest.approx(adapter["metrics"][key], abs=1e-4)
+
+    whole = finetune(full, f"{MODEL}-sft")  # its own overrides: method full, FSDP2
+    assert "adapter" not in whole and whole["finetune"]["method"] == "full"
+    assert whole["finetune"]["trainable_parameters"] > 100_000
+    with registry.fs.open(
+        f"{registry.version_url(registry.resolve(f'{MODEL}-sft:1'))}/config.json"
+    ) as f:
+        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+
+    # The served app answers with the new adapter without a redeploy, pinned to its version.
+    key = API_KEYS.split(",")[0]
+    ours = {"http://127.0.0.1:8000": url, "smollm2:smollm2-chat": f"{MODEL}:{MODEL}-chat"}
+    answer = rayllm_ok(
+        *(ours.get(a, a) for a in chat), "--max-tokens", "6", env=env | {"RAYLLM_API_KEY": key}
+    )
+    assert answer.strip()
+    reply = httpx.post(
+        f"{url}/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": f"{MODEL}:{MODEL}-chat", "prompt": "KING.\n", "max_tokens": 2},
+        timeout=120,
+    )
+    assert reply.status_code == 200 and reply.json()["model"] == f"{MODEL}:{MODEL}-chat:1"
+
+    adapter_eval, base_eval, gate, promote = commands(block_with("rayllm registry gate"))
+
+    def ours(args: list[str]) -> list[str]:
+        mapped = (a.replace("http://127.0.0.1:8000", url) for a in args)
+        return [a.replace("smollm2-chat", f"{MODEL}-chat").replace("smollm2", base) for a in mapped]
+
+    env |= {"RAYLLM_REGISTRY": root, "RAYLLM_API_KEY": key}
+    small = ["--set", "max_examples=12", "--set", "max_tokens=12"]
+    scored = rayllm_ok(*ours(adapter_eval), *small, env=env)
+    assert f"{MODEL}-chat:1: qa: exact match" in scored and "over 12 held-out questions" in scored
+    assert f"{MODEL}-chat:1: safety: refusal rate" in scored
+    scored = rayllm_ok(*ours(base_eval), "--set", "max_examples=4", "--set", "workers=2", env=env)
+    assert f"{base}: qa-3shot-cot: exact match" in scored
+    evaluations = registry.resolve(f"{MODEL}-chat:1").manifest["evaluations"]
+    assert set(evaluations) == {"qa", "safety"} and evaluations["safety"]["examples"] == 24
+    assert 0 <= evaluations["qa"]["f1"] <= 1 and 0 <= evaluations["qa"]["bleu"] <= 100
+    assert "qa-3shot-cot" in registry.resolve(base).manifest["evaluations"]
+
+    rayllm_ok(*ours(gate), env=env)  # qa.f1 >= 0.2: beyond a model this small and brief
+    refused = rayllm(*ours(promote), env=env)
+    assert refused.returncode == 2 and "qa.f1" in refused.stdout + refused.stderr
+    forced = rayllm_ok(*ours(promote), "--force", "--reason", "test", env=env)
+    assert f"{MODEL}-chat@production: None -> 1" in forced
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"base": "no-such-model"}, "no-such-model"),
+        ({"base": MODEL, "train": {"model": {"dim": 128}}}, "train.model: set by rayllm finetune"),
+        ({"base": MODEL, "train": {"parallel": {"strategy": "fsdp", "tp": 2}}}, "tp and pp to 1"),
+        ({"base": MODEL, "lora": {"target_modules": ["qkv"]}}, "lora.target_modules"),
+    ],
+)
+def test_bad_finetunes_are_refused_before_any_worker_starts(tiny_run, settings, message):
+    env = {"RAYLLM_REGISTRY": tiny_run["settings"]["registry"]["root"], "RAY_ADDRESS": ""}
+    done = rayllm("finetune", *overrides(settings), env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stdout + done.stderr and "Traceback" not in done.stderr
