@@ -92,16 +92,16 @@ def train(config: ConfigOption = None, set: SetOption = None) -> None:
 
 @app.command()
 def finetune(config: ConfigOption = None, set: SetOption = None) -> None:
-    """Supervised fine-tuning (LoRA or full) of a registry version on chat data with Ray
-    Train; the result is published to the registry with the base as its parent."""
+    """Fine-tune a registry version with Ray Train, supervised on chat data or by DPO on
+    preference pairs, LoRA or full; the result is published with the base as its parent."""
     from rayllm.finetune.config import FinetuneConfig
-    from rayllm.finetune.examples import read_conversations
+    from rayllm.finetune.examples import read_conversations, read_preferences
 
     settings = load_config(FinetuneConfig, config, set or ())
     settings.base_version()  # a missing base, an adapter or bad data fail before Ray starts
-    read_conversations(settings.data)
+    (read_preferences if settings.objective == "dpo" else read_conversations)(settings.data)
     from rayllm.cluster import RayConfig, connect
-    from rayllm.finetune.sft import run
+    from rayllm.finetune.trainer import run
 
     connect(RayConfig())
     result = run(settings)

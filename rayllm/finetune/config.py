@@ -37,10 +37,19 @@ class FinetuneConfig(StageConfig):
     registry: str | None = None
     """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry."""
     data: str = "chat"
-    """JSON lines of ``messages``, or of ``prompt`` and ``response``: a file, folder, glob or
-    URL, or the built-in ``chat`` (chatterbot-corpus's questions and answers)."""
+    """JSON lines of ``messages``, or of ``prompt`` and ``response`` (dpo: of ``prompt``,
+    ``chosen`` and ``rejected``): a file, folder, glob or URL, or the built-in ``chat``
+    (chatterbot-corpus's questions and answers)."""
+    objective: Literal["sft", "dpo"] = "sft"
+    """``sft``: supervised, on the assistant turns of ``data``; ``dpo``: Direct Preference
+    Optimization on preference pairs (``data``: JSON lines of ``prompt``, ``chosen`` and
+    ``rejected``, or ``chat`` for pairs built from the built-in corpus: each question's own
+    answer chosen, another's rejected)."""
+    beta: float = Field(0.1, gt=0)
+    """dpo: how far the model may move from the base (the weight of DPO's KL penalty)."""
     name: str | None = None
-    """The registry name the result is published under; default: the base's name + ``-sft``."""
+    """The registry name the result is published under; default: the base's name +
+    ``-sft`` or ``-dpo``."""
     method: Literal["lora", "full"] = "lora"
     """``lora``: train low-rank adapters and publish them as an adapter of the base version
     (served by multi-LoRA); ``full``: train every weight and publish a full model."""
@@ -49,6 +58,9 @@ class FinetuneConfig(StageConfig):
     """Tokens per packed row; every example fits in one row (or is cut to it)."""
     strict: bool = False
     """Refuse examples longer than ``seq_len`` instead of cutting them (and counting them)."""
+    max_examples: int | None = Field(None, ge=1)
+    """Train on at most this many examples (or pairs) of the training share; the held-out
+    share stays as it is."""
     held_out: float = Field(0.05, gt=0, lt=0.5)
     """Share of the conversations kept out of training to measure the response loss on."""
     train: FinetuneTrainConfig = FinetuneTrainConfig()
@@ -58,13 +70,13 @@ class FinetuneConfig(StageConfig):
         defaults = TrainConfig()
         given = [
             key
-            for key in ("model", "init_from", "lora", "data", "output")
+            for key in ("model", "init_from", "lora", "data", "output", "objective", "dpo_beta")
             if getattr(self.train, key) != getattr(defaults, key)
         ]
         if given:
             raise ValueError(
                 f"train.{', train.'.join(given)}: set by rayllm finetune from base, method, "
-                "lora and data; set those instead"
+                "lora, data, objective and beta; set those instead"
             )
         if self.method == "lora" and (self.train.parallel.tp > 1 or self.train.parallel.pp > 1):
             raise ValueError("method lora trains with data parallelism: set tp and pp to 1")

@@ -24,6 +24,8 @@ from rayllm.paths import filesystem
 ROLES = ("system", "user", "assistant")
 PAIRS = (("prompt", "response"), ("question", "answer"))
 Conversation = list[dict[str, str]]
+Example = tuple[list[int], list[bool]]
+"""Token ids, and whether each is trained on."""
 
 
 def read_conversations(source: str) -> list[Conversation]:
@@ -160,37 +162,59 @@ class Counts:
 
 
 def pack(
-    examples: list[tuple[list[int], list[bool]]],
+    examples: list[Example],
     seq_len: int,
     pad_id: int,
     *,
     strict: bool = False,
     counts: Counts | None = None,
 ) -> PackedExamples:
-    """Examples in order, each whole in one row, a row filled until the next does not fit.
-    An example longer than ``seq_len`` is cut to it (counted), or refused under ``strict``."""
+    """Supervised examples, each whole in one row (see :func:`pack_units`)."""
+    return pack_units([[e] for e in examples], seq_len, pad_id, strict=strict, counts=counts)
+
+
+def pack_units(
+    units: list[list[Example]],
+    seq_len: int,
+    pad_id: int,
+    *,
+    strict: bool = False,
+    counts: Counts | None = None,
+) -> PackedExamples:
+    """Units of examples in order (one example, or a preference pair: chosen then rejected),
+    each unit whole in one row, a row filled until the next unit does not fit; segments are
+    numbered from 1 in each row, so pair ``k`` of a row is segments ``2k + 1`` and ``2k + 2``.
+    An example longer than ``seq_len`` is cut to what its unit leaves room for (counted), or
+    refused under ``strict``; a unit with an example left with nothing to train on is dropped
+    (counted)."""
     counts = counts if counts is not None else Counts()
-    rows: list[list[tuple[list[int], list[bool]]]] = [[]]
+    rows: list[list[Example]] = [[]]
     used = 0
-    for number, (ids, trained) in enumerate(examples):
+    for number, unit in enumerate(units):
         counts.examples += 1
-        if len(ids) > seq_len:
-            if strict:
-                raise RayllmError(
-                    f"example {number} has {len(ids)} tokens, more than seq_len {seq_len}; "
-                    "raise seq_len, or set strict=false to cut long examples"
-                )
-            ids, trained = ids[:seq_len], trained[:seq_len]
-            counts.truncated += 1
-        if not any(trained[1:]):
+        room = seq_len // len(unit)
+        kept = []
+        for ids, trained in unit:
+            if len(ids) > room:
+                if strict:
+                    raise RayllmError(
+                        f"example {number} has {len(ids)} tokens, more than the {room} its row "
+                        f"leaves it (seq_len {seq_len}); raise seq_len, or set strict=false to "
+                        "cut long examples"
+                    )
+                ids, trained = ids[:room], trained[:room]
+                counts.truncated += 1
+            kept.append((ids, trained))
+        if not all(any(trained[1:]) for _, trained in kept):
             counts.dropped += 1
             continue
-        counts.tokens += len(ids)
-        if used + len(ids) > seq_len:
+        size = sum(len(ids) for ids, _ in kept)
+        counts.tokens += size
+        if used + size > seq_len:
             rows.append([])
             used = 0
-        rows[-1].append((ids, trained))
-        used += len(ids)
+        rows[-1].extend(kept)
+        used += size
     rows = [row for row in rows if row]
     if not rows:
         raise RayllmError("no example has a response token left to train on")
@@ -208,3 +232,74 @@ def pack(
             targets[r, start : end - 1] = np.where(trained[1:], nexts, IGNORED)
             start = end
     return PackedExamples(inputs, targets, segments)
+
+
+Preference = tuple[Conversation, str, str]
+"""A conversation before the answer, the chosen answer and the rejected one."""
+
+
+def read_preferences(source: str, seed: int = 0) -> list[Preference]:
+    """Preference pairs: JSON lines in the reward-model format (``prompt`` as text or
+    messages, ``chosen`` and ``rejected`` as text or assistant messages, as trl's preference
+    datasets have them), or, for ``chat``, pairs built from the built-in chat corpus: each
+    question's own answer chosen, another question's answer rejected."""
+    if source == "chat":
+        return built_preferences(read_conversations("chat"), seed)
+    pairs = []
+    for url in resolve_source(source):
+        fs, path = filesystem(url)
+        for number, line in enumerate(fs.cat_file(path).decode().splitlines(), start=1):
+            if line.strip():
+                pairs.append(preference(line, f"{url}:{number}"))
+    if not pairs:
+        raise RayllmError(f"{source} holds no preference pairs")
+    return pairs
+
+
+def preference(line: str, where: str) -> Preference:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RayllmError(f"{where} is not JSON: {err}") from None
+    if not isinstance(row, dict) or not all(k in row for k in ("prompt", "chosen", "rejected")):
+        raise RayllmError(
+            f"{where} is not a preference pair; write "
+            '{"prompt": ..., "chosen": ..., "rejected": ...}'
+        )
+    prompt = row["prompt"]
+    prefix = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    answers = []
+    for key in ("chosen", "rejected"):
+        answer = row[key]
+        if isinstance(answer, list):  # conversational: the assistant's message(s)
+            answer = answer[-1].get("content") if answer and isinstance(answer[-1], dict) else None
+        if not isinstance(answer, str) or not answer.strip():
+            raise RayllmError(f"{where}: {key} is empty or not an answer")
+        answers.append(answer)
+    if answers[0].strip() == answers[1].strip():
+        raise RayllmError(f"{where}: chosen and rejected are the same answer; nothing to prefer")
+    checked([*prefix, {"role": "assistant", "content": answers[0]}], where)
+    return prefix, answers[0], answers[1]
+
+
+def built_preferences(conversations: list[Conversation], seed: int) -> list[Preference]:
+    """Each conversation's own last answer chosen, and the last answer of another, seeded pick
+    (one with a different text) rejected."""
+    rng = random.Random(seed)
+    pairs = []
+    for conversation in conversations:
+        chosen = conversation[-1]["content"]
+        for _ in range(10):
+            rejected = rng.choice(conversations)[-1]["content"]
+            if rejected.strip() != chosen.strip():
+                pairs.append((conversation[:-1], chosen, rejected))
+                break
+    return pairs
+
+
+def render_pair(tokenizer: PreTrainedTokenizerBase, pair: Preference) -> list[Example]:
+    prefix, chosen, rejected = pair
+    return [
+        render(tokenizer, [*prefix, {"role": "assistant", "content": answer}])
+        for answer in (chosen, rejected)
+    ]

@@ -102,7 +102,8 @@ class TokenBatches(OrderedBatches):
 
 class ExampleBatches(OrderedBatches):
     """Fine-tuning: rows of packed examples (``inputs``, ``targets`` with the untrained ones
-    ignored, ``segments``: which example each token belongs to), all ``[rows, seq_len]``."""
+    ignored, ``segments``: which example each token belongs to), all ``[rows, seq_len]``;
+    for DPO, ``reference`` log-probabilities per segment, ``[rows, segments]``."""
 
     def __init__(self, packed: dict[str, np.ndarray], what: str, **options: int):
         self.packed = packed
@@ -115,10 +116,18 @@ class ExampleBatches(OrderedBatches):
         return cls(packed, "the fine-tuning data", **_rank_options(config, shape, rank))
 
     def _batch(self, picked: np.ndarray) -> Batch:
-        return tuple(
+        return self.pick(picked)
+
+    def pick(self, picked: np.ndarray) -> Batch:
+        """The rows ``picked`` as a batch: token ids, targets and segments, then for DPO the
+        reference log-probabilities once they are added."""
+        tokens = tuple(
             torch.from_numpy(self.packed[key][picked].astype(np.int64))
             for key in ("inputs", "targets", "segments")
         )
+        if "reference" not in self.packed:
+            return tokens
+        return (*tokens, torch.from_numpy(self.packed["reference"][picked]))
 
 
 class StreamedBatches:

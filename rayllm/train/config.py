@@ -135,6 +135,11 @@ class TrainConfig(StageConfig):
     of a random init; its shape must be ``model``'s. ``rayllm finetune`` sets it."""
     lora: LoraSettings | None = None
     """Train LoRA adapters only, the model's own weights frozen (with ``init_from``)."""
+    objective: Literal["next_token", "dpo"] = "next_token"
+    """``dpo``: Direct Preference Optimization on packed preference pairs (``rayllm
+    finetune`` packs them), against the starting weights' log-probabilities."""
+    dpo_beta: float = Field(0.1, gt=0)
+    """How far DPO lets the model move from the starting weights (the KL penalty's weight)."""
     parallel: ParallelConfig = ParallelConfig()
     num_workers: int = 2
     cpus_per_worker: float = 1.0
@@ -206,6 +211,11 @@ class TrainConfig(StageConfig):
             raise ValueError(
                 "lora trains with data parallelism (ddp, fsdp or zero); tensor and pipeline "
                 "parallel plans address the plain linear layers LoRA wraps: set tp and pp to 1"
+            )
+        if self.objective == "dpo" and (self.init_from is None or self.parallel.pp > 1):
+            raise ValueError(
+                "objective dpo needs init_from (the starting weights are its reference) and "
+                "no pipeline parallelism"
             )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-from rayllm.model.model import next_token_loss
 from rayllm.train.batches import Batch
 from rayllm.train.config import TrainConfig
-from rayllm.train.engine import build_model, model_inputs
+from rayllm.train.engine import build_model, model_inputs, objective
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
 from rayllm.train.optim import BETAS, build_optimizer, lr_schedule, param_groups
 
@@ -64,12 +63,13 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.stage = parallel.zero_stage
+        self.objective = objective(config)
         self.memory: dict[str, int] = {}
 
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
         total = torch.zeros((), device=self.engine.device)
         for batch in batches:
-            loss = next_token_loss(self.engine(*model_inputs(batch)), batch[1])
+            loss = self.objective(self.engine(*model_inputs(batch)), batch)
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
             # the state is allocated by the first step, then stays that size
             if not self.memory and self.engine.is_gradient_accumulation_boundary():
@@ -83,7 +83,11 @@ class DeepSpeedEngine:
 
     def evaluate(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            return next_token_loss(self.engine(*model_inputs(batch)), batch[1])
+            return self.objective(self.engine(*model_inputs(batch)), batch)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return self.engine(*model_inputs(batch))
 
     def learning_rate(self) -> float:
         return self.engine.get_lr()[0]

@@ -32,6 +32,7 @@ from rayllm.train.config import TrainConfig
 from rayllm.train.lora import add_lora
 from rayllm.train.mesh import MeshShape, build_mesh
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
+from rayllm.train.objectives import Objective, dpo, language_modelling
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
 from rayllm.train.pipeline import build_schedule, cut_stage, stage_indices
@@ -44,6 +45,9 @@ class Engine(Protocol):
 
     def evaluate(self, batch: Batch) -> torch.Tensor:
         """The loss of ``batch``, without gradients, on every rank."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The logits of ``batch``, without gradients (not with pipeline parallelism)."""
 
     def learning_rate(self) -> float: ...
 
@@ -74,9 +78,13 @@ def build_model(config: TrainConfig, device: torch.device) -> Transformer:
     return model.to(device)
 
 
+def objective(config: TrainConfig) -> Objective:
+    return dpo(config.dpo_beta) if config.objective == "dpo" else language_modelling
+
+
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
     """What the model takes of a batch: the token ids, and the segments of packed examples."""
-    return (batch[0], *batch[2:])
+    return tuple(batch[0:1]) + tuple(batch[2:3])
 
 
 def build_engine(config: TrainConfig, shape: MeshShape, device: torch.device) -> Engine:
@@ -116,6 +124,7 @@ class TorchEngine:
             for optimizer in self.optimizers
         ]
         self.accum, self.grad_clip = config.grad_accum_steps, config.grad_clip
+        self.objective = objective(config)
         # bf16 compute: FSDP2's mixed-precision policy where FSDP2 wraps the model, else autocast.
         fsdp = isinstance(self.parts[0], FSDPModule)
         self.autocast = config.precision == "bf16" and not fsdp
@@ -160,12 +169,16 @@ class TorchEngine:
         with torch.no_grad():
             if self.schedule is None:
                 with self._precision():
-                    return next_token_loss(self.parts[0](*model_inputs(batch)), batch[1])
+                    return self.objective(self.parts[0](*model_inputs(batch)), batch)
             losses: list[torch.Tensor] = []
             with self._precision():
                 self._run_pipeline(batch, losses, self.schedule.eval)
             loss = sum(losses) * self.accum if losses else torch.zeros((), device=self.device)
             return self._from_last_stage(loss)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad(), self._precision():
+            return self.parts[0](*model_inputs(batch))
 
     def learning_rate(self) -> float:
         return self.schedulers[0].get_last_lr()[0]
@@ -208,7 +221,7 @@ class TorchEngine:
         """This micro-batch's loss; its gradients, divided by the accumulation steps, added."""
         if self.schedule is None:
             with self._precision():
-                loss = next_token_loss(self.parts[0](*model_inputs(batch)), batch[1])
+                loss = self.objective(self.parts[0](*model_inputs(batch)), batch)
             (loss / self.accum).backward()
             return loss.detach()
         losses: list[torch.Tensor] = []

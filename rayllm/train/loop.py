@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -37,6 +38,7 @@ from rayllm.train.metrics import (
     peak_memory_mb,
     step_metrics,
 )
+from rayllm.train.objectives import preference_margins, segment_logprobs
 
 STOPPED = "stopped.json"
 """Written into the run folder when the loss became NaN or infinite: the run stops there, its
@@ -58,6 +60,10 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     shape = mesh_shape(config)
     engine = build_engine(config, shape, device)
     data = _readers(config, settings, shape, rank)
+    if config.objective == "dpo":  # with the starting weights, before a checkpoint loads
+        for reader in data.values():
+            add_reference(engine, reader, device)
+        _log(rank, "reference log-probabilities of every pair computed")
     start_step = _resume(engine, rank)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     peak = config.peak_tflops_per_worker or measure_peak_tflops(device, dtype)
@@ -69,11 +75,8 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     flops_per_token = config.model.flops_per_token(manifest["seq_len"], frozen=bool(config.lora))
     _log(rank, f"{config.parallel.describe()} on mesh {shape}, peak {peak:.3f} TFLOP/s per worker")
     if config.init_from and start_step == 0:  # where the starting weights stand
-        before = {
-            "step": 0,
-            "val_loss": _evaluate(engine, data["val"], config.eval_batches, device),
-        }
-        _log(rank, f"step {0:>5}/{config.steps}  val {before['val_loss']:.3f} (starting weights)")
+        before = {"step": 0} | _evaluation(config, engine, data["val"], device)
+        _log(rank, f"step {0:>5}/{config.steps}  {_format_eval(before)} (starting weights)")
         if log:
             log.write(before)
     for step in range(start_step, config.steps):
@@ -104,8 +107,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         )
         last = step + 1 == config.steps
         if (step + 1) % config.eval_every == 0 or last:
-            metrics["val_loss"] = _evaluate(engine, data["val"], config.eval_batches, device)
-            metrics["val_perplexity"] = math.exp(min(metrics["val_loss"], 50.0))
+            metrics |= _evaluation(config, engine, data["val"], device)
         logged = (step + 1) % config.log_every == 0 or last
         if logged:
             metrics["peak_memory_mb"] = _gather(peak_memory_mb(device))
@@ -151,9 +153,60 @@ def _resume(engine: Engine, rank: int) -> int:
     return step
 
 
-def _evaluate(engine: Engine, val: Batches, batches: int, device: torch.device) -> float:
-    total = sum(engine.evaluate(_to(val.get(index), device)) for index in range(batches))
-    return _mean_over_ranks(total / batches)
+def _evaluation(
+    config: TrainConfig, engine: Engine, val: Batches, device: torch.device
+) -> dict[str, float]:
+    """Held-out loss and perplexity; for DPO, the held-out DPO loss and the share of pairs
+    whose chosen answer the model prefers: by its own log-probabilities (``preference_accuracy``)
+    and by DPO's implicit reward (``reward_accuracy``)."""
+    if config.objective != "dpo":
+        batches = range(config.eval_batches)
+        loss = _mean_over_ranks(
+            sum(engine.evaluate(_to(val.get(index), device)) for index in batches)
+            / config.eval_batches
+        )
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    totals = torch.zeros(4, device=device)
+    for index in range(config.eval_batches):
+        batch = _to(val.get(index), device)
+        rewards, policy = preference_margins(engine.forward(batch), batch, config.dpo_beta)
+        totals += torch.stack(
+            [
+                -torch.nn.functional.logsigmoid(rewards).sum(),
+                torch.tensor(float(len(rewards)), device=device),
+                (policy > 0).sum().float(),
+                (rewards > 0).sum().float(),
+            ]
+        )
+    dist.all_reduce(totals)
+    loss, pairs, preferred, rewarded = totals.tolist()
+    return {
+        "val_loss": loss / pairs,
+        "preference_accuracy": preferred / pairs,
+        "reward_accuracy": rewarded / pairs,
+    }
+
+
+def add_reference(engine: Engine, reader: ExampleBatches, device: torch.device) -> None:
+    """DPO: every row's reference log-probability per segment, computed once from the engine's
+    current (starting) weights. The data-parallel ranks split the rows, every rank running the
+    same number of forward passes (sharded layouts need all of them), and share the results."""
+    packed = reader.packed
+    rows, count = len(packed["inputs"]), int(packed["segments"].max())
+    values = np.full((rows, count), np.nan, dtype=np.float32)
+    for start in range(0, rows, reader.global_batch):
+        first = start + reader.dp_rank * reader.batch
+        mine = np.arange(first, min(first + reader.batch, rows))
+        batch = _to(reader.pick(mine if len(mine) else np.array([0])), device)
+        logps = segment_logprobs(engine.forward(batch), batch, count).cpu().numpy()
+        if len(mine):
+            values[mine] = logps
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    reference = np.fmax.reduce(gathered)  # NaN only where no rank computed it
+    present = packed["segments"][:, :, None] == np.arange(1, count + 1)
+    reference[~present.any(axis=1)] = np.nan  # a row with fewer pairs than the most
+    reader.packed = packed | {"reference": reference}
 
 
 def _report_checkpoint(engine: Engine, metrics: dict, rank: int, layout: dict) -> None:
@@ -181,10 +234,17 @@ def _gather(value: float) -> list[float]:
     return values
 
 
+def _format_eval(metrics: dict) -> str:
+    text = f"val {metrics['val_loss']:.3f}"
+    if "preference_accuracy" in metrics:
+        text += f" (prefers chosen {metrics['preference_accuracy']:.0%})"
+    return text
+
+
 def _format(metrics: dict, steps: int) -> str:
     text = f"step {metrics['step']:>5}/{steps}  loss {metrics['loss']:.3f}"
     if "val_loss" in metrics:
-        text += f"  val {metrics['val_loss']:.3f}"
+        text += f"  {_format_eval(metrics)}"
     text += f"  lr {metrics['lr']:.2e}  grad norm {metrics['grad_norm']:.2f}"
     text += f"  {metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}"
     text += f"  peak {max(metrics['peak_memory_mb']):,.0f} MB/rank"

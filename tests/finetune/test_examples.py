@@ -107,7 +107,7 @@ def test_packing_keeps_examples_whole_and_targets_inside_them():
     counts = Counts()
     assert pack(long, seq_len=8, pad_id=0, counts=counts).inputs.shape == (1, 8)
     assert counts.truncated == 1
-    with pytest.raises(RayllmError, match="more than seq_len 8"):
+    with pytest.raises(RayllmError, match="more than the 8 its row leaves it"):
         pack(long, seq_len=8, pad_id=0, strict=True)
     prompt_only = [([1] * 10, [False] * 9 + [True])]  # its response is cut away
     with pytest.raises(RayllmError, match="no example has a response token"):

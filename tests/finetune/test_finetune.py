@@ -1,17 +1,19 @@
 """The README's fine-tuning and evaluation commands, on the session's served model (the
 lifecycle's tiny model in the S3 registry, served with ``max_loras=2``): LoRA over DDP
 publishes an adapter of that version, which the running app answers with at once; the same
-LoRA under ZeRO-3 follows DDP's losses; the full fine-tune under FSDP2 publishes a whole model.
-Each lowers the held-out response loss. The adapter is scored through the endpoint, the base
+LoRA under ZeRO-3 follows DDP's losses; the full fine-tune under FSDP2 publishes a whole model;
+DPO on preference pairs publishes an adapter too. Each lowers its held-out loss. The adapter is scored through the endpoint, the base
 in Ray tasks with few-shot chain-of-thought prompts; both results land in their manifests,
 and the gate they miss refuses the promotion until it is forced. Bad input is refused before
 any worker starts."""
 
 import json
+import math
 
 import httpx
 import pytest
 
+from rayllm.finetune.examples import built_preferences, read_conversations
 from rayllm.registry.store import Registry
 from tests.conftest import API_KEYS, overrides
 from tests.test_cli import rayllm, rayllm_ok
@@ -31,8 +33,17 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     url = tiny_run["report"]["serve"]["url"]
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "COLUMNS": "200"}
     block = commands(block_with("rayllm finetune --config"))
-    assert [args[0] for args in block] == ["registry", "finetune", "finetune", "serve", "chat"]
-    _, lora, full, _, chat = block  # the import and serve lines: tests/registry, the session app
+    assert [args[0] for args in block] == [
+        "registry",
+        "finetune",
+        "finetune",
+        "finetune",
+        "serve",
+        "chat",
+    ]
+    _, lora, dpo, full, _, chat = (
+        block  # the import and serve lines: tests/registry, the session app
+    )
     small = {
         "base": base,
         "registry": root,
@@ -50,8 +61,9 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     }
     registry = Registry(root)
 
-    def finetune(args: list[str], name: str, job: bool = False, **train) -> dict:
+    def finetune(args: list[str], name: str, job: bool = False, data: str = "", **train) -> dict:
         settings = small | {"name": name, "train": small["train"] | {"run_name": name} | train}
+        settings |= {"data": data} if data else {}
         if job:  # the README's `ray job submit` of jobs/finetune.py
             out, _ = run_job(ray_cluster["dashboard"], *args, *overrides(settings))
         else:
@@ -76,6 +88,19 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     )
     for key in ("base_val_loss", "val_loss", "loss"):
         assert zero3["metrics"][key] == pytest.approx(adapter["metrics"][key], abs=1e-4)
+
+    pairs = tmp_path / "pairs.jsonl"  # the reward-model format, from the chat corpus's answers
+    built = built_preferences(read_conversations("chat"), seed=0)[:120]
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p[-1]["content"], "chosen": c, "rejected": r}) + "\n"
+            for p, c, r in built
+        )
+    )
+    preferred = finetune(dpo, f"{MODEL}-dpo", data=str(pairs))
+    assert preferred["finetune"]["objective"] == "dpo" and preferred["adapter"]["r"] == 8
+    assert preferred["metrics"]["base_val_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert 0 <= preferred["metrics"]["preference_accuracy"] <= 1
 
     whole = finetune(full, f"{MODEL}-sft")  # its own overrides: method full, FSDP2
     assert "adapter" not in whole and whole["finetune"]["method"] == "full"

@@ -1,6 +1,7 @@
-"""Supervised fine-tuning on Ray Train: a registry version and chat data in, a registry version
-out, with the base as its lineage parent. LoRA publishes an adapter of the base (what the
-serving app's multi-LoRA path serves); ``full`` publishes a whole model.
+"""Fine-tuning on Ray Train, supervised (SFT) or on preference pairs (DPO): a registry version
+and chat data in, a registry version out, with the base as its lineage parent. LoRA publishes
+an adapter of the base (what the serving app's multi-LoRA path serves); ``full`` publishes a
+whole model.
 
 The examples are rendered and packed here, once, and reach the workers through Ray's object
 store; the workers read the base's weights from the registry themselves, so they may run on
@@ -27,8 +28,11 @@ from rayllm.finetune.examples import (
     PackedExamples,
     held_out_split,
     pack,
+    pack_units,
     read_conversations,
+    read_preferences,
     render,
+    render_pair,
 )
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import from_hf_config, save_hf_model
@@ -60,7 +64,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     started = time.time()
     registry = Registry(config.registry or default_registry())
     base, folder = base_version(registry, config)
-    name = check_name(config.name or f"{base.name}-sft", "finetune.name")
+    name = check_name(config.name or f"{base.name}-{config.objective}", "finetune.name")
     shape = from_hf_config(json.loads((folder / "config.json").read_text()))
     if config.seq_len > shape.max_seq_len:
         raise RayllmError(
@@ -71,11 +75,13 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     if not tokenizer.chat_template:
         raise RayllmError(f"{base.ref} has no chat template; publish its tokenizer with one")
     train = trainer_config(config, shape, registry.version_url(base))
-    with Stage(f"finetune: {config.method} of {base.ref} -> {name}") as stage:
+    title = f"finetune: {config.objective} ({config.method}) of {base.ref} -> {name}"
+    with Stage(title) as stage:
         splits, counts = prepare_examples(config, tokenizer)
+        what = "pairs" if config.objective == "dpo" else "examples"
         console.print(
-            f"  {counts.examples:,} examples ({counts.truncated} cut to {config.seq_len} tokens, "
-            f"{counts.dropped} left with nothing to train on), "
+            f"  {counts.examples:,} {what} ({counts.truncated} answers cut to fit {config.seq_len}"
+            f" tokens, {counts.dropped} left with nothing to train on), "
             f"{len(splits['train'].inputs):,} + {len(splits['val'].inputs):,} packed rows; "
             f"{train.parallel.describe()} on {train.num_workers} workers"
         )
@@ -85,7 +91,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
         prepare_run_folder(run_folder, train, layout)
         refs = {split: ray.put(packed.arrays()) for split, packed in splits.items()}
         result = fit(train, manifest, layout, run_folder, refs)
-        metrics = dict(result.metrics or {}) | {"base_val_loss": base_val_loss(run_folder)}
+        metrics = dict(result.metrics or {}) | starting_metrics(run_folder)
         with result.checkpoint.as_directory() as checkpoint:
             _, state, progress = consolidate(Path(checkpoint))
         model = trained_model(progress["layout"])
@@ -93,6 +99,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
         trainable = trainable_parameters(model)
         lineage = {
             "finetune": {
+                "objective": config.objective,
                 "method": config.method,
                 "data": config.data,
                 "examples": counts.__dict__,
@@ -114,10 +121,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                     out,
                     {"parent": base.ref, "architecture": "LlamaForCausalLM"} | lineage,
                 )
-        stage.note(
-            f"held-out response loss {metrics['base_val_loss']:.3f} -> "
-            f"{metrics.get('val_loss', float('nan')):.3f}; published {version.ref}"
-        )
+        stage.note(f"{improvement(metrics)}; published {version.ref}")
     return FinetuneResult(
         version=version.ref,
         base=base.ref,
@@ -138,6 +142,8 @@ def trainer_config(config: FinetuneConfig, shape: ModelConfig, base_url: str) ->
         "model": shape.model_dump(mode="json"),
         "init_from": base_url,
         "lora": config.lora.model_dump(mode="json") if config.method == "lora" else None,
+        "objective": "dpo" if config.objective == "dpo" else "next_token",
+        "dpo_beta": config.beta,
     }
     return TrainConfig.model_validate(settings).with_work_paths()
 
@@ -145,17 +151,30 @@ def trainer_config(config: FinetuneConfig, shape: ModelConfig, base_url: str) ->
 def prepare_examples(
     config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[dict[str, PackedExamples], Counts]:
-    """The conversations rendered, split (a seeded share held out) and packed."""
+    """The conversations (or preference pairs) rendered, split (a seeded share held out) and
+    packed."""
+    counts = Counts()
+    options = {"strict": config.strict, "counts": counts}
+    pad = tokenizer.eos_token_id
+    if config.objective == "dpo":
+        pairs = read_preferences(config.data, config.train.seed)
+        held, kept = held_out_split(len(pairs), config.held_out, config.train.seed)
+        kept = kept[: config.max_examples]
+        return {
+            split: pack_units(
+                [render_pair(tokenizer, pairs[i]) for i in picked], config.seq_len, pad, **options
+            )
+            for split, picked in (("val", held), ("train", kept))
+        }, counts
     conversations = read_conversations(config.data)
     held, kept = held_out_split(len(conversations), config.held_out, config.train.seed)
-    counts = Counts()
-    splits = {}
-    for split, picked in (("val", held), ("train", kept)):
-        examples = [render(tokenizer, conversations[i]) for i in picked]
-        splits[split] = pack(
-            examples, config.seq_len, tokenizer.eos_token_id, strict=config.strict, counts=counts
+    kept = kept[: config.max_examples]
+    return {
+        split: pack(
+            [render(tokenizer, conversations[i]) for i in picked], config.seq_len, pad, **options
         )
-    return splits, counts
+        for split, picked in (("val", held), ("train", kept))
+    }, counts
 
 
 def examples_sha256(splits: dict[str, PackedExamples]) -> str:
@@ -166,14 +185,25 @@ def examples_sha256(splits: dict[str, PackedExamples]) -> str:
     return digest.hexdigest()
 
 
-def base_val_loss(run_folder: str) -> float:
-    """The held-out loss the workers measured before the first step (the base's)."""
+def starting_metrics(run_folder: str) -> dict[str, float]:
+    """What the workers measured on the held-out share before the first step (the base's),
+    each as ``base_<name>``."""
     fs, path = filesystem(f"{run_folder}/{METRICS_LOG}")
     for line in fs.cat_file(path).decode().splitlines():
         record = json.loads(line)
         if record["step"] == 0:
-            return record["val_loss"]
+            return {f"base_{key}": value for key, value in record.items() if key != "step"}
     raise RayllmError(f"{run_folder} has no step-0 evaluation")
+
+
+def improvement(metrics: dict[str, float]) -> str:
+    text = f"held-out loss {metrics['base_val_loss']:.3f} -> {metrics['val_loss']:.3f}"
+    if "preference_accuracy" in metrics:
+        text += (
+            f", prefers chosen {metrics['base_preference_accuracy']:.0%} -> "
+            f"{metrics['preference_accuracy']:.0%}"
+        )
+    return text
 
 
 def save_full_model(
