@@ -61,6 +61,10 @@ class FinetuneConfig(StageConfig):
     max_examples: int | None = Field(None, ge=1)
     """Train on at most this many examples (or pairs) of the training share; the held-out
     share stays as it is."""
+    safety_mixture: float = Field(0.0, ge=0, lt=1)
+    """sft: the share of the training examples drawn from rayllm's safety set (refusals of
+    harmful requests, plain answers to harmless ones that sound alarming), repeated as needed;
+    its evaluation half stays out (``rayllm eval --set tasks=[safety]``)."""
     held_out: float = Field(0.05, gt=0, lt=0.5)
     """Share of the conversations kept out of training to measure the response loss on."""
     train: FinetuneTrainConfig = FinetuneTrainConfig()
@@ -80,6 +84,8 @@ class FinetuneConfig(StageConfig):
             )
         if self.method == "lora" and (self.train.parallel.tp > 1 or self.train.parallel.pp > 1):
             raise ValueError("method lora trains with data parallelism: set tp and pp to 1")
+        if self.safety_mixture and self.objective != "sft":
+            raise ValueError("safety_mixture mixes supervised examples: it needs objective sft")
         if self.train.parallel.pp > 1:
             raise ValueError(
                 "fine-tuning packs several examples into a row with attention kept inside each, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ import ray
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rayllm.errors import RayllmError
+from rayllm.eval.safety import training_conversations
 from rayllm.finetune.config import FinetuneConfig
 from rayllm.finetune.examples import (
+    Conversation,
     Counts,
     PackedExamples,
     held_out_split,
@@ -168,13 +171,28 @@ def prepare_examples(
         }, counts
     conversations = read_conversations(config.data)
     held, kept = held_out_split(len(conversations), config.held_out, config.train.seed)
-    kept = kept[: config.max_examples]
+    splits = {"val": [conversations[i] for i in held]}
+    splits["train"] = with_safety(
+        [conversations[i] for i in kept[: config.max_examples]],
+        config.safety_mixture,
+        config.train.seed,
+    )
     return {
-        split: pack(
-            [render(tokenizer, conversations[i]) for i in picked], config.seq_len, pad, **options
-        )
-        for split, picked in (("val", held), ("train", kept))
+        split: pack([render(tokenizer, c) for c in chosen], config.seq_len, pad, **options)
+        for split, chosen in splits.items()
     }, counts
+
+
+def with_safety(conversations: list[Conversation], share: float, seed: int) -> list[Conversation]:
+    """The training conversations with rayllm's safety examples mixed in at ``share`` of the
+    whole (repeated as needed), shuffled in at seeded places."""
+    if not share:
+        return conversations
+    safety = training_conversations()
+    wanted = round(share * len(conversations) / (1 - share))
+    mixed = conversations + [safety[i % len(safety)] for i in range(wanted)]
+    random.Random(seed).shuffle(mixed)
+    return mixed
 
 
 def examples_sha256(splits: dict[str, PackedExamples]) -> str:

@@ -128,3 +128,16 @@ def test_a_packed_row_computes_each_example_as_if_alone():
     alone = [model(torch.tensor([ids])) for ids in (first, second)]
     torch.testing.assert_close(together[:, :5], alone[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(together[:, 5:8], alone[1], atol=1e-5, rtol=0)
+
+
+def test_the_safety_mixture_takes_its_share_of_the_training_examples():
+    from rayllm.eval.safety import training_conversations
+    from rayllm.finetune.trainer import with_safety
+
+    chat = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+        for i in range(90)
+    ]
+    mixed = with_safety(chat, 0.1, seed=0)
+    assert len(mixed) == 100 and sum(c in training_conversations() for c in mixed) == 10
+    assert with_safety(chat, 0.0, seed=0) == chat
