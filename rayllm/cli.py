@@ -140,6 +140,11 @@ def describe_scores(key: str, scores: dict) -> str:
             f"held-out perplexity {scores['perplexity']:.2f} (loss {scores['val_loss']:.4f}) "
             f"over {scores['tokens']:,} tokens of {scores['data']}"
         )
+    if key == "harness":
+        return (
+            f"lm-evaluation-harness ({scores['harness']}): exact match "
+            f"{scores['exact_match']:.3f} over {scores['examples']} held-out questions"
+        )
     if key == "safety":
         return (
             f"safety: refusal rate {scores['refusal_rate']:.2f}, over-refusal rate "

@@ -130,6 +130,12 @@ class K8sConfig(StageConfig):
             args=["bible", "{mount}/work/model-bible", "--root", "{mount}/work/registry"],
             existing_cluster=True,
         ),
+        "finetune": JobSpec(
+            entrypoint="jobs/finetune.py",
+            recipe="jobs/configs/finetune-chat.yaml",
+            set=["registry={mount}/work/registry", "train.storage={mount}/work/runs"],
+            existing_cluster=True,
+        ),
     }
     serve_app: str | None = "cluster/serve-app.yaml"
     """A file ``rayllm serve --export-config`` wrote: the RayService's ``serveConfigV2``, as
@@ -335,12 +341,17 @@ def _probes() -> dict[str, Any]:
 
 
 def _check_workers_fit(config: K8sConfig, name: str, job: JobSpec, repo: Path) -> None:
-    """A job that trains (its recipe a training or lifecycle config) has workers some node
-    group can hold."""
+    """A job that trains (its recipe a training, fine-tuning or lifecycle config) has workers
+    some node group can hold."""
+    from rayllm.finetune.config import FinetuneConfig
     from rayllm.lifecycle import LifecycleConfig
     from rayllm.train.config import TrainConfig
 
-    stage = {"jobs/train.py": TrainConfig, "jobs/lifecycle.py": LifecycleConfig}.get(job.entrypoint)
+    stage = {
+        "jobs/train.py": TrainConfig,
+        "jobs/finetune.py": FinetuneConfig,
+        "jobs/lifecycle.py": LifecycleConfig,
+    }.get(job.entrypoint)
     if stage is None or job.recipe is None:
         return
     settings = load_config(stage, repo / job.recipe, job.set)

@@ -68,6 +68,7 @@ def test_the_checked_in_manifests_are_what_the_renderer_writes(tmp_path):
         "raycluster.yaml",
         "rayjob-data.yaml",
         "rayjob-eval.yaml",
+        "rayjob-finetune.yaml",
         "rayjob-lifecycle.yaml",
         "rayjob-publish.yaml",
         "rayjob-train.yaml",
@@ -122,7 +123,7 @@ def test_each_job_runs_its_recipe_through_the_cli(name):
 def test_the_jobs_paths_follow_the_volumes_mount(tmp_path):
     files = render(tmp_path, "mount=/data", "serve_app=null")
     jobs = [document for name, document in files.items() if name.startswith("rayjob-")]
-    assert len(jobs) == 5
+    assert len(jobs) == 6
     for job in jobs:
         assert "/data/work" in job["spec"]["entrypoint"]
         assert "/mnt/rayllm" not in json.dumps(job)

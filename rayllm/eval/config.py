@@ -12,13 +12,14 @@ from rayllm.config import StageConfig
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry, Version, default_registry
 
-Task = Literal["perplexity", "qa", "safety"]
+Task = Literal["perplexity", "qa", "safety", "harness"]
 
 
 class EvalConfig(StageConfig):
     """The evaluation suite: held-out perplexity on a shard set; question answering on
     held-out chat pairs (exact match, F1, BLEU, ROUGE-L), zero-shot, few-shot or with chain of
-    thought; refusals on the safety set. A registry version's results are stored in its
+    thought; refusals on the safety set; the same questions through lm-evaluation-harness
+    against a served app. A registry version's results are stored in its
     manifest, where ``rayllm registry promote`` reads them."""
 
     work_paths: ClassVar[dict[str, str]] = {"data": "data"}

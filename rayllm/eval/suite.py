@@ -4,13 +4,15 @@ recorded in the registry version's manifest (where the promotion gate reads them
 from __future__ import annotations
 
 from rayllm.data.shards import load_manifest
+from rayllm.errors import RayllmError
 from rayllm.eval.config import EvalConfig
 from rayllm.eval.generate import answers_from_endpoint, answers_in_tasks
+from rayllm.eval.harness import run_harness
 from rayllm.eval.perplexity import run_remote
 from rayllm.eval.prompts import final_answer, question_messages
 from rayllm.eval.safety import evaluation_prompts
 from rayllm.eval.scores import answer_scores, refusal_scores
-from rayllm.finetune.examples import held_out_split, read_conversations
+from rayllm.finetune.examples import Conversation, held_out_split, read_conversations
 from rayllm.paths import absolute_url
 from rayllm.progress import Stage
 from rayllm.registry.store import Version
@@ -42,12 +44,18 @@ def perplexity(config: EvalConfig, version: Version | None) -> dict:
     return scores | {"data": absolute_url(config.data)}
 
 
-def qa(config: EvalConfig, version: Version | None) -> dict:
-    """The held-out conversations' last answers, asked with the config's prompting."""
+def held_out_questions(config: EvalConfig) -> tuple[list[Conversation], list[Conversation]]:
+    """The held-out conversations asked (at most ``max_examples``), and the training ones."""
     conversations = read_conversations(config.qa_data)
     held, kept = held_out_split(len(conversations), config.held_out, config.seed)
     asked = [conversations[i] for i in held[: config.max_examples]]
-    shown = [conversations[i] for i in kept[: config.shots]]
+    return asked, [conversations[i] for i in kept]
+
+
+def qa(config: EvalConfig, version: Version | None) -> dict:
+    """The held-out conversations' last answers, asked with the config's prompting."""
+    asked, training = held_out_questions(config)
+    shown = training[: config.shots]
     demonstrations = [(c[-2]["content"], c[-1]["content"]) for c in shown]
     prompts = [
         c[:-2] + question_messages(c[-2]["content"], demonstrations, config.chain_of_thought)
@@ -60,6 +68,16 @@ def qa(config: EvalConfig, version: Version | None) -> dict:
         "shots": config.shots,
         "chain_of_thought": config.chain_of_thought,
     }
+
+
+def harness(config: EvalConfig, version: Version | None) -> dict:
+    """lm-evaluation-harness on the held-out questions, through the endpoint."""
+    if not config.endpoint:
+        raise RayllmError("the harness task asks a served app: set eval.endpoint to its URL")
+    asked, _ = held_out_questions(config)
+    questions = [(c[-2]["content"], c[-1]["content"]) for c in asked]
+    served = config.served_model or served_name(version, config.required_model())
+    return run_harness(config.endpoint, served, questions, config.max_tokens, config.concurrency)
 
 
 def safety(config: EvalConfig, version: Version | None) -> dict:
@@ -88,4 +106,4 @@ def served_name(version: Version | None, model: str) -> str:
     return version.name
 
 
-TASKS = {"perplexity": perplexity, "qa": qa, "safety": safety}
+TASKS = {"perplexity": perplexity, "qa": qa, "safety": safety, "harness": harness}

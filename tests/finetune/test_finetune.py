@@ -136,10 +136,16 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     scored = rayllm_ok(*ours(adapter_eval), *small, env=env)
     assert f"{MODEL}-chat:1: qa: exact match" in scored and "over 12 held-out questions" in scored
     assert f"{MODEL}-chat:1: safety: refusal rate" in scored
+    assert f"{MODEL}-chat:1: lm-evaluation-harness (lm-eval " in scored
     scored = rayllm_ok(*ours(base_eval), "--set", "max_examples=4", "--set", "workers=2", env=env)
     assert f"{base}: qa-3shot-cot: exact match" in scored
     evaluations = registry.resolve(f"{MODEL}-chat:1").manifest["evaluations"]
-    assert set(evaluations) == {"qa", "safety"} and evaluations["safety"]["examples"] == 24
+    assert (
+        set(evaluations) == {"qa", "safety", "harness"} and evaluations["safety"]["examples"] == 24
+    )
+    assert (
+        evaluations["harness"]["examples"] == 12 and 0 <= evaluations["harness"]["exact_match"] <= 1
+    )
     assert 0 <= evaluations["qa"]["f1"] <= 1 and 0 <= evaluations["qa"]["bleu"] <= 100
     assert "qa-3shot-cot" in registry.resolve(base).manifest["evaluations"]
 
