@@ -168,7 +168,7 @@ def test_the_registry_commands(scratch):
     (folder / "hf-folder").symlink_to(model)
     for _ in range(2):
         run(["registry", "publish", "shakespeare", str(model)], folder, env)
-    for args in commands(block_with("rayllm registry import smollm2")):
+    for args in commands(block_with("rayllm registry import mymodel")):
         if "smollm2" in args:
             continue
         run(args, folder, env, timeout=120)

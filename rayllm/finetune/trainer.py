@@ -46,6 +46,7 @@ from rayllm.registry.store import Registry, Version, check_name, default_registr
 from rayllm.train.checkpoint import consolidate, run_layout, trained_model
 from rayllm.train.config import TrainConfig
 from rayllm.train.lora import merged_state, save_adapter, trainable_parameters
+from rayllm.train.mesh import mesh_shape
 from rayllm.train.metrics import METRICS_LOG
 from rayllm.train.trainer import fit, prepare_run_folder
 from rayllm.version import code_version
@@ -88,6 +89,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             f"{len(splits['train'].inputs):,} + {len(splits['val'].inputs):,} packed rows; "
             f"{train.parallel.describe()} on {train.num_workers} workers"
         )
+        check_batches(splits, train)
         manifest = {"seq_len": config.seq_len, "eos_token_id": tokenizer.eos_token_id}
         layout = run_layout(train, examples_sha256(splits), manifest)
         run_folder = f"{train.storage.rstrip('/')}/{train.run_name}"
@@ -193,6 +195,18 @@ def with_safety(conversations: list[Conversation], share: float, seed: int) -> l
     mixed = conversations + [safety[i % len(safety)] for i in range(wanted)]
     random.Random(seed).shuffle(mixed)
     return mixed
+
+
+def check_batches(splits: dict[str, PackedExamples], train: TrainConfig) -> None:
+    """Each split fills at least one global batch (refused here, before any worker starts)."""
+    needed = mesh_shape(train).dp * train.micro_batch_size
+    for split, packed in splits.items():
+        if len(packed.inputs) < needed:
+            setting = "held_out" if split == "val" else "max_examples, or add data"
+            raise RayllmError(
+                f"the {split} share packs into {len(packed.inputs)} rows, fewer than one global "
+                f"batch of {needed}; raise {setting}, or lower train.micro_batch_size"
+            )
 
 
 def examples_sha256(splits: dict[str, PackedExamples]) -> str:

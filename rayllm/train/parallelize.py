@@ -89,9 +89,9 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
             plan |= {
                 "input_layernorm": SequenceParallel(),
                 "post_attention_layernorm": SequenceParallel(),
-                "self_attn": PrepareModuleInput(
-                    input_layouts=(Shard(1), None, None),
-                    desired_input_layouts=(Replicate(), None, None),
+                "self_attn": PrepareModuleInput(  # x, cos, sin, mask
+                    input_layouts=(Shard(1), None, None, None),
+                    desired_input_layouts=(Replicate(), None, None, None),
                 ),
                 "mlp": PrepareModuleInput(
                     input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)

@@ -63,7 +63,7 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
 
     def finetune(args: list[str], name: str, job: bool = False, data: str = "", **train) -> dict:
         settings = small | {"name": name, "train": small["train"] | {"run_name": name} | train}
-        settings |= {"data": data} if data else {}
+        settings |= {"data": data, "held_out": 0.1} if data else {}
         if job:  # the README's `ray job submit` of jobs/finetune.py
             out, _ = run_job(ray_cluster["dashboard"], *args, *overrides(settings))
         else:
@@ -90,7 +90,7 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         assert zero3["metrics"][key] == pytest.approx(adapter["metrics"][key], abs=1e-4)
 
     pairs = tmp_path / "pairs.jsonl"  # the reward-model format, from the chat corpus's answers
-    built = built_preferences(read_conversations("chat"), seed=0)[:120]
+    built = built_preferences(read_conversations("chat"), seed=0)[:160]
     pairs.write_text(
         "".join(
             json.dumps({"prompt": p[-1]["content"], "chosen": c, "rejected": r}) + "\n"

@@ -45,7 +45,7 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
     url = tiny_run["report"]["serve"]["url"]
     base = tiny_run["report"]["registry"]["ref"]
     env = os.environ | ray_cluster["env"] | {"RAYLLM_REGISTRY": root, "COLUMNS": "200"}
-    publish, serve, chat = commands(block_with("--set max_loras="))
+    publish, serve, chat = commands(block_with("rayllm registry publish shakespeare-lora"))
     _, base_folder = Registry(root).local_path(base)
     for name, seed in ((f"{MODEL}-lora", 0), (f"{MODEL}-lora-b", 1)):
         folder = random_adapter(base_folder, tmp_path / name, seed=seed)
