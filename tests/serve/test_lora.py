@@ -88,11 +88,13 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
 
     listed = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     versions = {card["id"]: card["metadata"]["registry_version"] for card in listed["data"]}
-    assert versions == {
+    expected = {
         MODEL: base,
         f"{MODEL}:{MODEL}-lora": f"{MODEL}-lora:1",
         f"{MODEL}:{MODEL}-lora-b": f"{MODEL}-lora-b:1",
     }
+    assert versions.items() >= expected.items()  # the fine-tuning tests publish more adapters
+    assert all(name == MODEL or name.startswith(f"{MODEL}:") for name in versions)
 
     chat = [a.replace("shakespeare:shakespeare-lora", f"{MODEL}:{MODEL}-lora") for a in chat]
     said = rayllm_ok(*chat, "--url", url, "--max-tokens", "6", env=env | {"RAYLLM_API_KEY": KEY})
