@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -31,22 +33,25 @@ Example = tuple[list[int], list[bool]]
 def read_conversations(source: str) -> list[Conversation]:
     """Every conversation of ``source`` (a file, folder, glob or URL of JSON lines, or the
     built-in ``chat``), checked; the first bad line is an error naming it."""
-    conversations = []
-    for url in resolve_source(source):
-        fs, path = filesystem(url)
-        for number, line in enumerate(fs.cat_file(path).decode().splitlines(), start=1):
-            if line.strip():
-                conversations.append(conversation(line, f"{url}:{number}"))
+    conversations = [conversation(row, where) for row, where in json_lines(source)]
     if not conversations:
         raise RayllmError(f"{source} holds no examples")
     return conversations
 
 
-def conversation(line: str, where: str) -> Conversation:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise RayllmError(f"{where} is not JSON: {err}") from None
+def json_lines(source: str) -> Iterator[tuple[Any, str]]:
+    """Each non-blank line of ``source``'s files parsed as JSON, with its ``file:line``."""
+    for url in resolve_source(source):
+        fs, path = filesystem(url)
+        for number, line in enumerate(fs.cat_file(path).decode().splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line), f"{url}:{number}"
+                except json.JSONDecodeError as err:
+                    raise RayllmError(f"{url}:{number} is not JSON: {err}") from None
+
+
+def conversation(row: Any, where: str) -> Conversation:
     if not isinstance(row, dict):
         raise RayllmError(f"{where} is not a JSON object")
     if "messages" in row:
@@ -245,22 +250,13 @@ def read_preferences(source: str, seed: int = 0) -> list[Preference]:
     question's own answer chosen, another question's answer rejected."""
     if source == "chat":
         return built_preferences(read_conversations("chat"), seed)
-    pairs = []
-    for url in resolve_source(source):
-        fs, path = filesystem(url)
-        for number, line in enumerate(fs.cat_file(path).decode().splitlines(), start=1):
-            if line.strip():
-                pairs.append(preference(line, f"{url}:{number}"))
+    pairs = [preference(row, where) for row, where in json_lines(source)]
     if not pairs:
         raise RayllmError(f"{source} holds no preference pairs")
     return pairs
 
 
-def preference(line: str, where: str) -> Preference:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise RayllmError(f"{where} is not JSON: {err}") from None
+def preference(row: Any, where: str) -> Preference:
     if not isinstance(row, dict) or not all(k in row for k in ("prompt", "chosen", "rejected")):
         raise RayllmError(
             f"{where} is not a preference pair; write "
