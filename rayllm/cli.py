@@ -110,6 +110,27 @@ def finetune(config: ConfigOption = None, set: SetOption = None) -> None:
     )
 
 
+@app.command()
+def compress(config: ConfigOption = None, set: SetOption = None) -> None:
+    """Compress a registry version (quantize: GPTQ or round-to-nearest, int4 or int8; prune:
+    weights, heads, MLP channels or layers) on the shard set's text, and publish the result
+    with its size and held-out loss before and after, the source as its parent."""
+    from rayllm.compress.config import CompressConfig
+
+    settings = load_config(CompressConfig, config, set or ()).with_work_paths()
+    settings.check_inputs()  # a missing or unfit source, or no shards, fail before Ray starts
+    from rayllm.cluster import RayConfig, connect
+    from rayllm.compress.runner import run
+
+    connect(RayConfig())
+    result = run(settings)
+    console.print(
+        f"published {result.version}: {result.bytes_after / 2**20:.1f} MiB of weights "
+        f"(from {result.bytes_before / 2**20:.1f}), held-out loss {result.loss_after:.4f} "
+        f"(from {result.loss_before:.4f}), in {result.seconds:.0f} s"
+    )
+
+
 @app.command("eval")
 def evaluate(config: ConfigOption = None, set: SetOption = None) -> None:
     """Score a registry version (or a model folder): held-out perplexity, question answering
@@ -385,13 +406,16 @@ def k8s_render(
 def show_config(
     stage: Annotated[
         str,
-        typer.Argument(help="lifecycle | data | train | finetune | eval | serve | batch | k8s"),
+        typer.Argument(
+            help="lifecycle | data | train | finetune | compress | eval | serve | batch | k8s"
+        ),
     ] = "lifecycle",
     config: ConfigOption = None,
     set: SetOption = None,
 ) -> None:
     """Print a stage's full config as YAML: its defaults, or a recipe (--config) with its
     overrides applied and checked, as the stage would run it."""
+    from rayllm.compress.config import CompressConfig
     from rayllm.data.config import DataConfig
     from rayllm.eval.config import EvalConfig
     from rayllm.finetune.config import FinetuneConfig
@@ -405,6 +429,7 @@ def show_config(
         "data": DataConfig,
         "train": TrainConfig,
         "finetune": FinetuneConfig,
+        "compress": CompressConfig,
         "eval": EvalConfig,
         "serve": ServeConfig,
         "batch": BatchConfig,

@@ -136,6 +136,12 @@ class K8sConfig(StageConfig):
             set=["registry={mount}/work/registry", "train.storage={mount}/work/runs"],
             existing_cluster=True,
         ),
+        "compress": JobSpec(
+            entrypoint="jobs/compress.py",
+            recipe="jobs/configs/compress-w4a16.yaml",
+            set=["registry={mount}/work/registry", "data={mount}/work/data-bible"],
+            existing_cluster=True,
+        ),
     }
     serve_app: str | None = "cluster/serve-app.yaml"
     """A file ``rayllm serve --export-config`` wrote: the RayService's ``serveConfigV2``, as

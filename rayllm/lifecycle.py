@@ -136,7 +136,7 @@ def run(config: LifecycleConfig) -> LifecycleResult:
 
     with Stage("eval: held-out perplexity") as stage:
         eval_started = time.time()
-        scores = evaluate(registry_root, trained.model, data.output, data.manifest["shards"]["val"])
+        scores = evaluate(registry_root, trained.model, data.output)
         stage.note(f"perplexity {scores['perplexity']:.1f} over {scores['tokens']:,} tokens")
     eval_seconds = time.time() - eval_started
 

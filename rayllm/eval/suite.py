@@ -3,7 +3,6 @@ recorded in the registry version's manifest (where the promotion gate reads them
 
 from __future__ import annotations
 
-from rayllm.data.shards import load_manifest
 from rayllm.errors import RayllmError
 from rayllm.eval.config import EvalConfig
 from rayllm.eval.generate import answers_from_endpoint, answers_in_tasks
@@ -34,14 +33,10 @@ def run(config: EvalConfig) -> dict[str, dict]:
 
 
 def perplexity(config: EvalConfig, version: Version | None) -> dict:
-    manifest = load_manifest(config.data)
     sizes = {"batch_size": config.batch_size, "max_rows": config.max_rows}
     source = version.ref if version else str(config.model_folder()[0].resolve())
-    registry = config.store().url
-    scores = run_remote(
-        registry, source, absolute_url(config.data), manifest["shards"]["val"], **sizes
-    )
-    return scores | {"data": absolute_url(config.data)}
+    data = absolute_url(config.data)
+    return run_remote(config.store().url, source, data, **sizes) | {"data": data}
 
 
 def held_out_questions(config: EvalConfig) -> tuple[list[Conversation], list[Conversation]]:

@@ -1,0 +1,69 @@
+"""Token rows from the curation stage's shards, in a model's own tokens: what compression
+calibrates on (the training split) and measures its held-out loss on (the validation split)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from rayllm.data.shards import load_manifest, read_shard
+from rayllm.data.tokenizer import load_tokenizer
+from rayllm.errors import RayllmError
+
+
+def token_rows(
+    data: str, split: str, count: int, tokenizer, what: str, required: int | None = None
+) -> torch.Tensor:
+    """The first ``count`` rows of the shard set's ``split`` as ``[rows, seq_len]`` ids of
+    ``tokenizer``; rows of another tokenizer are decoded and re-tokenized into rows of the same
+    length. Fewer than ``required`` rows (default: ``count``) is an error naming ``what`` asked
+    for them."""
+    manifest = load_manifest(data)
+    rows, have = [], 0
+    for entry in manifest["shards"][split]:
+        if have >= count:
+            break
+        rows.append(read_shard(data, entry))
+        have += len(rows[-1])
+    shard_tokenizer = load_tokenizer(f"{data.rstrip('/')}/{manifest['tokenizer']}")
+    if shard_tokenizer.get_vocab() == tokenizer.get_vocab():
+        tokens = np.concatenate(rows)[:count] if rows else np.zeros((0, manifest["seq_len"]))
+    else:
+        tokens = _retokenized(rows, shard_tokenizer, tokenizer, count, manifest["seq_len"])
+    if len(tokens) < (count if required is None else required):
+        raise RayllmError(
+            f"{data} has {len(tokens)} {split} rows of {manifest['seq_len']} tokens, fewer than "
+            f"the {count if required is None else required} {what} asks for: lower it, or "
+            "curate more text (rayllm data)"
+        )
+    return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+
+
+def _retokenized(rows, shard_tokenizer, tokenizer, count: int, seq_len: int) -> np.ndarray:
+    """The shard rows' text in ``tokenizer``'s ids, documents joined by its end-of-text token
+    and cut into rows of ``seq_len``."""
+    stream: list[int] = []
+    for row in np.concatenate(rows) if rows else []:
+        text = shard_tokenizer.decode(row.tolist(), skip_special_tokens=True)
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        stream.append(tokenizer.eos_token_id)
+        if len(stream) >= count * seq_len:
+            break
+    whole = len(stream) // seq_len
+    return np.array(stream[: whole * seq_len]).reshape(whole, seq_len)
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Mean next-token loss of a ``transformers`` causal LM over ``rows``, and its exponential."""
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        logits = model(chunk[:, :-1]).logits
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum"
+        ).item()
+        count += chunk[:, 1:].numel()
+    return {"val_loss": total / count, "perplexity": math.exp(total / count), "tokens": count}

@@ -1,0 +1,123 @@
+"""What ``rayllm compress`` does: which registry version it compresses, by which method and
+settings, on which calibration and held-out text, and the name it publishes the result under."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rayllm.config import StageConfig
+from rayllm.data.shards import load_manifest
+from rayllm.errors import RayllmError
+from rayllm.registry.store import Registry, Version, default_registry
+
+Scheme = Literal["w4a16", "w8a16", "w8a8"]
+
+
+class QuantizeSettings(StageConfig):
+    """Post-training quantization of every linear layer of the decoder (the embeddings and
+    the output head stay as they are), saved in compressed-tensors' format."""
+
+    scheme: Scheme = "w4a16"
+    """``w4a16``: int4 weights; ``w8a16``: int8 weights (both weight-only, activations stay in
+    the model's dtype); ``w8a8``: int8 weights and int8 activations, quantized per token at run
+    time. vLLM's CPU build runs w4a16 and w8a8; w8a16 needs a GPU."""
+    group_size: int | None = Field(128, ge=2)
+    """Weights sharing one scale along a row (group-wise); none: one scale per output channel.
+    Each layer's input size must be a multiple of it. w8a8 is always per channel."""
+    algorithm: Literal["gptq", "rtn"] = "gptq"
+    """``gptq``: each column's rounding error is spread over the columns not yet quantized, by
+    the inverse Hessian of the layer's calibration inputs (Frantar et al., 2022); ``rtn``:
+    round each weight to the nearest level (no calibration)."""
+    dampening: float = Field(0.01, gt=0, lt=1)
+    """gptq: added to the Hessian's diagonal, as a share of its mean, so it can be inverted."""
+    block_size: int = Field(128, ge=1)
+    """gptq: columns quantized together before the rest of the layer is updated."""
+
+
+class PruneSettings(StageConfig):
+    """Pruning: zeroing the smallest weights (``unstructured``), or removing whole attention
+    heads, MLP channels or layers so the model itself gets smaller."""
+
+    structure: Literal["unstructured", "heads", "channels", "layers"] = "unstructured"
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    """The share removed: of each linear layer's weights (unstructured, by magnitude), of the
+    key-value head groups of every layer (heads), of the MLP channels of every layer
+    (channels), or of the layers (layers); each by its importance on the calibration rows."""
+
+
+class CompressConfig(StageConfig):
+    """Compression of a registry version into a new one, with its size and held-out loss
+    before and after recorded in the lineage."""
+
+    work_paths: ClassVar[dict[str, str]] = {"data": "data"}
+
+    source: str | None = None
+    """The registry version compressed (``name``, ``name:3``, ``name@production``; required)."""
+    registry: str | None = None
+    """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry."""
+    method: Literal["quantize", "prune"] = "quantize"
+    quantize: QuantizeSettings = QuantizeSettings()
+    prune: PruneSettings = PruneSettings()
+    name: str | None = None
+    """The registry name the result is published under; default: the source's name and the
+    method's tag (``smollm2-w4a16``, ``smollm2-pruned-heads``)."""
+    data: str | None = None
+    """The shard set (``rayllm data``'s output) whose training split calibrates and whose
+    validation split measures the loss; default rayllm-work/data. Rows are re-tokenized when
+    the model's tokenizer is not the shards'."""
+    calibration_rows: int = Field(64, ge=1)
+    """Training rows the calibration reads (GPTQ's Hessians, pruning's importances)."""
+    eval_rows: int = Field(128, ge=1)
+    """Validation rows the held-out loss is measured on, before and after."""
+    batch_size: int = Field(8, ge=1)
+    cpus: float = Field(2, gt=0)
+    """CPUs of the Ray task that compresses (its torch threads)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CompressConfig:
+        quantize = self.quantize
+        if quantize.scheme == "w8a8" and "group_size" in quantize.model_fields_set:
+            raise ValueError("w8a8 quantizes weights per channel: leave group_size unset")
+        return self
+
+    def source_version(self) -> Version:
+        """The source version, pinned: it must exist and be a full model."""
+        if not self.source:
+            raise RayllmError(
+                "compress.source is required: the registry version to compress, e.g. "
+                "--set source=smollm2 (after `rayllm registry import smollm2 smollm2`)"
+            )
+        version = self.store().resolve(self.source)
+        if "adapter" in version.lineage:
+            raise RayllmError(
+                f"{version.ref} is an adapter; merge it into a full version before compressing"
+            )
+        if "quantization" in version.lineage.get("compression", {}):
+            raise RayllmError(
+                f"{version.ref} is quantized; compress its parent instead (quantize last)"
+            )
+        return version
+
+    def check_inputs(self) -> Version:
+        """The source version, with the shard set's manifest read: what fails before any
+        work starts (call on a config with its work paths filled in)."""
+        version = self.source_version()
+        load_manifest(self.data)
+        return version
+
+    def needs_calibration(self) -> bool:
+        if self.method == "quantize":
+            return self.quantize.algorithm == "gptq"
+        return self.prune.structure != "unstructured"
+
+    def result_name(self, version: Version) -> str:
+        if self.name:
+            return self.name
+        if self.method == "quantize":
+            return f"{version.name}-{self.quantize.scheme}"
+        return f"{version.name}-pruned-{self.prune.structure}"
+
+    def store(self) -> Registry:
+        return Registry(self.registry or default_registry())

@@ -1,0 +1,142 @@
+"""``rayllm compress``: a registry version in, a compressed version out, in one Ray task that
+reads the source from the registry and publishes the result with the source as its parent,
+its method and settings, its size on disk and its held-out loss before and after."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import torch
+from safetensors.torch import save_file
+
+from rayllm.compress.calibration import mean_loss, token_rows
+from rayllm.compress.config import CompressConfig
+from rayllm.compress.prune import prune_model
+from rayllm.compress.quantize import compressed_state, quantize_model
+from rayllm.progress import Stage
+from rayllm.version import code_version
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    version: str
+    bytes_before: int
+    bytes_after: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+
+def run(config: CompressConfig) -> CompressResult:
+    """Compress ``config.source`` in a Ray task (``config.cpus`` CPUs) and publish it."""
+    config = config.with_work_paths()
+    config.check_inputs()
+    task = ray.remote(num_cpus=config.cpus)(compress_version)
+    return CompressResult(**ray.get(task.remote(config)))
+
+
+def compress_version(config: CompressConfig) -> dict:
+    """The Ray task: read the source, measure, compress, measure again, write and publish."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(max(1, int(config.cpus)))
+    started = time.time()
+    store = config.store()
+    source, folder = store.local_path(config.source_version().ref)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    saved_dtype = torch.bfloat16 if source_dtype(folder) == "bfloat16" else torch.float32
+    held_out = token_rows(config.data, "val", config.eval_rows, tokenizer, "eval_rows")
+    calibration = None
+    if config.needs_calibration():
+        calibration = token_rows(
+            config.data, "train", config.calibration_rows, tokenizer, "calibration_rows"
+        )
+    with Stage(f"compress: held-out loss of {source.ref}") as stage:
+        before = mean_loss(model, held_out, config.batch_size)
+        stage.note(f"loss {before['val_loss']:.4f}")
+    with (
+        Stage(f"compress: {config.method} {source.ref}") as stage,
+        tempfile.TemporaryDirectory(prefix="rayllm-compress-") as out,
+    ):
+        tensors, details = compressed(model, config, calibration, saved_dtype)
+        after = mean_loss(model, held_out, config.batch_size)
+        stage.note(f"loss {after['val_loss']:.4f}")
+        save_file(tensors, f"{out}/model.safetensors", metadata={"format": "pt"})
+        model.config.save_pretrained(out)
+        model.generation_config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        size_before, size_after = weight_bytes(folder), weight_bytes(Path(out))
+        lineage = {
+            "parent": source.ref,
+            "architecture": source.lineage.get("architecture", "LlamaForCausalLM"),
+            "compression": {
+                "method": config.method,
+                **details,
+                "calibration_rows": len(calibration) if calibration is not None else 0,
+                "data": config.data,
+                "bytes_before": size_before,
+                "bytes_after": size_after,
+                "seconds": round(time.time() - started, 1),
+            },
+            "metrics": {
+                "base_val_loss": before["val_loss"],
+                "val_loss": after["val_loss"],
+                "perplexity": after["perplexity"],
+                "eval_tokens": after["tokens"],
+            },
+            "code": code_version(),
+        }
+        version = store.publish(config.result_name(source), out, lineage)
+    return asdict(
+        CompressResult(
+            version=version.ref,
+            bytes_before=size_before,
+            bytes_after=size_after,
+            loss_before=before["val_loss"],
+            loss_after=after["val_loss"],
+            seconds=round(time.time() - started, 1),
+        )
+    )
+
+
+def compressed(
+    model: torch.nn.Module,
+    config: CompressConfig,
+    calibration: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Apply the method to ``model`` in place; returns the tensors to save (in ``dtype``,
+    quantized ones as compressed-tensors stores them) and what the lineage records of it."""
+    if config.method == "quantize":
+        scales = quantize_model(model, config.quantize, calibration, config.batch_size, dtype)
+        tensors, quantization = compressed_state(saved_state(model), scales, config.quantize, dtype)
+        model.config.quantization_config = quantization
+        return tensors, {"quantization": config.quantize.model_dump(mode="json")}
+    details = {"pruning": config.prune.model_dump(mode="json")}
+    details |= prune_model(model, config.prune, calibration, config.batch_size)
+    return {k: v.to(dtype) for k, v in saved_state(model).items()}, details
+
+
+def saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as ``save_pretrained`` writes them: contiguous, a tied output head
+    left out."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def source_dtype(folder: Path) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weight files."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
