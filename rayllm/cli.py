@@ -819,6 +819,73 @@ def bench_train(
     _emit(as_json, rows, table)
 
 
+@bench_app.command("compress")
+def bench_compress(
+    source: Annotated[str, typer.Option(help="Registry reference compressed.")] = "smollm2",
+    registry: Annotated[str | None, typer.Option(help="Registry root of --source.")] = None,
+    data: Annotated[
+        str, typer.Option(help="Shard set: calibration and held-out text.")
+    ] = "rayllm-work/data-bible",
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Compress settings of one result, e.g. method=prune,prune.sparsity=0.25 "
+            "(repeatable; default: GPTQ and RTN int4, w8a8, channel and layer pruning)."
+        ),
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help="quantize.group_size of every method that sets none.")
+    ] = 64,
+    system: Annotated[
+        str, typer.Option(help="What serves each version: rayllm, or vllm (its own server).")
+    ] = "rayllm",
+    requests: Annotated[int, typer.Option(help="Requests per served version.")] = 16,
+    output_tokens: Annotated[int, typer.Option(help="Tokens every request generates.")] = 32,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 4,
+    as_json: JsonOption = False,
+) -> None:
+    """Each compression method on the same source and held-out text: weights on disk,
+    held-out perplexity, time to compress, and decode tokens/s served by rayllm's app."""
+    from rich.table import Table
+
+    from rayllm.bench.compress import METHODS, benchmark
+    from rayllm.bench.load import Load
+    from rayllm.data.shards import load_manifest
+    from rayllm.paths import absolute_url
+
+    load_manifest(absolute_url(data))  # a missing shard set is named before any work
+    if system not in ("rayllm", "vllm"):
+        raise RayllmError(f"--system {system!r}: choose rayllm or vllm")
+    result = benchmark(
+        source,
+        registry,
+        absolute_url(data),
+        method or list(METHODS),
+        group_size,
+        Load(requests, output_tokens, concurrency=concurrency),
+        system,
+        {"max_num_seqs": max(4, concurrency), "kv_cache_gib": 1.0},
+        48,
+    )
+    columns = ["method", "version", "weights MB", "vs source", "perplexity", "vs source"]
+    columns += ["compress s", "output tok/s", "vs source"]
+    title = f"{result['source']}, held-out text of {result['data']}, {result['load']}"
+    table = Table(*columns, title=title)
+    for row in result["rows"]:
+        table.add_row(
+            row["method"],
+            row["version"],
+            f"{row['bytes'] / 1e6:,.1f}",
+            f"{row['size_vs_source']:.2f}x",
+            f"{row['perplexity']:.2f}",
+            f"{row['perplexity_vs_source']:.3f}x",
+            f"{row['compress_seconds']:.0f}" if "compress_seconds" in row else "-",
+            f"{row['output_tokens_per_s']:,.1f}",
+            f"{row['speed_vs_source']:.2f}x",
+        )
+    _emit(as_json, result, table)
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: Annotated[

@@ -72,6 +72,17 @@ def refuse_shared_cluster(why: str) -> None:
         raise RayllmError(f"{why}; unset RAY_ADDRESS")
 
 
+def task_result(ref: ray.ObjectRef):
+    """``ray.get`` of a task that may refuse its input: a RayllmError it raised comes back as
+    itself (one line for the CLI to print), not wrapped in the task's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, RayllmError):
+            raise error.cause from None
+        raise
+
+
 def quiet_ray_consoles() -> None:
     """rayllm prints one progress line per stage: Ray's libraries print only warnings to the
     console. Ray Data's full log still goes to ray-data.log in the session folder (its file

@@ -14,6 +14,7 @@ import ray
 import torch
 from safetensors.torch import save_file
 
+from rayllm.cluster import task_result
 from rayllm.compress.calibration import mean_loss, token_rows
 from rayllm.compress.config import CompressConfig
 from rayllm.compress.prune import prune_model
@@ -37,7 +38,7 @@ def run(config: CompressConfig) -> CompressResult:
     config = config.with_work_paths()
     config.check_inputs()
     task = ray.remote(num_cpus=config.cpus)(compress_version)
-    return CompressResult(**ray.get(task.remote(config)))
+    return CompressResult(**task_result(task.remote(config)))
 
 
 def compress_version(config: CompressConfig) -> dict:

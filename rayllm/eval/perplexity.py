@@ -10,6 +10,7 @@ from __future__ import annotations
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rayllm.cluster import task_result
 from rayllm.compress.calibration import mean_loss, token_rows
 
 
@@ -30,4 +31,4 @@ def run_remote(registry: str, model: str, data: str, **sizes: int) -> dict:
     driver process, on the driver's node (where a model folder would be)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(num_cpus=1, scheduling_strategy=here)(perplexity)
-    return ray.get(task.remote(registry, model, data, **sizes))
+    return task_result(task.remote(registry, model, data, **sizes))

@@ -121,10 +121,12 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     """The ``ray.serve.llm.LLMConfig`` serving one pinned model, resolved by each replica."""
     from ray.serve.llm import LLMConfig
 
+    from rayllm.compress.quantize import check_servable
     from rayllm.serve.replica_source import RegistrySource
     from rayllm.serve.server import ModelServer
 
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
+    check_servable(Registry(config.registry).resolve(entry.version), on_gpu)
     engine = engine_arguments(entry, on_gpu, entry.version or entry.model)
     bundle = {"CPU": entry.cpus_per_replica, **entry.replica_resources}
     bundle |= {"GPU": 1} if on_gpu else {}

@@ -155,3 +155,21 @@ def test_w8a8_takes_no_group_size():
     with pytest.raises(ValueError, match="w8a8 quantizes weights per channel"):
         CompressConfig(quantize={"scheme": "w8a8", "group_size": 64})
     assert CompressConfig(quantize={"scheme": "w8a8"}).quantize.group_size == 128
+
+
+def test_serving_refuses_int8_weights_only_where_the_engine_has_no_kernel(tmp_path):
+    from rayllm.registry.store import Registry
+    from rayllm.serve.app import llm_config, pin
+    from rayllm.serve.config import ServeConfig
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    small_llama().config.save_pretrained(folder)
+    quantization = QuantizeSettings(scheme="w8a16").model_dump(mode="json")
+    Registry(str(tmp_path / "registry")).publish(
+        "tiny-w8a16", folder, {"compression": {"method": "quantize", "quantization": quantization}}
+    )
+    config = pin(ServeConfig(registry=str(tmp_path / "registry"), model="tiny-w8a16"))
+    with pytest.raises(RayllmError, match="tiny-w8a16:1 is quantized w8a16 .* serve it on GPUs"):
+        llm_config(config.models[0], config, has_gpus=False)
+    assert llm_config(config.models[0], config, has_gpus=True).model_id == "tiny-w8a16"

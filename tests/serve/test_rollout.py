@@ -1,21 +1,19 @@
 """Rollout by alias on the session's served app (the lifecycle's): the README's commands
-promote a second version and roll the app onto it, then roll it back, each under a steady
-stream of requests. No request fails (the client does not retry), and the answers switch
+promote a second version (the first quantized to int4 by `rayllm compress`, which the app's
+vLLM serves with its int4 kernels) and roll the app onto it, then roll it back, each under a
+steady stream of requests. No request fails (the client does not retry), and the answers switch
 from one version's to the other's."""
 
 import os
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from rayllm.client import Client, EndpointError, Retry
-from rayllm.registry.importers import import_folder
 from rayllm.registry.store import Registry
+from tests.conftest import overrides
 from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with, commands
 
@@ -28,18 +26,15 @@ SAMPLING = {"max_tokens": 8, "temperature": 1.0, "seed": 7}
 decoding of a model this small repeats one token, whatever the noise on its weights)."""
 
 
-def publish_perturbed(root: str, parent: str, folder: Path) -> str:
-    """``parent`` with noise on every weight matrix, published as the model's next version:
-    the same shape and tokenizer, other greedy completions."""
-    registry = Registry(root)
-    registry.export(parent, folder)
-    weights = load_file(folder / "model.safetensors")
-    noise = torch.Generator().manual_seed(0)
-    for name, tensor in weights.items():
-        if tensor.dim() > 1:
-            weights[name] = tensor + tensor.std() * torch.randn(tensor.shape, generator=noise)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return import_folder(registry, MODEL, folder, parent=parent).ref
+def publish_quantized(root: str, parent: str, data: str, env: dict) -> str:
+    """``parent`` quantized to int4 by GPTQ (``rayllm compress``), published as the model's
+    next version: the same tokenizer, other weights, and vLLM's int4 kernels to serve it."""
+    settings = {"source": parent, "name": MODEL, "data": data, "registry": root}
+    settings |= {"quantize.group_size": 64, "calibration_rows": 16, "eval_rows": 8}
+    rayllm_ok("compress", *overrides(settings), env=env)
+    version = Registry(root).resolve(MODEL)
+    assert version.lineage["parent"] == parent and "quantization" in version.lineage["compression"]
+    return version.ref
 
 
 class Stream:
@@ -81,9 +76,9 @@ def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
     root = tiny_run["settings"]["registry"]["root"]
     url = tiny_run["report"]["serve"]["url"]
     first = tiny_run["report"]["registry"]["ref"]
-    second = publish_perturbed(root, first, tmp_path / "second")
     env = os.environ | ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
     env |= {"RAYLLM_REGISTRY": root, "COLUMNS": "200"}
+    second = publish_quantized(root, first, str(tiny_run["workdir"] / "data"), env)
     rayllm_ok("registry", "promote", first, "production", env=env)
     promote, follow, rollback, rollout = commands(block_with("rayllm serve rollout"))
     promote, follow, rollback, rollout = (

@@ -1,0 +1,51 @@
+"""``rayllm bench compress`` on the tiny model: the source is copied into the benchmark's own
+registry, compressed there, and both are served by vLLM's own server under the same load;
+each row's ratios are against the source's row."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rayllm.bench.compress import parse_method
+from rayllm.errors import RayllmError
+from rayllm.registry.store import Registry
+
+
+def test_methods_are_nested_compress_settings():
+    assert parse_method("method=prune,prune.structure=layers,prune.sparsity=0.5") == {
+        "method": "prune",
+        "prune": {"structure": "layers", "sparsity": 0.5},
+    }
+    with pytest.raises(RayllmError, match="comma-separated KEY=VALUE"):
+        parse_method("prune")
+
+
+@pytest.mark.slow
+def test_bench_compress_measures_a_method_against_its_source(tiny_run, tmp_path):
+    root = tiny_run["settings"]["registry"]["root"]
+    command = [sys.executable, "-m", "rayllm.cli", "bench", "compress", "--json"]
+    command += ["--source", "tiny-shakespeare:1", "--registry", root]
+    command += ["--data", str(tiny_run["workdir"] / "data"), "--system", "vllm"]
+    command += ["--method", "method=quantize,quantize.algorithm=rtn,eval_rows=16"]
+    command += ["--requests", "2", "--output-tokens", "4", "--concurrency", "1"]
+    env = os.environ | {"RAYLLM_CACHE": str(tmp_path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[re.search(r"^\{$", done.stdout, re.M).start() :])
+    source, int4 = result["rows"]
+    assert (source["method"], source["version"]) == ("source", "tiny-shakespeare-1:1")
+    assert source["size_vs_source"] == source["speed_vs_source"] == 1.0
+    assert int4["version"] == "tiny-shakespeare-1-w4a16:1" and int4["bytes"] < source["bytes"]
+    assert int4["output_tokens_per_s"] > 0 and int4["compress_seconds"] > 0
+    assert int4["speed_vs_source"] == int4["output_tokens_per_s"] / source["output_tokens_per_s"]
+    assert int4["perplexity_vs_source"] == pytest.approx(
+        math.exp(int4["val_loss"] - source["val_loss"])
+    )
+    bench = Registry(str(tmp_path / "bench" / "registry"))
+    assert bench.resolve("tiny-shakespeare-1-w4a16").lineage["parent"] == "tiny-shakespeare-1:1"
+    assert "tiny-shakespeare-1" not in Registry(root).models()  # the user's registry untouched

@@ -1,0 +1,101 @@
+"""The README's compression commands on the session's model (the lifecycle's tiny model in the
+S3 registry, its shard set): GPTQ int4 through the README's `ray job submit`, w8a8 and channel
+pruning from the command line, each published with the source as its parent and its sizes and
+losses; `rayllm eval` loads the int4 version back with transformers and measures the loss the
+compressor recorded. Bad input is refused with exit 2 and nothing published. (The session's
+served app rolls onto a quantized version in tests/serve/test_rollout.py.)"""
+
+import pytest
+
+from rayllm.registry.store import Registry
+from tests.conftest import overrides
+from tests.test_cli import rayllm, rayllm_ok
+from tests.test_jobs import readme_job, run_job
+from tests.test_readme import block_with, commands
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-shakespeare"
+
+
+def test_the_readme_compressions_publish_measured_versions(tiny_run, ray_cluster, tmp_path):
+    root = tiny_run["settings"]["registry"]["root"]
+    source = tiny_run["report"]["registry"]["ref"]
+    data = str(tiny_run["workdir"] / "data")
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
+    block = commands(block_with("rayllm compress --config"))
+    verbs = ["registry", "data", "compress", "compress", "compress", "serve"]
+    assert [args[0] for args in block] == verbs
+    # the import, data and serve lines: tests/registry, the lifecycle, tests/serve
+    _, _, _, w8a8, pruning, _ = block
+    small = {"source": source, "data": data, "calibration_rows": 32, "eval_rows": 24}
+    registry = Registry(root)
+
+    def published(name: str) -> dict:
+        lineage = registry.resolve(f"{name}:1").lineage
+        assert lineage["parent"] == source
+        compression = lineage["compression"]
+        assert compression["bytes_after"] < compression["bytes_before"]
+        assert lineage["metrics"]["eval_tokens"] == 24 * 63
+        return lineage
+
+    job = readme_job("jobs/compress.py", str(tmp_path))  # the README's GPTQ int4 recipe
+    settings = small | {"registry": root, "name": f"{MODEL}-w4a16"}
+    logs, _ = run_job(ray_cluster["dashboard"], *job, *overrides(settings))
+    assert f"published {MODEL}-w4a16:1" in logs, logs
+    int4 = published(f"{MODEL}-w4a16")
+    assert int4["compression"]["quantization"] == {
+        "scheme": "w4a16",
+        "group_size": 64,
+        "algorithm": "gptq",
+        "dampening": 0.01,
+        "block_size": 128,
+    }
+    assert int4["compression"]["calibration_rows"] == 32
+    assert int4["compression"]["bytes_after"] < 0.75 * int4["compression"]["bytes_before"]
+    again = rayllm("compress", *overrides(small | {"source": f"{MODEL}-w4a16:1"}), env=env)
+    assert again.returncode == 2 and "is quantized; compress its parent instead" in again.stderr
+
+    out = rayllm_ok(*w8a8, *overrides(small | {"name": f"{MODEL}-w8a8"}), env=env)
+    assert f"published {MODEL}-w8a8:1" in out
+    assert published(f"{MODEL}-w8a8")["compression"]["quantization"]["scheme"] == "w8a8"
+
+    out = rayllm_ok(*pruning, *overrides(small), env=env)  # named by default
+    assert f"published {MODEL}-pruned-channels:1" in out
+    pruned = published(f"{MODEL}-pruned-channels")
+    assert pruned["compression"]["intermediate_size"] == 96  # 128 channels less a quarter
+
+    # transformers loads the int4 version from the registry and measures what was recorded
+    scored = rayllm_ok(
+        "eval",
+        *overrides({"model": f"{MODEL}-w4a16:1", "data": data, "max_rows": 24, "batch_size": 8}),
+        env=env,
+    )
+    assert f"{MODEL}-w4a16:1: held-out perplexity" in scored
+    recorded = registry.resolve(f"{MODEL}-w4a16:1")
+    assert recorded.manifest["evaluations"]["perplexity"]["val_loss"] == pytest.approx(
+        int4["metrics"]["val_loss"], rel=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"quantize.group_size": 48}, "does not divide the input size of layers of [64, 128]"),
+        ({"method": "prune", "prune.structure": "heads"}, "removes 0 of 1 key-value head groups"),
+        ({"calibration_rows": 100000}, "fewer than the 100000 calibration_rows asks for"),
+        ({"source": "no-such-model"}, "no-such-model"),
+    ],
+)
+def test_bad_compressions_are_refused_and_publish_nothing(tiny_run, ray_cluster, settings, message):
+    root = tiny_run["settings"]["registry"]["root"]
+    source = tiny_run["report"]["registry"]["ref"]
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
+    registry = Registry(root)
+    models = {name: registry.versions(name) for name in registry.models()}
+    given = {"source": source, "data": str(tiny_run["workdir"] / "data")} | settings
+    done = rayllm("compress", *overrides(given), env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and message in output, output
+    assert "Traceback" not in output
+    assert {name: registry.versions(name) for name in registry.models()} == models
