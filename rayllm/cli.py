@@ -528,10 +528,32 @@ def registry_import(
 
 
 @registry_app.command("export")
-def registry_export(ref: str, destination: Path, root: RootOption = None) -> None:
-    """Copy a verified version to a local folder."""
-    version = _registry(root).export(ref, destination)
-    console.print(f"exported {version.ref} to {destination}")
+def registry_export(
+    ref: str,
+    destination: Path,
+    gguf: Annotated[
+        str | None,
+        typer.Option(
+            help="Write one GGUF file (q8_0, f16 or f32 matrices) instead of the folder, "
+            "checked by loading it back with transformers."
+        ),
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """Copy a verified version to a local folder, or write it as a GGUF file."""
+    if gguf is None:
+        version = _registry(root).export(ref, destination)
+        console.print(f"exported {version.ref} to {destination}")
+        return
+    from rayllm.compress.gguf import export_gguf
+
+    check = export_gguf(_registry(root), ref, destination, gguf)
+    console.print(
+        f"exported {check['version']} to {destination} ({gguf}, {check['bytes'] / 2**20:.1f} "
+        f"MiB): loaded back with the same tokens, next-token agreement "
+        f"{check['top1_agreement']:.0%}, largest logit difference "
+        f"{check['max_logit_difference']:.3g}"
+    )
 
 
 @registry_app.command("promote")
