@@ -78,7 +78,8 @@ class CompressConfig(StageConfig):
     @model_validator(mode="after")
     def _check(self) -> CompressConfig:
         quantize = self.quantize
-        if quantize.scheme == "w8a8" and "group_size" in quantize.model_fields_set:
+        given = "group_size" in quantize.model_fields_set and quantize.group_size is not None
+        if quantize.scheme == "w8a8" and given:
             raise ValueError("w8a8 quantizes weights per channel: leave group_size unset")
         return self
 

@@ -36,7 +36,9 @@ class CompressResult:
 def run(config: CompressConfig) -> CompressResult:
     """Compress ``config.source`` in a Ray task (``config.cpus`` CPUs) and publish it."""
     config = config.with_work_paths()
-    config.check_inputs()
+    version = config.check_inputs()
+    # The task runs with the cluster's environment: it gets the version pinned, the root named.
+    config = config.model_copy(update={"source": version.ref, "registry": config.store().url})
     task = ray.remote(num_cpus=config.cpus)(compress_version)
     return CompressResult(**task_result(task.remote(config)))
 

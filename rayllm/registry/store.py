@@ -135,7 +135,9 @@ class Registry:
 
     def _list(self, folder: str) -> list[str]:
         """The entries of ``folder``; none when it does not exist (on object stores a folder
-        vanishes with its last object, possibly between two calls)."""
+        vanishes with its last object, possibly between two calls). Listed afresh: a cached
+        listing would hide what other processes published since."""
+        self.fs.invalidate_cache(folder)
         try:
             return self.fs.ls(folder, detail=False)
         except FileNotFoundError:

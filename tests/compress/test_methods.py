@@ -155,6 +155,7 @@ def test_w8a8_takes_no_group_size():
     with pytest.raises(ValueError, match="w8a8 quantizes weights per channel"):
         CompressConfig(quantize={"scheme": "w8a8", "group_size": 64})
     assert CompressConfig(quantize={"scheme": "w8a8"}).quantize.group_size == 128
+    assert CompressConfig(quantize={"scheme": "w8a8", "group_size": None})
 
 
 def test_serving_refuses_int8_weights_only_where_the_engine_has_no_kernel(tmp_path):
