@@ -859,7 +859,11 @@ def bench_compress(
         int | None, typer.Option(help="quantize.group_size of every method that sets none.")
     ] = 64,
     system: Annotated[
-        str, typer.Option(help="What serves each version: rayllm, or vllm (its own server).")
+        str,
+        typer.Option(
+            help="What serves each version: rayllm, vllm (its own server), or 'hf generate' "
+            "(transformers, one request at a time)."
+        ),
     ] = "rayllm",
     requests: Annotated[int, typer.Option(help="Requests per served version.")] = 16,
     output_tokens: Annotated[int, typer.Option(help="Tokens every request generates.")] = 32,
@@ -876,8 +880,8 @@ def bench_compress(
     from rayllm.paths import absolute_url
 
     load_manifest(absolute_url(data))  # a missing shard set is named before any work
-    if system not in ("rayllm", "vllm"):
-        raise RayllmError(f"--system {system!r}: choose rayllm or vllm")
+    if system not in ("rayllm", "vllm", "hf generate"):
+        raise RayllmError(f"--system {system!r}: choose rayllm, vllm or 'hf generate'")
     result = benchmark(
         source,
         registry,

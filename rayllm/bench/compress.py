@@ -95,7 +95,7 @@ def benchmark(
     rows.insert(0, source_row)
     for row in rows:
         served = serve_benchmark(
-            bench.url, row["version"], [load], [system], prompt_words, serve_settings, 0
+            bench.url, row["version"], [load], [system], prompt_words, serve_settings, load.requests
         )
         row["output_tokens_per_s"] = served["rows"][0]["output_tokens_per_s"]
         row["tpot_p50_ms"] = served["rows"][0].get("tpot_p50_ms")
