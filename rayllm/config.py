@@ -103,8 +103,11 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in problem["loc"])
         if problem["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r} in {source}; check the spelling")
+        elif not key:  # a check across keys: its message names them
+            lines.append(f"{source}: {problem['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"config key {key!r} in {source}: {problem['msg']}")
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"config key {key!r} in {source}: {message}")
     return "; ".join(lines)
 
 

@@ -21,6 +21,7 @@ from rayllm.compress.quantize import (
     scheme,
 )
 from rayllm.compress.runner import saved_state
+from rayllm.config import load_config
 from rayllm.errors import RayllmError
 
 
@@ -156,6 +157,11 @@ def test_w8a8_takes_no_group_size():
         CompressConfig(quantize={"scheme": "w8a8", "group_size": 64})
     assert CompressConfig(quantize={"scheme": "w8a8"}).quantize.group_size == 128
     assert CompressConfig(quantize={"scheme": "w8a8", "group_size": None})
+    with pytest.raises(RayllmError) as refused:  # as the command line says it
+        load_config(CompressConfig, None, ["quantize.scheme=w8a8", "quantize.group_size=64"])
+    assert str(refused.value) == (
+        "settings: w8a8 quantizes weights per channel: leave group_size unset"
+    )
 
 
 def test_serving_refuses_int8_weights_only_where_the_engine_has_no_kernel(tmp_path):
