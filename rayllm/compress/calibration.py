@@ -16,7 +16,7 @@ from rayllm.errors import RayllmError
 def token_rows(
     data: str, split: str, count: int, tokenizer, what: str, required: int | None = None
 ) -> torch.Tensor:
-    """The first ``count`` rows of the shard set's ``split`` as ``[rows, seq_len]`` ids of
+    """The first ``count`` rows of the shard set's ``split`` (``seq_len + 1`` tokens each) as ids of
     ``tokenizer``; rows of another tokenizer are decoded and re-tokenized into rows of the same
     length. Fewer than ``required`` rows (default: ``count``) is an error naming ``what`` asked
     for them."""
@@ -28,31 +28,32 @@ def token_rows(
         rows.append(read_shard(data, entry))
         have += len(rows[-1])
     shard_tokenizer = load_tokenizer(f"{data.rstrip('/')}/{manifest['tokenizer']}")
+    width = rows[0].shape[1] if rows else manifest["seq_len"] + 1  # inputs and their targets
     if shard_tokenizer.get_vocab() == tokenizer.get_vocab():
-        tokens = np.concatenate(rows)[:count] if rows else np.zeros((0, manifest["seq_len"]))
+        tokens = np.concatenate(rows)[:count] if rows else np.zeros((0, width))
     else:
-        tokens = _retokenized(rows, shard_tokenizer, tokenizer, count, manifest["seq_len"])
+        tokens = _retokenized(rows, shard_tokenizer, tokenizer, count, width)
     if len(tokens) < (count if required is None else required):
         raise RayllmError(
-            f"{data} has {len(tokens)} {split} rows of {manifest['seq_len']} tokens, fewer than "
+            f"{data} has {len(tokens)} {split} rows of {width} tokens, fewer than "
             f"the {count if required is None else required} {what} asks for: lower it, or "
             "curate more text (rayllm data)"
         )
     return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
 
 
-def _retokenized(rows, shard_tokenizer, tokenizer, count: int, seq_len: int) -> np.ndarray:
+def _retokenized(rows, shard_tokenizer, tokenizer, count: int, width: int) -> np.ndarray:
     """The shard rows' text in ``tokenizer``'s ids, documents joined by its end-of-text token
-    and cut into rows of ``seq_len``."""
+    and cut into rows of ``width``."""
     stream: list[int] = []
     for row in np.concatenate(rows) if rows else []:
         text = shard_tokenizer.decode(row.tolist(), skip_special_tokens=True)
         stream += tokenizer(text, add_special_tokens=False)["input_ids"]
         stream.append(tokenizer.eos_token_id)
-        if len(stream) >= count * seq_len:
+        if len(stream) >= count * width:
             break
-    whole = len(stream) // seq_len
-    return np.array(stream[: whole * seq_len]).reshape(whole, seq_len)
+    whole = len(stream) // width
+    return np.array(stream[: whole * width]).reshape(whole, width)
 
 
 @torch.no_grad()

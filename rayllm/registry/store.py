@@ -257,7 +257,8 @@ class Registry:
         """A verified local folder of the version: in place on local roots, else a cached copy.
 
         Processes on one node that ask for the same version at once share one download (a
-        file lock), and a copy is used only after its checksums were checked.
+        file lock), and a copy is used only after its checksums were checked, and only while
+        the registry's manifest still lists those checksums.
         """
         version = self.resolve(ref)
         source = self._version_dir(version.name, version.version)
@@ -266,12 +267,16 @@ class Registry:
             return version, Path(source)
         key = hashlib.sha256(self.url.encode()).hexdigest()[:12]
         target = cache_dir() / "registry" / key / version.name / str(version.version)
+        # The marker holds the checksums it was verified against: a registry recreated at the
+        # same URL (a new bucket, a wiped folder) may hold other files under the same version.
+        files = hashlib.sha256(json.dumps(version.manifest["files"], sort_keys=True).encode())
         with _file_lock(target.with_name(f"{target.name}.lock")):
-            if not (target / ".verified").exists():
+            marker = target / ".verified"
+            if not marker.exists() or marker.read_text() != files.hexdigest():
                 with staged_folder(str(target)) as (local, staging):
                     self.fs.get(source + "/", staging, recursive=True)
                     check_files(local, staging, version)
-                    local.touch(f"{staging}/.verified")
+                    local.pipe_file(f"{staging}/.verified", files.hexdigest().encode())
         return version, target
 
     def export(self, ref: str, destination: str | Path) -> Version:

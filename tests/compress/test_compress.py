@@ -42,7 +42,7 @@ def test_the_readme_compressions_publish_measured_versions(tiny_run, ray_cluster
         assert lineage["parent"] == source
         compression = lineage["compression"]
         assert compression["bytes_after"] < compression["bytes_before"]
-        assert lineage["metrics"]["eval_tokens"] == 24 * 63
+        assert lineage["metrics"]["eval_tokens"] == 24 * 64  # rows of 65: inputs, targets
         return lineage
 
     job = readme_job("jobs/compress.py", str(tmp_path))  # the README's GPTQ int4 recipe
@@ -113,11 +113,11 @@ def test_calibration_text_is_the_models_tokens_and_too_little_is_refused(tiny_ru
     data = str(tiny_run["workdir"] / "data")
     own = load_tokenizer(f"{data}/tokenizer")
     rows = token_rows(data, "train", 8, own, "calibration_rows")
-    assert rows.shape == (8, 64) and torch.equal(rows[0], torch.from_numpy(first_row(data)))
+    assert rows.shape == (8, 65) and torch.equal(rows[0], torch.from_numpy(first_row(data)))
     texts = [own.decode(row, skip_special_tokens=True) for row in rows.tolist()]
     other = train_tokenizer(texts * 4, TokenizerConfig(kind="bpe", vocab_size=300))
     retokenized = token_rows(data, "train", 4, other, "calibration_rows")
-    assert retokenized.shape == (4, 64) and int(retokenized.max()) < len(other)
+    assert retokenized.shape == (4, 65) and int(retokenized.max()) < len(other)
     assert other.decode(retokenized[0][:8].tolist()) in " ".join(texts)
     with pytest.raises(RayllmError, match="fewer than the 100000 calibration_rows asks for"):
         token_rows(data, "train", 100000, own, "calibration_rows")

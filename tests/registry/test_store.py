@@ -192,3 +192,21 @@ def test_evaluations_are_recorded_and_gate_promotion(registry, model_folder):
     assert registry.set_alias("tiny", "production", 2) == 1
     with pytest.raises(RayllmError, match="TASK.SCORE"):
         registry.set_gate("tiny", "production", {"f1": {"min": 0.3}})
+
+
+def test_a_registry_recreated_at_the_same_url_is_not_read_from_the_old_copy(
+    model_folder, tmp_path, monkeypatch
+):
+    """A cached copy is used only while the registry's manifest lists its checksums: a bucket
+    recreated under the same URL may hold other files as the same version."""
+    monkeypatch.setenv("RAYLLM_CACHE", str(tmp_path / "cache"))
+    url = f"memory://rayllm-recreated-{uuid.uuid4().hex}"
+    Registry(url).publish("tiny", model_folder, lineage={})
+    assert (Registry(url).local_path("tiny:1")[1] / "model.safetensors").read_bytes()[:7] == (
+        b"weights"
+    )
+    Registry(url).fs.rm(Registry(url).root, recursive=True)
+    (model_folder / "model.safetensors").write_bytes(b"retrained" * 100)
+    Registry(url).publish("tiny", model_folder, lineage={})
+    _, local = Registry(url).local_path("tiny:1")
+    assert (local / "model.safetensors").read_bytes() == b"retrained" * 100
