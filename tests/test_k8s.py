@@ -66,6 +66,7 @@ def test_the_checked_in_manifests_are_what_the_renderer_writes(tmp_path):
     assert names == [
         "pvc.yaml",
         "raycluster.yaml",
+        "rayjob-compress.yaml",
         "rayjob-data.yaml",
         "rayjob-eval.yaml",
         "rayjob-finetune.yaml",
@@ -123,7 +124,7 @@ def test_each_job_runs_its_recipe_through_the_cli(name):
 def test_the_jobs_paths_follow_the_volumes_mount(tmp_path):
     files = render(tmp_path, "mount=/data", "serve_app=null")
     jobs = [document for name, document in files.items() if name.startswith("rayjob-")]
-    assert len(jobs) == 6
+    assert len(jobs) == 7
     for job in jobs:
         assert "/data/work" in job["spec"]["entrypoint"]
         assert "/mnt/rayllm" not in json.dumps(job)
