@@ -865,6 +865,8 @@ def bench_compress(
             "(transformers, one request at a time)."
         ),
     ] = "rayllm",
+    calibration_rows: Annotated[int, typer.Option(help="Training rows calibrating.")] = 64,
+    eval_rows: Annotated[int, typer.Option(help="Validation rows measured.")] = 48,
     requests: Annotated[int, typer.Option(help="Requests per served version.")] = 16,
     output_tokens: Annotated[int, typer.Option(help="Tokens every request generates.")] = 32,
     concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 4,
@@ -888,6 +890,7 @@ def bench_compress(
         absolute_url(data),
         method or list(METHODS),
         group_size,
+        {"calibration_rows": calibration_rows, "eval_rows": eval_rows},
         Load(requests, output_tokens, concurrency=concurrency),
         system,
         {"max_num_seqs": max(4, concurrency), "kv_cache_gib": 1.0},

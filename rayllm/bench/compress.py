@@ -15,12 +15,14 @@ import tempfile
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from rayllm.bench.load import Load
 from rayllm.bench.serve import bench_registry
 from rayllm.bench.serve import benchmark as serve_benchmark
 from rayllm.compress.config import CompressConfig
 from rayllm.compress.runner import CompressResult, compress_version
+from rayllm.config import describe_validation_error
 from rayllm.errors import RayllmError
 from rayllm.registry.importers import import_folder
 from rayllm.registry.store import Registry, default_registry
@@ -57,12 +59,14 @@ def benchmark(
     data: str,
     methods: list[str],
     group_size: int | None,
+    sizes: dict[str, int],
     load: Load,
     system: str,
     serve_settings: dict[str, Any],
     prompt_words: int,
 ) -> dict[str, Any]:
-    """Compress ``source`` by every method (in this process, on all its CPUs), then serve the
+    """Compress ``source`` by every method (``sizes``: the calibration and held-out rows; in
+    this process, on all its CPUs), then serve the
     source and every result in turn with ``system`` under ``load``; one row per version, the
     source's first."""
     bench = Registry(bench_registry())
@@ -71,9 +75,13 @@ def benchmark(
     configs = []
     for text in methods:
         settings = parse_method(text)
-        if settings.get("method", "quantize") == "quantize":
-            settings.setdefault("quantize", {}).setdefault("group_size", group_size)
-        configs.append((text, CompressConfig.model_validate(base | settings)))
+        quantize = settings.setdefault("quantize", {})
+        if quantize.get("scheme", "w4a16") != "w8a8":  # w8a8 is per channel
+            quantize.setdefault("group_size", group_size)
+        try:
+            configs.append((text, CompressConfig.model_validate(base | sizes | settings)))
+        except ValidationError as err:
+            raise RayllmError(describe_validation_error(err, f"--method {text}")) from None
     rows: list[dict[str, Any]] = []
     for text, config in configs:
         result = CompressResult(**compress_version(config))
