@@ -68,3 +68,17 @@ def mean_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int) -> di
         ).item()
         count += chunk[:, 1:].numel()
     return {"val_loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
+
+
+@torch.no_grad()
+def calibration_pass(
+    model: torch.nn.Module, rows: torch.Tensor, batch_size: int, handles: list
+) -> None:
+    """Run ``model`` over ``rows`` for the hooks behind ``handles`` to record, then remove
+    them (also when the pass fails)."""
+    try:
+        for start in range(0, len(rows), batch_size):
+            model(rows[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from rayllm.compress.calibration import calibration_pass
 from rayllm.compress.config import PruneSettings
 from rayllm.errors import RayllmError
 
@@ -97,12 +98,7 @@ def input_energy(
         return hook
 
     handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(modules)]
-    try:
-        for start in range(0, len(rows), batch_size):
-            model(rows[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    calibration_pass(model, rows, batch_size, handles)
     return [
         s / count[0] * m.weight.float().pow(2).sum(0) for s, m in zip(sums, modules, strict=True)
     ]
@@ -128,12 +124,7 @@ def block_influence(model: torch.nn.Module, rows: torch.Tensor, batch_size: int)
     handles = [
         layer.register_forward_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)
     ]
-    try:
-        for start in range(0, len(rows), batch_size):
-            model(rows[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    calibration_pass(model, rows, batch_size, handles)
     return totals / count[0]
 
 

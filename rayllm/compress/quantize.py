@@ -25,6 +25,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.quantization.utils.helpers import calculate_qparams, calculate_range
 
+from rayllm.compress.calibration import calibration_pass
 from rayllm.compress.config import QuantizeSettings
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Version
@@ -92,12 +93,7 @@ def input_hessians(
         return hook
 
     handles = [m.register_forward_pre_hook(record(name)) for name, m in layers.items()]
-    try:
-        for start in range(0, len(rows), batch):
-            model(rows[start : start + batch])
-    finally:
-        for handle in handles:
-            handle.remove()
+    calibration_pass(model, rows, batch, handles)
     return hessians
 
 
