@@ -82,9 +82,16 @@ def benchmark(
             configs.append((text, CompressConfig.model_validate(base | sizes | settings)))
         except ValidationError as err:
             raise RayllmError(describe_validation_error(err, f"--method {text}")) from None
-    rows: list[dict[str, Any]] = []
-    for text, config in configs:
-        result = CompressResult(**compress_version(config))
+    results = [(text, CompressResult(**compress_version(config))) for text, config in configs]
+    first = results[0][1]  # every result measured the same source on the same rows
+    source_row = {
+        "method": "source",
+        "version": ref,
+        "bytes": first.bytes_before,
+        "val_loss": first.loss_before,
+    }
+    rows: list[dict[str, Any]] = [source_row]
+    for text, result in results:
         rows.append(
             {
                 "method": text,
@@ -94,13 +101,6 @@ def benchmark(
                 "compress_seconds": result.seconds,
             }
         )
-        source_row = {
-            "method": "source",
-            "version": ref,
-            "bytes": result.bytes_before,
-            "val_loss": result.loss_before,
-        }
-    rows.insert(0, source_row)
     for row in rows:
         served = serve_benchmark(
             bench.url, row["version"], [load], [system], prompt_words, serve_settings, load.requests
