@@ -138,6 +138,7 @@ def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
         with Client(url, MODEL) as client:
             assert client.versions()[MODEL] == first
         assert "already serves what its references name" in rayllm_ok(*rollout, env=env)
-    finally:  # the tests after this one expect the first version, whatever failed here
+    except BaseException:  # the tests after this one expect the first version
         rayllm_ok("registry", "promote", first, "production", env=env)
         rayllm_ok(*rollout, env=env)
+        raise
