@@ -113,8 +113,9 @@ def finetune(config: ConfigOption = None, set: SetOption = None) -> None:
 @app.command()
 def compress(config: ConfigOption = None, set: SetOption = None) -> None:
     """Compress a registry version (quantize: GPTQ or round-to-nearest, int4 or int8; prune:
-    weights, heads, MLP channels or layers) on the shard set's text, and publish the result
-    with its size and held-out loss before and after, the source as its parent."""
+    weights, heads, MLP channels or layers; distill: a smaller student trained against it on
+    Ray Train) on the shard set's text, and publish the result with its size and held-out loss
+    before and after, the source as its parent."""
     from rayllm.compress.config import CompressConfig
 
     settings = load_config(CompressConfig, config, set or ()).with_work_paths()

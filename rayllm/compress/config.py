@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from rayllm.config import StageConfig
+from rayllm.config import StageConfig, describe_validation_error
 from rayllm.data.shards import load_manifest
 from rayllm.errors import RayllmError
+from rayllm.model.config import ModelConfig
 from rayllm.registry.store import Registry, Version, default_registry
+from rayllm.train.config import ParallelConfig, TrainConfig
 
 Scheme = Literal["w4a16", "w8a16", "w8a8"]
 
@@ -47,6 +49,63 @@ class PruneSettings(StageConfig):
     (channels), or of the layers (layers); each by its importance on the calibration rows."""
 
 
+class StudentShape(StageConfig):
+    """The student's shape: the teacher's, except what is set here (by default, half its
+    layers)."""
+
+    n_layers: int | None = Field(None, ge=1)
+    dim: int | None = Field(None, ge=1)
+    n_heads: int | None = Field(None, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    ffn_dim: int | None = Field(None, ge=1)
+
+    def of(self, teacher: ModelConfig) -> ModelConfig:
+        changes = self.model_dump(exclude_none=True)
+        changes.setdefault("n_layers", max(1, teacher.n_layers // 2))
+        try:
+            return ModelConfig.model_validate(teacher.model_dump() | changes)
+        except ValidationError as err:
+            raise RayllmError(describe_validation_error(err, "distill.student")) from None
+
+
+class DistillTrainConfig(TrainConfig):
+    """The trainer's settings for the student, with defaults for distillation (``model``,
+    ``objective``, ``teacher``, ``data`` and ``output`` are set by ``rayllm compress``)."""
+
+    run_name: str = "rayllm-distill"
+    parallel: ParallelConfig = ParallelConfig(strategy="ddp")
+    steps: int = 200
+    eval_every: int = 50
+    checkpoint_every: int = 100
+
+
+class DistillSettings(StageConfig):
+    """Knowledge distillation: a smaller student trained on Ray Train on the shard set's text,
+    against the source (the teacher)'s predictions as well as the text itself."""
+
+    student: StudentShape = StudentShape()
+    alpha: float = Field(0.5, ge=0, le=1)
+    """The share of the loss that is the KL divergence from the teacher's predictions; the
+    rest is the next-token loss. 0 trains the student alone (the baseline at equal compute)."""
+    temperature: float = Field(2.0, gt=0)
+    """Both models' distributions are softened by it before they are compared."""
+    train: DistillTrainConfig = DistillTrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillSettings:
+        set_here = ("model", "init_from", "lora", "data", "output", "objective", "teacher")
+        set_here += ("distill_alpha", "distill_temperature")
+        defaults = TrainConfig()
+        given = [key for key in set_here if getattr(self.train, key) != getattr(defaults, key)]
+        if given:
+            raise ValueError(
+                f"distill.train.{', distill.train.'.join(given)}: set by rayllm compress from "
+                "source, data, distill.student, distill.alpha and distill.temperature; set those "
+                "instead"
+            )
+        return self
+
+
 class CompressConfig(StageConfig):
     """Compression of a registry version into a new one, with its size and held-out loss
     before and after recorded in the lineage."""
@@ -57,16 +116,18 @@ class CompressConfig(StageConfig):
     """The registry version compressed (``name``, ``name:3``, ``name@production``; required)."""
     registry: str | None = None
     """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry."""
-    method: Literal["quantize", "prune"] = "quantize"
+    method: Literal["quantize", "prune", "distill"] = "quantize"
     quantize: QuantizeSettings = QuantizeSettings()
     prune: PruneSettings = PruneSettings()
+    distill: DistillSettings = DistillSettings()
     name: str | None = None
     """The registry name the result is published under; default: the source's name and the
-    method's tag (``smollm2-w4a16``, ``smollm2-pruned-heads``)."""
+    method's tag (``smollm2-w4a16``, ``smollm2-pruned-heads``, ``smollm2-distilled``)."""
     data: str | None = None
-    """The shard set (``rayllm data``'s output) whose training split calibrates and whose
-    validation split measures the loss; default rayllm-work/data. Rows are re-tokenized when
-    the model's tokenizer is not the shards'."""
+    """The shard set (``rayllm data``'s output) whose training split calibrates (distill:
+    trains the student) and whose validation split measures the loss; default
+    rayllm-work/data. Rows are re-tokenized when the model's tokenizer is not the shards'
+    (distill: the shards must be in the source's tokenizer)."""
     calibration_rows: int = Field(64, ge=1)
     """Training rows the calibration reads (GPTQ's Hessians, pruning's importances)."""
     eval_rows: int = Field(128, ge=1)
@@ -111,13 +172,15 @@ class CompressConfig(StageConfig):
     def needs_calibration(self) -> bool:
         if self.method == "quantize":
             return self.quantize.algorithm == "gptq"
-        return self.prune.structure != "unstructured"
+        return self.method == "prune" and self.prune.structure != "unstructured"
 
     def result_name(self, version: Version) -> str:
         if self.name:
             return self.name
         if self.method == "quantize":
             return f"{version.name}-{self.quantize.scheme}"
+        if self.method == "distill":
+            return f"{version.name}-distilled"
         return f"{version.name}-pruned-{self.prune.structure}"
 
     def store(self) -> Registry:

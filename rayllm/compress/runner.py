@@ -1,6 +1,7 @@
 """``rayllm compress``: a registry version in, a compressed version out, in one Ray task that
 reads the source from the registry and publishes the result with the source as its parent,
-its method and settings, its size on disk and its held-out loss before and after."""
+its method and settings, its size on disk and its held-out loss before and after
+(distillation trains on Ray Train instead: ``rayllm.compress.distill``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from rayllm.compress.config import CompressConfig
 from rayllm.compress.prune import prune_model
 from rayllm.compress.quantize import compressed_state, quantize_model
 from rayllm.progress import Stage
+from rayllm.registry.store import Version
 from rayllm.version import code_version
 
 
@@ -34,11 +36,16 @@ class CompressResult:
 
 
 def run(config: CompressConfig) -> CompressResult:
-    """Compress ``config.source`` in a Ray task (``config.cpus`` CPUs) and publish it."""
+    """Compress ``config.source`` in a Ray task (``config.cpus`` CPUs), or distill it on Ray
+    Train, and publish the result."""
     config = config.with_work_paths()
     version = config.check_inputs()
     # The task runs with the cluster's environment: it gets the version pinned, the root named.
     config = config.model_copy(update={"source": version.ref, "registry": config.store().url})
+    if config.method == "distill":
+        from rayllm.compress.distill import distill_version
+
+        return CompressResult(**distill_version(config))
     task = ray.remote(num_cpus=config.cpus)(compress_version)
     return CompressResult(**task_result(task.remote(config)))
 
@@ -74,28 +81,48 @@ def compress_version(config: CompressConfig) -> dict:
         model.config.save_pretrained(out)
         model.generation_config.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        size_before, size_after = weight_bytes(folder), weight_bytes(Path(out))
-        lineage = {
-            "parent": source.ref,
-            "architecture": source.lineage.get("architecture", "LlamaForCausalLM"),
-            "compression": {
-                "method": config.method,
-                **details,
-                "calibration_rows": len(calibration) if calibration is not None else 0,
-                "data": config.data,
-                "bytes_before": size_before,
-                "bytes_after": size_after,
-                "seconds": round(time.time() - started, 1),
-            },
-            "metrics": {
-                "base_val_loss": before["val_loss"],
-                "val_loss": after["val_loss"],
-                "perplexity": after["perplexity"],
-                "eval_tokens": after["tokens"],
-            },
-            "code": code_version(),
-        }
-        version = store.publish(config.result_name(source), out, lineage)
+        if calibration is not None:
+            details["calibration_rows"] = len(calibration)
+        return publish_compressed(
+            config, source, folder, Path(out), details, before, after, started
+        )
+
+
+def publish_compressed(
+    config: CompressConfig,
+    source: Version,
+    folder: Path,
+    out: Path,
+    details: dict,
+    before: dict[str, float],
+    after: dict[str, float],
+    started: float,
+) -> dict:
+    """Publish the compressed model in ``out`` with its lineage: the source (whose local copy
+    is ``folder``) as its parent, the method's ``details``, the weights' size and the held-out
+    loss before and after; a ``CompressResult`` as a dict."""
+    size_before, size_after = weight_bytes(folder), weight_bytes(out)
+    lineage = {
+        "parent": source.ref,
+        "architecture": source.lineage.get("architecture", "LlamaForCausalLM"),
+        "compression": {
+            "method": config.method,
+            "calibration_rows": 0,
+            **details,
+            "data": config.data,
+            "bytes_before": size_before,
+            "bytes_after": size_after,
+            "seconds": round(time.time() - started, 1),
+        },
+        "metrics": {
+            "base_val_loss": before["val_loss"],
+            "val_loss": after["val_loss"],
+            "perplexity": after["perplexity"],
+            "eval_tokens": after["tokens"],
+        },
+        "code": code_version(),
+    }
+    version = config.store().publish(config.result_name(source), str(out), lineage)
     return asdict(
         CompressResult(
             version=version.ref,

@@ -24,6 +24,10 @@ class TokenizerConfig(StageConfig):
     unigram: SentencePiece's unigram model with its metaspace pre-tokenizer."""
     vocab_size: int = 4096
     min_frequency: int = 2
+    pretrained: str | None = None
+    """A Hugging Face model folder (or fsspec URL) whose tokenizer the shards use instead of
+    training one (``kind``, ``vocab_size`` and ``min_frequency`` then do not apply): for text a
+    model of that family trains on or a teacher distills on."""
 
 
 class FuzzyDedupConfig(StageConfig):

@@ -29,6 +29,7 @@ import pyarrow as pa
 import ray
 from fsspec.implementations.local import LocalFileSystem
 from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from rayllm.data.blocks.base import Block, Column
 from rayllm.data.blocks.c4 import C4, BadWords
@@ -56,7 +57,7 @@ from rayllm.data.packing import ShardWriter
 from rayllm.data.readers import read_documents
 from rayllm.data.shards import MANIFEST
 from rayllm.data.stats import StatsCollector, print_stats
-from rayllm.data.tokenizer import save_tokenizer, train_tokenizer
+from rayllm.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from rayllm.errors import RayllmError
 from rayllm.paths import absolute_url, check_replaceable, staged_folder
 from rayllm.progress import Stage
@@ -199,6 +200,7 @@ def run(config: DataConfig, report: bool = True) -> DataResult:
     config = config.with_work_paths()
     output = absolute_url(config.output)
     check_replaceable(output, config.overwrite, "data.output", "output")
+    pretrained = config.tokenizer.pretrained and load_tokenizer(config.tokenizer.pretrained)
     with Stage("data: reading") as stage:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
@@ -213,7 +215,7 @@ def run(config: DataConfig, report: bool = True) -> DataResult:
         docs = docs.limit(config.max_documents)
 
     with staged_folder(output) as (fs, staging), _data_context(config):
-        manifest = _curate(config, docs, files, fs, staging, started)
+        manifest = _curate(config, docs, files, fs, staging, started, pretrained or None)
     if report:
         print_stats(manifest["stats"])
     return DataResult(output, manifest, time.time() - started)
@@ -309,8 +311,10 @@ def _curate(
     fs: fsspec.AbstractFileSystem,
     staging: str,
     started: float,
+    pretrained: PreTrainedTokenizerFast | None,
 ) -> dict[str, Any]:
-    """Every stage, writing into ``staging``; the manifest is the last file written.
+    """Every stage, writing into ``staging``; the manifest is the last file written. The
+    tokenizer is trained on the curated text unless a ``pretrained`` one is given.
 
     The curated documents go to Parquet once (``curated/``: every document with its drop
     reason and the columns the blocks add; kept unless ``keep_curated`` is off); each
@@ -349,8 +353,14 @@ def _curate(
     curated = _CuratedParquet(work, config.block_mb, fs.du(f"{staging_path}/curated"), partitions)
     _deduplicate(config, curated, partitions, stats, timings)
 
-    with Stage(f"data: train {config.tokenizer.kind} tokenizer", timings, "tokenizer") as stage:
-        tokenizer = train_tokenizer(
+    source = config.tokenizer.pretrained
+    title = (
+        f"data: tokenizer of {source}"
+        if source
+        else f"data: train {config.tokenizer.kind} tokenizer"
+    )
+    with Stage(title, timings, "tokenizer") as stage:
+        tokenizer = pretrained or train_tokenizer(
             (row["text"] for row in curated.documents().select_columns(["text"]).iter_rows()),
             config.tokenizer,
         )

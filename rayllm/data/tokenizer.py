@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from rayllm.data.config import TokenizerConfig
+from rayllm.errors import RayllmError
 from rayllm.paths import filesystem
 
 END_OF_TEXT = "<|endoftext|>"
@@ -65,13 +66,22 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> No
     tokenizer.save_pretrained(str(folder))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+"""What a Hugging Face fast tokenizer is saved as (a model folder holds its weights too)."""
+
+
 def load_tokenizer(url: str | Path) -> PreTrainedTokenizerFast:
-    """The tokenizer saved at ``url`` (a local folder or any fsspec URL)."""
+    """The tokenizer saved at ``url`` (a local folder or any fsspec URL, a model's or its own)."""
     fs, path = filesystem(str(url))
+    path = path.rstrip("/")
+    if not fs.exists(f"{path}/tokenizer.json"):
+        raise RayllmError(f"{url} holds no tokenizer.json: name a folder a tokenizer was saved in")
     if isinstance(fs, LocalFileSystem):
         return PreTrainedTokenizerFast.from_pretrained(path)
     with tempfile.TemporaryDirectory(prefix="rayllm-tokenizer-") as local:
-        fs.get(f"{path}/", local, recursive=True)
+        for name in TOKENIZER_FILES:
+            if fs.exists(f"{path}/{name}"):
+                fs.get(f"{path}/{name}", f"{local}/{name}")
         return PreTrainedTokenizerFast.from_pretrained(local)
 
 

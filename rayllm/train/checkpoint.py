@@ -28,6 +28,8 @@ RESUMABLE = (
     "model",
     "init_from",
     "lora",
+    "objective",
+    "teacher",
     "parallel",
     "num_workers",
     "micro_batch_size",

@@ -135,11 +135,20 @@ class TrainConfig(StageConfig):
     of a random init; its shape must be ``model``'s. ``rayllm finetune`` sets it."""
     lora: LoraSettings | None = None
     """Train LoRA adapters only, the model's own weights frozen (with ``init_from``)."""
-    objective: Literal["next_token", "dpo"] = "next_token"
+    objective: Literal["next_token", "dpo", "distill"] = "next_token"
     """``dpo``: Direct Preference Optimization on packed preference pairs (``rayllm
-    finetune`` packs them), against the starting weights' log-probabilities."""
+    finetune`` packs them), against the starting weights' log-probabilities; ``distill``:
+    next-token loss mixed with the KL divergence from ``teacher``'s predictions."""
     dpo_beta: float = Field(0.1, gt=0)
     """How far DPO lets the model move from the starting weights (the KL penalty's weight)."""
+    teacher: str | None = None
+    """distill: a Hugging Face Llama folder (any fsspec URL) whose logits the model learns
+    from; its tokenizer must be the data's and its vocabulary the model's. Every worker holds a
+    frozen copy. ``rayllm compress --set method=distill`` sets it from a registry version."""
+    distill_alpha: float = Field(0.5, ge=0, le=1)
+    """distill: the KL term's share of the loss (0: the model alone, on the data)."""
+    distill_temperature: float = Field(2.0, gt=0)
+    """distill: both distributions are softened by it before they are compared."""
     parallel: ParallelConfig = ParallelConfig()
     num_workers: int = 2
     cpus_per_worker: float = 1.0
@@ -216,6 +225,11 @@ class TrainConfig(StageConfig):
             raise ValueError(
                 "objective dpo needs init_from (the starting weights are its reference) and "
                 "no pipeline parallelism"
+            )
+        if self.objective == "distill" and (self.teacher is None or self.parallel.pp > 1):
+            raise ValueError(
+                "objective distill needs a teacher (a Hugging Face folder or URL) and no "
+                "pipeline parallelism (the last stage would need the teacher's logits)"
             )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")

@@ -9,7 +9,7 @@ import torch
 
 from rayllm.train.batches import Batch
 from rayllm.train.config import TrainConfig
-from rayllm.train.engine import build_model, model_inputs, objective
+from rayllm.train.engine import build_model, held_out_objective, model_inputs, objective
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
 from rayllm.train.optim import BETAS, build_optimizer, lr_schedule, param_groups
 
@@ -63,7 +63,8 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.stage = parallel.zero_stage
-        self.objective = objective(config)
+        self.objective = objective(config, device)
+        self.held_out = held_out_objective(config)
         self.memory: dict[str, int] = {}
 
     def train_step(self, batches: list[Batch]) -> tuple[torch.Tensor, float]:
@@ -83,7 +84,7 @@ class DeepSpeedEngine:
 
     def evaluate(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
-            return self.objective(self.engine(*model_inputs(batch)), batch)
+            return self.held_out(self.engine(*model_inputs(batch)), batch)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():

@@ -32,7 +32,7 @@ from rayllm.train.config import TrainConfig
 from rayllm.train.lora import add_lora
 from rayllm.train.mesh import MeshShape, build_mesh
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
-from rayllm.train.objectives import Objective, dpo, language_modelling
+from rayllm.train.objectives import Objective, distillation, dpo, language_modelling
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
 from rayllm.train.pipeline import build_schedule, cut_stage, stage_indices
@@ -78,8 +78,37 @@ def build_model(config: TrainConfig, device: torch.device) -> Transformer:
     return model.to(device)
 
 
-def objective(config: TrainConfig) -> Objective:
+def objective(config: TrainConfig, device: torch.device) -> Objective:
+    """What training minimises; for distillation, with a frozen copy of the teacher."""
+    if config.objective == "distill":
+        teacher = build_teacher(config, device)
+        return distillation(
+            lambda batch: teacher(*model_inputs(batch)),
+            config.distill_alpha,
+            config.distill_temperature,
+        )
+    return held_out_objective(config)
+
+
+def held_out_objective(config: TrainConfig) -> Objective:
+    """What evaluation measures: the training objective, but the next-token loss alone for
+    distillation, so a distilled model's held-out loss compares with any other's."""
     return dpo(config.dpo_beta) if config.objective == "dpo" else language_modelling
+
+
+def build_teacher(config: TrainConfig, device: torch.device) -> nn.Module:
+    """``config.teacher``'s weights in rayllm's model, frozen, in the run's compute dtype."""
+    shape, state = read_hf_model(config.teacher)
+    if shape.vocab_size != config.model.vocab_size:
+        raise RayllmError(
+            f"train.teacher {config.teacher} predicts {shape.vocab_size} tokens but the model "
+            f"{config.model.vocab_size}; set train.model.vocab_size to {shape.vocab_size} "
+            "(the teacher and the data must share one tokenizer)"
+        )
+    teacher = Transformer(shape)
+    teacher.load_state_dict(state)
+    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    return teacher.requires_grad_(False).eval().to(device, dtype)
 
 
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -124,7 +153,8 @@ class TorchEngine:
             for optimizer in self.optimizers
         ]
         self.accum, self.grad_clip = config.grad_accum_steps, config.grad_clip
-        self.objective = objective(config)
+        self.objective = objective(config, device)
+        self.held_out = held_out_objective(config)
         # bf16 compute: FSDP2's mixed-precision policy where FSDP2 wraps the model, else autocast.
         fsdp = isinstance(self.parts[0], FSDPModule)
         self.autocast = config.precision == "bf16" and not fsdp
@@ -169,7 +199,7 @@ class TorchEngine:
         with torch.no_grad():
             if self.schedule is None:
                 with self._precision():
-                    return self.objective(self.parts[0](*model_inputs(batch)), batch)
+                    return self.held_out(self.parts[0](*model_inputs(batch)), batch)
             losses: list[torch.Tensor] = []
             with self._precision():
                 self._run_pipeline(batch, losses, self.schedule.eval)

@@ -1,7 +1,9 @@
 """What a run minimises, given the model's logits and a batch: next-token cross-entropy
-(pretraining and supervised fine-tuning), or DPO's loss on preference pairs (Rafailov et al.,
+(pretraining and supervised fine-tuning), DPO's loss on preference pairs (Rafailov et al.,
 2023), whose reference log-probabilities are computed once, before the first step, with the
-starting weights, so no second model is held.
+starting weights, so no second model is held, or knowledge distillation's (Hinton et al.,
+2015): the cross-entropy mixed with the KL divergence from a frozen teacher's softened
+next-token distribution, the teacher's logits computed on the fly from the same batch.
 
 A DPO batch is ``(inputs, targets, segments, reference)``: each row packs whole pairs, the
 chosen answer of pair ``k`` as segment ``2k + 1`` and the rejected one as ``2k + 2``;
@@ -56,3 +58,36 @@ def dpo(beta: float) -> Objective:
         return -F.logsigmoid(margins).mean()
 
     return loss
+
+
+def distillation(
+    teacher_logits: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
+    alpha: float,
+    temperature: float,
+) -> Objective:
+    """``(1 - alpha) x cross-entropy + alpha x T^2 x KL(teacher || student)`` at temperature
+    ``T``, over the positions that have a target; ``T^2`` keeps the KL term's gradients the
+    size of the cross-entropy's whatever ``T`` is. ``alpha = 0`` is the student alone."""
+
+    def loss(logits: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        language = next_token_loss(logits, batch[1])
+        if alpha == 0:
+            return language
+        with torch.no_grad():
+            teacher = teacher_logits(batch)
+        return (1 - alpha) * language + alpha * softened_kl(
+            logits, teacher, batch[1] != IGNORED, temperature
+        )
+
+    return loss
+
+
+def softened_kl(
+    student: torch.Tensor, teacher: torch.Tensor, trained: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Mean over the ``trained`` positions of ``T^2 x KL(softmax(teacher / T) || softmax(student
+    / T))``."""
+    student_logps = torch.log_softmax(student.float() / temperature, dim=-1)
+    teacher_logps = torch.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = F.kl_div(student_logps, teacher_logps, log_target=True, reduction="none").sum(-1)
+    return temperature**2 * (kl * trained).sum() / trained.sum().clamp(min=1)

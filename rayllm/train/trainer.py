@@ -69,6 +69,43 @@ def resolve_model_shape(config: TrainConfig, manifest: dict[str, Any]) -> TrainC
     return config.model_copy(update={"model": model})
 
 
+def with_teacher_vocabulary(config: TrainConfig, manifest: dict[str, Any]) -> TrainConfig:
+    """distill: the teacher must read the data's tokens (one tokenizer) and the model predict
+    the teacher's vocabulary (``vocab_size`` 0 takes it)."""
+    url = absolute_url(config.teacher)
+    fs, path = filesystem(url)
+    if not fs.exists(f"{path}/config.json") or not fs.exists(f"{path}/tokenizer.json"):
+        raise RayllmError(
+            f"train.teacher {config.teacher} is not a Hugging Face model folder with its "
+            "tokenizer (config.json, tokenizer.json)"
+        )
+    data_tokenizer = f"{config.data.rstrip('/')}/{manifest['tokenizer']}"
+    if tokenizer_vocabulary(url) != tokenizer_vocabulary(data_tokenizer):
+        raise RayllmError(
+            f"the teacher {config.teacher} and the data {config.data} have different "
+            "tokenizers, so the teacher would read other text than the student; curate the "
+            "data with the teacher's (rayllm data --set tokenizer.pretrained=TEACHER_FOLDER)"
+        )
+    vocab = json.loads(fs.cat_file(f"{path}/config.json"))["vocab_size"]
+    model = config.model
+    if model.vocab_size not in (0, vocab):
+        raise RayllmError(
+            f"train.model.vocab_size is {model.vocab_size} but the teacher predicts {vocab} "
+            "tokens; set it to 0 (the teacher's) or to the teacher's"
+        )
+    model = model.model_copy(update={"vocab_size": vocab})
+    return config.model_copy(update={"teacher": url, "model": model})
+
+
+def tokenizer_vocabulary(folder: str) -> dict[str, Any]:
+    """What decides the id of every piece of text: the model and the added tokens of the
+    tokenizer.json in ``folder`` (its chat template and other settings aside)."""
+    fs, path = filesystem(folder)
+    saved = json.loads(fs.cat_file(f"{path.rstrip('/')}/tokenizer.json"))
+    added = sorted((token["id"], token["content"]) for token in saved.get("added_tokens", []))
+    return {"model": saved["model"], "added": added}
+
+
 def run(config: TrainConfig) -> TrainResult:
     """Train on ``config.data``; publish the Hugging Face-format model to ``config.output``."""
     config = config.with_work_paths()
@@ -78,6 +115,8 @@ def run(config: TrainConfig) -> TrainResult:
     shape = mesh_shape(config)
     manifest = load_manifest(config.data)
     check_replaceable(config.output, config.overwrite, "train.output", "output")
+    if config.objective == "distill":
+        config = with_teacher_vocabulary(config, manifest)
     config = resolve_model_shape(config, manifest)
     check_shards(config.data, manifest)
     layout = run_layout(config, manifest_sha256(config.data), manifest)

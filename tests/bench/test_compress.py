@@ -1,7 +1,7 @@
 """``rayllm bench compress`` on the tiny model: the source is copied into the benchmark's own
-registry, compressed there, and both generate under the same load (transformers here: a vLLM
-start per version is the benchmark's cost, not the test's); each row's ratios are against the
-source's row."""
+registry, quantized and distilled there (a student trained on the session cluster), and all
+generate under the same load (transformers here: a vLLM start per version is the benchmark's
+cost, not the test's); each row's ratios are against the source's row."""
 
 import json
 import math
@@ -27,18 +27,25 @@ def test_methods_are_nested_compress_settings():
 
 
 @pytest.mark.slow
-def test_bench_compress_measures_a_method_against_its_source(tiny_run, tmp_path):
+def test_bench_compress_measures_methods_against_their_source(tiny_run, ray_cluster, tmp_path):
     root = tiny_run["settings"]["registry"]["root"]
     command = [sys.executable, "-m", "rayllm.cli", "bench", "compress", "--json"]
     command += ["--source", "tiny-shakespeare:1", "--registry", root]
     command += ["--data", str(tiny_run["workdir"] / "data"), "--system", "hf generate"]
     command += ["--method", "method=quantize,quantize.algorithm=rtn,eval_rows=16"]
-    command += ["--requests", "2", "--output-tokens", "4", "--concurrency", "1"]
-    env = os.environ | {"RAYLLM_CACHE": str(tmp_path)}
+    train = "steps=4,micro_batch_size=2,cpus_per_worker=0.5,eval_batches=1,checkpoint_every=4"
+    train += f",storage={tmp_path / 'runs'}"
+    distill = "method=distill,eval_rows=16," + ",".join(
+        f"distill.train.{s}" for s in train.split(",")
+    )
+    command += ["--method", distill, "--requests", "2", "--output-tokens", "4"]
+    command += ["--concurrency", "1"]
+    env = os.environ | ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
+    env |= {"RAYLLM_CACHE": str(tmp_path)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[re.search(r"^\{$", done.stdout, re.M).start() :])
-    source, int4 = result["rows"]
+    source, int4, student = result["rows"]
     assert (source["method"], source["version"]) == ("source", "tiny-shakespeare-1:1")
     assert source["size_vs_source"] == source["speed_vs_source"] == 1.0
     assert int4["version"] == "tiny-shakespeare-1-w4a16:1" and int4["bytes"] < source["bytes"]
@@ -47,6 +54,10 @@ def test_bench_compress_measures_a_method_against_its_source(tiny_run, tmp_path)
     assert int4["perplexity_vs_source"] == pytest.approx(
         math.exp(int4["val_loss"] - source["val_loss"])
     )
+    assert student["version"] == "tiny-shakespeare-1-distilled:1"  # trained on Ray Train
+    assert student["bytes"] < source["bytes"] and student["output_tokens_per_s"] > 0
     bench = Registry(str(tmp_path / "bench" / "registry"))
-    assert bench.resolve("tiny-shakespeare-1-w4a16").lineage["parent"] == "tiny-shakespeare-1:1"
+    for result in ("w4a16", "distilled"):
+        lineage = bench.resolve(f"tiny-shakespeare-1-{result}").lineage
+        assert lineage["parent"] == "tiny-shakespeare-1:1"
     assert "tiny-shakespeare-1" not in Registry(root).models()  # the user's registry untouched

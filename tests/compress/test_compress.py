@@ -2,8 +2,10 @@
 S3 registry, its shard set): GPTQ int4 through the README's `ray job submit`, w8a8 and channel
 pruning from the command line, each published with the source as its parent and its sizes and
 losses; `rayllm eval` loads the int4 version back with transformers and measures the loss the
-compressor recorded. Bad input is refused with exit 2 and nothing published. (The session's
+compressor recorded; the README's distillation trains a student against it. Bad input is refused with exit 2 and nothing published. (The session's
 served app rolls onto a quantized version in tests/serve/test_rollout.py.)"""
+
+import json
 
 import pytest
 import torch
@@ -14,10 +16,11 @@ from rayllm.data.shards import load_manifest, read_shard
 from rayllm.data.tokenizer import load_tokenizer, train_tokenizer
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry
+from rayllm.train.trainer import tokenizer_vocabulary
 from tests.conftest import overrides
 from tests.test_cli import rayllm, rayllm_ok
 from tests.test_jobs import readme_job, run_job
-from tests.test_readme import block_with, commands
+from tests.test_readme import REDUCED, block_with, commands
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +129,51 @@ def test_calibration_text_is_the_models_tokens_and_too_little_is_refused(tiny_ru
 def first_row(data: str):
     manifest = load_manifest(data)
     return read_shard(data, manifest["shards"]["train"][0])[0].astype("int64")
+
+
+def test_the_readme_distillation_curates_with_the_teachers_tokenizer_and_trains_a_student(
+    tiny_run, ray_cluster, tmp_path
+):
+    """The README's two lines, the session's model as the teacher: the shards are cut with its
+    tokenizer, and a one-layer student trains on them against its logits (a few steps, DDP
+    on 2 workers) and is published with the teacher as its parent."""
+    root = tiny_run["settings"]["registry"]["root"]
+    source = tiny_run["report"]["registry"]["ref"]
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
+    registry = Registry(root)
+    _, teacher = registry.local_path(source)
+    curate, distill = commands(block_with("method=distill"))
+    ours = {
+        "rayllm-work/registry/smollm2/versions/1": str(teacher),
+        "rayllm-work/data-bible-smollm2": str(tmp_path / "data"),
+        "smollm2": source,
+        "distill.student.n_layers=8": "distill.student.n_layers=1",
+    }
+
+    def ours_in(args: list[str]) -> list[str]:
+        return [next((arg.replace(k, v) for k, v in ours.items() if k in arg), arg) for arg in args]
+
+    reduced = {k: v for k, v in REDUCED["data"].items() if k != "tokenizer"}
+    rayllm_ok(*ours_in(curate), *overrides(reduced), env=env)
+    shards = load_manifest(str(tmp_path / "data"))
+    assert tokenizer_vocabulary(f"{tmp_path}/data/{shards['tokenizer']}") == tokenizer_vocabulary(
+        str(teacher)
+    )
+
+    train = {"steps": 6, "micro_batch_size": 2, "cpus_per_worker": 0.5, "log_every": 3}
+    train |= {"eval_every": 6, "eval_batches": 1, "checkpoint_every": 6}
+    train |= {"storage": str(tmp_path / "runs")}
+    small = {"eval_rows": 8, "distill": {"train": train}}
+    out = rayllm_ok(*ours_in(distill), *overrides(small), env=env)
+    assert f"published {MODEL}-distilled:1" in out, out
+    student = registry.resolve(f"{MODEL}-distilled:1")
+    lineage = student.lineage
+    assert lineage["parent"] == source
+    distillation = lineage["compression"]["distillation"]
+    assert distillation["student"]["n_layers"] == 1 and distillation["steps"] == 6
+    assert distillation["parameters"] < distillation["teacher_parameters"]
+    assert distillation["alpha"] == 0.5 and distillation["temperature"] == 2.0
+    assert lineage["compression"]["bytes_after"] < lineage["compression"]["bytes_before"]
+    assert lineage["metrics"]["eval_tokens"] == 8 * 64
+    _, folder = registry.local_path(student.ref)
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 1
