@@ -84,6 +84,11 @@ class DistillSettings(StageConfig):
     against the source (the teacher)'s predictions as well as the text itself."""
 
     student: StudentShape = StudentShape()
+    init: Literal["teacher_layers", "random"] = "teacher_layers"
+    """``teacher_layers``: the student starts from the teacher's embeddings, final norm and
+    output head and evenly spaced layers of it, first and last kept (as DistilBERT starts its
+    student); it must have the teacher's widths and at most its layers. ``random``: a seeded
+    random init, for a student of any shape."""
     alpha: float = Field(0.5, ge=0, le=1)
     """The share of the loss that is the KL divergence from the teacher's predictions; the
     rest is the next-token loss. 0 trains the student alone (the baseline at equal compute)."""

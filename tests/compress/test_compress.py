@@ -173,6 +173,7 @@ def test_the_readme_distillation_curates_with_the_teachers_tokenizer_and_trains_
     assert distillation["student"]["n_layers"] == 1 and distillation["steps"] == 6
     assert distillation["parameters"] < distillation["teacher_parameters"]
     assert distillation["alpha"] == 0.5 and distillation["temperature"] == 2.0
+    assert distillation["init"] == "teacher_layers"  # the default: the teacher's last layer
     assert lineage["compression"]["bytes_after"] < lineage["compression"]["bytes_before"]
     assert lineage["metrics"]["eval_tokens"] == 8 * 64
     _, folder = registry.local_path(student.ref)

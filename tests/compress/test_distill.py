@@ -1,6 +1,6 @@
 """Distillation's parts in this process: the loss (the student alone at alpha 0, no KL term
 where the student already predicts what the teacher does, gradients towards the teacher), the
-student's shape, and the refusals of a teacher that reads other tokens than the data's or
+student's shape and its start from the teacher's layers, and the refusals of a teacher that reads other tokens than the data's or
 settings that rayllm compress sets itself."""
 
 import json
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from rayllm.compress.config import CompressConfig, StudentShape
+from rayllm.compress.distill import starting_student, teacher_layers
 from rayllm.data.config import TokenizerConfig
 from rayllm.data.tokenizer import save_tokenizer, train_tokenizer
 from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
-from rayllm.model.model import IGNORED, next_token_loss
+from rayllm.model.model import IGNORED, Transformer, next_token_loss
 from rayllm.train.config import TrainConfig
 from rayllm.train.objectives import distillation, softened_kl
 from rayllm.train.trainer import with_teacher_vocabulary
@@ -107,3 +108,21 @@ def test_a_teacher_must_read_the_datas_tokens_and_lends_the_model_its_vocabulary
     assert "tokenizer.pretrained" in str(refused.value)
     with pytest.raises(RayllmError, match="is not a Hugging Face model folder"):
         with_teacher_vocabulary(config.model_copy(update={"teacher": str(tmp_path)}), manifest)
+
+
+def test_the_student_starts_from_evenly_spaced_teacher_layers_of_its_widths():
+    assert teacher_layers(30, 8) == [0, 4, 8, 12, 17, 21, 25, 29]
+    assert teacher_layers(4, 4) == [0, 1, 2, 3] and teacher_layers(2, 1) == [1]
+    teacher = ModelConfig(vocab_size=32, dim=64, n_layers=4, n_heads=1, n_kv_heads=1, ffn_dim=96)
+    state = Transformer(teacher).state_dict()
+    student = teacher.model_copy(update={"n_layers": 2})
+    start = starting_student(state, teacher, student)
+    Transformer(student).load_state_dict(start)  # every weight, of the right shape
+    assert torch.equal(start["layers.1.mlp.up_proj.weight"], state["layers.3.mlp.up_proj.weight"])
+    assert torch.equal(start["lm_head.weight"], state["lm_head.weight"])
+    narrower = student.model_copy(update={"ffn_dim": 48})
+    with pytest.raises(RayllmError, match="the student changes ffn_dim .* distill.init=random"):
+        starting_student(state, teacher, narrower)
+    deeper = teacher.model_copy(update={"n_layers": 6})
+    with pytest.raises(RayllmError, match="the student has 6 layers"):
+        starting_student(state, teacher, deeper)
