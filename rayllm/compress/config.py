@@ -75,6 +75,9 @@ class DistillTrainConfig(TrainConfig):
     run_name: str = "rayllm-distill"
     parallel: ParallelConfig = ParallelConfig(strategy="ddp")
     steps: int = 200
+    learning_rate: float = 5e-4
+    """Lower than pretraining's: the student starts from trained layers (``distill.init``)."""
+    min_learning_rate: float = 5e-5
     eval_every: int = 50
     checkpoint_every: int = 100
 
