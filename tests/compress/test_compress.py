@@ -142,7 +142,7 @@ def test_the_readme_distillation_curates_with_the_teachers_tokenizer_and_trains_
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
     registry = Registry(root)
     _, teacher = registry.local_path(source)
-    curate, distill = commands(block_with("method=distill"))
+    curate, distill = commands(block_with("--set method=distill"))
     ours = {
         "rayllm-work/registry/smollm2/versions/1": str(teacher),
         "rayllm-work/data-bible-smollm2": str(tmp_path / "data"),
