@@ -200,7 +200,8 @@ def run(config: DataConfig, report: bool = True) -> DataResult:
     config = config.with_work_paths()
     output = absolute_url(config.output)
     check_replaceable(output, config.overwrite, "data.output", "output")
-    pretrained = config.tokenizer.pretrained and load_tokenizer(config.tokenizer.pretrained)
+    source = config.tokenizer.pretrained
+    pretrained = load_tokenizer(source) if source else None  # a bad folder fails before work
     with Stage("data: reading") as stage:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
@@ -215,7 +216,7 @@ def run(config: DataConfig, report: bool = True) -> DataResult:
         docs = docs.limit(config.max_documents)
 
     with staged_folder(output) as (fs, staging), _data_context(config):
-        manifest = _curate(config, docs, files, fs, staging, started, pretrained or None)
+        manifest = _curate(config, docs, files, fs, staging, started, pretrained)
     if report:
         print_stats(manifest["stats"])
     return DataResult(output, manifest, time.time() - started)

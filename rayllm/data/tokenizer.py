@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -83,6 +85,15 @@ def load_tokenizer(url: str | Path) -> PreTrainedTokenizerFast:
             if fs.exists(f"{path}/{name}"):
                 fs.get(f"{path}/{name}", f"{local}/{name}")
         return PreTrainedTokenizerFast.from_pretrained(local)
+
+
+def tokenizer_vocabulary(folder: str) -> dict[str, Any]:
+    """What decides the id of every piece of text: the model and the added tokens of the
+    tokenizer.json in ``folder`` (its chat template and other settings aside)."""
+    fs, path = filesystem(folder)
+    saved = json.loads(fs.cat_file(f"{path.rstrip('/')}/tokenizer.json"))
+    added = sorted((token["id"], token["content"]) for token in saved.get("added_tokens", []))
+    return {"model": saved["model"], "added": added}
 
 
 CHAT_TEMPLATE = (

@@ -15,7 +15,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rayllm.data.shards import load_manifest, manifest_sha256, shard_dataset
-from rayllm.data.tokenizer import load_tokenizer, with_chat_template
+from rayllm.data.tokenizer import load_tokenizer, tokenizer_vocabulary, with_chat_template
 from rayllm.errors import RayllmError
 from rayllm.model.hf import save_hf_model
 from rayllm.paths import (
@@ -95,15 +95,6 @@ def with_teacher_vocabulary(config: TrainConfig, manifest: dict[str, Any]) -> Tr
         )
     model = model.model_copy(update={"vocab_size": vocab})
     return config.model_copy(update={"teacher": url, "model": model})
-
-
-def tokenizer_vocabulary(folder: str) -> dict[str, Any]:
-    """What decides the id of every piece of text: the model and the added tokens of the
-    tokenizer.json in ``folder`` (its chat template and other settings aside)."""
-    fs, path = filesystem(folder)
-    saved = json.loads(fs.cat_file(f"{path.rstrip('/')}/tokenizer.json"))
-    added = sorted((token["id"], token["content"]) for token in saved.get("added_tokens", []))
-    return {"model": saved["model"], "added": added}
 
 
 def run(config: TrainConfig) -> TrainResult:

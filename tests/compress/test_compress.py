@@ -13,10 +13,9 @@ import torch
 from rayllm.compress.calibration import token_rows
 from rayllm.data.config import TokenizerConfig
 from rayllm.data.shards import load_manifest, read_shard
-from rayllm.data.tokenizer import load_tokenizer, train_tokenizer
+from rayllm.data.tokenizer import load_tokenizer, tokenizer_vocabulary, train_tokenizer
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry
-from rayllm.train.trainer import tokenizer_vocabulary
 from tests.conftest import overrides
 from tests.test_cli import rayllm, rayllm_ok
 from tests.test_jobs import readme_job, run_job
