@@ -1,12 +1,15 @@
-# Two commands on a fresh machine with Python 3.11: `make lifecycle` and `make test`.
+# Two commands on a fresh machine with Python 3.11: `make quickstart` and `make test`.
 # Both set up .venv first (idempotent: seconds when nothing changed).
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install lifecycle test lint format bench-setup
+.PHONY: install quickstart lifecycle test lint format bench-setup
 
 install:
 	@bash cluster/install.sh $(VENV)
+
+# The quick start: the whole lifecycle (data, train, publish, eval, serve) at its defaults.
+quickstart: lifecycle
 
 lifecycle: install
 	$(BIN)/rayllm lifecycle $(ARGS)

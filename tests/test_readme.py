@@ -173,3 +173,27 @@ def test_the_registry_commands(scratch):
             continue
         run(args, folder, env, timeout=120)
     assert (folder / "out" / "model.safetensors").exists()
+
+
+def test_the_quick_start_make_targets_run_the_commands_the_suite_tests():
+    """`make quickstart` is `rayllm lifecycle` (tests/test_lifecycle.py runs it as a Ray job)
+    and `make test` is ruff and this suite, each after the install script (a dry run of make:
+    what each target would execute)."""
+    lines = [line.split("#")[0].strip() for line in block_after("## Quick start").splitlines()]
+    assert lines == ["make quickstart", "make test"]
+    planned = {
+        target: [
+            line.strip()
+            for line in subprocess.run(
+                ["make", "-n", target],
+                cwd=Path(__file__).parent.parent,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()
+        ]
+        for target in ("quickstart", "test")
+    }
+    assert planned["quickstart"] == ["bash cluster/install.sh .venv", ".venv/bin/rayllm lifecycle"]
+    assert planned["test"][0] == "bash cluster/install.sh .venv"
+    assert any("-m pytest" in line for line in planned["test"])
