@@ -181,12 +181,19 @@ def test_the_quick_start_make_targets_run_the_commands_the_suite_tests():
     what each target would execute)."""
     lines = [line.split("#")[0].strip() for line in block_after("## Quick start").splitlines()]
     assert lines == ["make quickstart", "make test"]
+    # The suite runs under `make test`; make's own variables would make this a nested make.
+    outside_make = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+    }
     planned = {
         target: [
             line.strip()
             for line in subprocess.run(
-                ["make", "-n", target],
+                ["make", "-n", "--no-print-directory", target],
                 cwd=Path(__file__).parent.parent,
+                env=outside_make,
                 capture_output=True,
                 text=True,
                 check=True,
