@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from rayllm.bench.load import Load
 from rayllm.bench.serve import bench_registry
 from rayllm.bench.serve import benchmark as serve_benchmark
-from rayllm.compress.config import CompressConfig
+from rayllm.compress.config import RAYLLM_LAYOUTS, CompressConfig
 from rayllm.compress.runner import CompressResult, compress_version
 from rayllm.config import describe_validation_error
 from rayllm.errors import RayllmError
@@ -79,9 +79,16 @@ def benchmark(
         if quantize.get("scheme", "w4a16") != "w8a8":  # w8a8 is per channel
             quantize.setdefault("group_size", group_size)
         try:
-            configs.append((text, CompressConfig.model_validate(base | sizes | settings)))
+            config = CompressConfig.model_validate(base | sizes | settings)
         except ValidationError as err:
             raise RayllmError(describe_validation_error(err, f"--method {text}")) from None
+        if config.method in RAYLLM_LAYOUTS and system != "hf generate":
+            raise RayllmError(
+                f"--method {text}: its result is {RAYLLM_LAYOUTS[config.method]}, which vLLM "
+                f"cannot serve, so {system!r} cannot measure it; measure every row with "
+                "--system 'hf generate'"
+            )
+        configs.append((text, config))
     results = [(text, CompressResult(**compressed_here(config))) for text, config in configs]
     first = results[0][1]  # every result measured the same source on the same rows
     source_row = {

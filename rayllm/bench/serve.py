@@ -232,14 +232,15 @@ def _hf_generate(
 ) -> dict[str, Any]:
     """Hugging Face ``generate``, one request at a time, exactly ``output_tokens`` each."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from rayllm.eval.models import load_causal_lm
     from rayllm.serve.app import cpu_has_bf16
 
     _, folder = registry.local_path(ref)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    model = load_causal_lm(folder, dtype).eval()
     latencies, tokens = [], 0
     with Stage(f"bench: hf generate, {requests} requests one at a time"), torch.inference_mode():
         started = time.perf_counter()

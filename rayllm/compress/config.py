@@ -3,7 +3,7 @@ settings, on which calibration and held-out text, and the name it publishes the 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -15,6 +15,8 @@ from rayllm.registry.store import Registry, Version, default_registry
 from rayllm.train.config import ParallelConfig, TrainConfig
 
 Scheme = Literal["w4a16", "w8a16", "w8a8"]
+RAYLLM_LAYOUTS = {"low_rank": "low-rank factorised", "share": "weight-shared across layers"}
+"""Methods whose result only ``rayllm.compress.modeling_rayllm`` loads (not a Llama)."""
 
 
 class QuantizeSettings(StageConfig):
@@ -47,6 +49,57 @@ class PruneSettings(StageConfig):
     """The share removed: of each linear layer's weights (unstructured, by magnitude), of the
     key-value head groups of every layer (heads), of the MLP channels of every layer
     (channels), or of the layers (layers); each by its importance on the calibration rows."""
+
+
+Projection = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LowRankSettings(StageConfig):
+    """Low-rank factorisation: each targeted linear layer of the decoder becomes two smaller
+    ones, the halves of its truncated SVD (a layer the kept rank would not shrink is left
+    dense and counted)."""
+
+    rank: int | None = Field(None, ge=1)
+    """The rank every factorised layer keeps; unset: chosen per layer by ``energy``."""
+    energy: float = Field(0.9, gt=0, lt=1)
+    """Without ``rank``: per layer, the smallest rank that keeps this share of the squared
+    singular values (the weight's Frobenius energy)."""
+    calibrated: bool = True
+    """Truncate each layer's SVD by its output on the calibration rows (SVD-LLM's whitening)
+    rather than by its weights alone; ``energy`` is then the share of that output's energy."""
+    targets: list[Projection] = list(get_args(Projection))
+    """The projections factorised, in every decoder layer (not the embeddings or the head)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LowRankSettings:
+        if self.rank is not None and "energy" in self.model_fields_set:
+            raise ValueError("low_rank.rank and low_rank.energy each choose the rank: set one")
+        if not self.targets:
+            raise ValueError("low_rank.targets is empty: name at least one projection")
+        return self
+
+
+class ShareSettings(StageConfig):
+    """Weight sharing across layers (as ALBERT shares them): each run of ``group`` consecutive
+    decoder layers computes with one set of weights, stored once."""
+
+    group: int = Field(2, ge=2)
+    """Layers per shared set (the last run may be shorter); the model's layer count: every
+    layer shares one set, as in ALBERT."""
+    merge: Literal["mean", "first"] = "mean"
+    """The shared weights: the mean of the run's layers, or its first layer's."""
+
+
+class RecoverySettings(StageConfig):
+    """A short fine-tune after pruning, factorising or sharing: next-token training of every
+    weight on the shard set's training rows, in the compress task itself (one process, the
+    task's CPUs), to win back some of what the method cost."""
+
+    steps: int = Field(0, ge=0)
+    """Optimizer steps; 0: none."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """AdamW's, after a tenth of the steps of linear warm-up, decayed by a cosine to a tenth."""
+    rows_per_step: int = Field(8, ge=1)
 
 
 class StudentShape(StageConfig):
@@ -124,13 +177,19 @@ class CompressConfig(StageConfig):
     """The registry version compressed (``name``, ``name:3``, ``name@production``; required)."""
     registry: str | None = None
     """Registry root, any fsspec URL; default: $RAYLLM_REGISTRY, else rayllm-work/registry."""
-    method: Literal["quantize", "prune", "distill"] = "quantize"
+    method: Literal["quantize", "prune", "distill", "low_rank", "share"] = "quantize"
     quantize: QuantizeSettings = QuantizeSettings()
     prune: PruneSettings = PruneSettings()
     distill: DistillSettings = DistillSettings()
+    low_rank: LowRankSettings = LowRankSettings()
+    share: ShareSettings = ShareSettings()
+    recovery: RecoverySettings = RecoverySettings()
+    """After prune (structured), low_rank or share; distillation trains the student already and
+    quantization comes last."""
     name: str | None = None
     """The registry name the result is published under; default: the source's name and the
-    method's tag (``smollm2-w4a16``, ``smollm2-pruned-heads``, ``smollm2-distilled``)."""
+    method's tag (``smollm2-w4a16``, ``smollm2-pruned-heads``, ``smollm2-distilled``,
+    ``smollm2-low-rank``, ``smollm2-shared``)."""
     data: str | None = None
     """The shard set (``rayllm data``'s output) whose training split calibrates (distill:
     trains the student) and whose validation split measures the loss; default
@@ -150,7 +209,20 @@ class CompressConfig(StageConfig):
         given = "group_size" in quantize.model_fields_set and quantize.group_size is not None
         if quantize.scheme == "w8a8" and given:
             raise ValueError("w8a8 quantizes weights per channel: leave group_size unset")
+        if self.recovery.steps and not self.recovers():
+            raise ValueError(
+                f"recovery.steps: {self.method}"
+                + (" (unstructured)" if self.method == "prune" else "")
+                + " has no recovery fine-tune (it would undo the zeros, the rounding, or train "
+                "a student twice); recovery follows prune (structured), low_rank or share"
+            )
         return self
+
+    def recovers(self) -> bool:
+        """Whether the method's result can be fine-tuned as it is saved."""
+        if self.method == "prune":
+            return self.prune.structure != "unstructured"
+        return self.method in ("low_rank", "share")
 
     def source_version(self) -> Version:
         """The source version, pinned: it must exist and be a full model."""
@@ -164,9 +236,15 @@ class CompressConfig(StageConfig):
             raise RayllmError(
                 f"{version.ref} is an adapter; merge it into a full version before compressing"
             )
-        if "quantization" in version.lineage.get("compression", {}):
+        compression = version.lineage.get("compression", {})
+        if "quantization" in compression:
             raise RayllmError(
                 f"{version.ref} is quantized; compress its parent instead (quantize last)"
+            )
+        if compression.get("method") in RAYLLM_LAYOUTS:
+            raise RayllmError(
+                f"{version.ref} is {RAYLLM_LAYOUTS[compression['method']]}, a layout only "
+                "transformers loads; compress its parent instead (factorise or share last)"
             )
         return version
 
@@ -180,6 +258,8 @@ class CompressConfig(StageConfig):
     def needs_calibration(self) -> bool:
         if self.method == "quantize":
             return self.quantize.algorithm == "gptq"
+        if self.method == "low_rank":
+            return self.low_rank.calibrated
         return self.method == "prune" and self.prune.structure != "unstructured"
 
     def result_name(self, version: Version) -> str:
@@ -189,6 +269,10 @@ class CompressConfig(StageConfig):
             return f"{version.name}-{self.quantize.scheme}"
         if self.method == "distill":
             return f"{version.name}-distilled"
+        if self.method == "low_rank":
+            return f"{version.name}-low-rank"
+        if self.method == "share":
+            return f"{version.name}-shared"
         return f"{version.name}-pruned-{self.prune.structure}"
 
     def store(self) -> Registry:

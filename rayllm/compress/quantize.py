@@ -28,7 +28,6 @@ from compressed_tensors.quantization.utils.helpers import calculate_qparams, cal
 from rayllm.compress.calibration import calibration_pass
 from rayllm.compress.config import QuantizeSettings
 from rayllm.errors import RayllmError
-from rayllm.registry.store import Version
 
 
 def scheme(settings: QuantizeSettings) -> QuantizationScheme:
@@ -230,15 +229,3 @@ def compressed_state(
         ignore=["lm_head"],
     )
     return tensors, config.to_dict()
-
-
-def check_servable(version: Version, on_gpu: bool) -> None:
-    """Refuse serving a version quantized by a scheme the engine has no kernel for where it
-    would run."""
-    scheme_name = version.lineage.get("compression", {}).get("quantization", {}).get("scheme")
-    if scheme_name == "w8a16" and not on_gpu:
-        raise RayllmError(
-            f"{version.ref} is quantized w8a16 (int8 weights only), which vLLM's CPU build has "
-            "no kernel for: serve it on GPUs, or quantize its parent with quantize.scheme=w8a8 "
-            "or w4a16 for CPUs"
-        )

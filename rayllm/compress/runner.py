@@ -6,6 +6,7 @@ its method and settings, its size on disk and its held-out loss before and after
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -16,10 +17,15 @@ import torch
 from safetensors.torch import save_file
 
 from rayllm.cluster import task_result
+from rayllm.compress import modeling_rayllm
 from rayllm.compress.calibration import mean_loss, token_rows
-from rayllm.compress.config import CompressConfig
+from rayllm.compress.config import RAYLLM_LAYOUTS, CompressConfig
+from rayllm.compress.lowrank import factorise_model
 from rayllm.compress.prune import prune_model
 from rayllm.compress.quantize import compressed_state, quantize_model
+from rayllm.compress.recovery import recover
+from rayllm.compress.sharing import share_layers
+from rayllm.eval.models import load_causal_lm
 from rayllm.progress import Stage
 from rayllm.registry.store import Version
 from rayllm.version import code_version
@@ -67,6 +73,17 @@ def compress_version(config: CompressConfig) -> dict:
         calibration = token_rows(
             config.data, "train", config.calibration_rows, tokenizer, "calibration_rows"
         )
+    training = None
+    if config.recovery.steps:
+        recovery = config.recovery
+        training = token_rows(
+            config.data,
+            "train",
+            recovery.steps * recovery.rows_per_step,
+            tokenizer,
+            "recovery.rows_per_step",
+            required=recovery.rows_per_step,
+        )
     with Stage(f"compress: held-out loss of {source.ref}") as stage:
         before = mean_loss(model, held_out, config.batch_size)
         stage.note(f"loss {before['val_loss']:.4f}")
@@ -74,13 +91,17 @@ def compress_version(config: CompressConfig) -> dict:
         Stage(f"compress: {config.method} {source.ref}") as stage,
         tempfile.TemporaryDirectory(prefix="rayllm-compress-") as out,
     ):
-        tensors, details = compressed(model, config, calibration, saved_dtype)
-        after = mean_loss(model, held_out, config.batch_size)
-        stage.note(f"loss {after['val_loss']:.4f}")
+        tensors, details = compressed(model, config, calibration, saved_dtype, training)
+        if config.method in RAYLLM_LAYOUTS:
+            write_rayllm_layout(model.config, Path(out))
         save_file(tensors, f"{out}/model.safetensors", metadata={"format": "pt"})
         model.config.save_pretrained(out)
         model.generation_config.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        if config.method in RAYLLM_LAYOUTS:  # measured as published: the folder read back
+            model = load_causal_lm(Path(out), torch.float32)
+        after = mean_loss(model, held_out, config.batch_size)
+        stage.note(f"loss {after['val_loss']:.4f}")
         if calibration is not None:
             details["calibration_rows"] = len(calibration)
         return publish_compressed(
@@ -140,26 +161,47 @@ def compressed(
     config: CompressConfig,
     calibration: torch.Tensor | None,
     dtype: torch.dtype,
+    training: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Apply the method to ``model`` in place; returns the tensors to save (in ``dtype``,
-    quantized ones as compressed-tensors stores them) and what the lineage records of it."""
+    """Apply the method to ``model`` in place, then the recovery fine-tune on the ``training``
+    rows if given; returns the tensors to save (in ``dtype``, quantized ones as
+    compressed-tensors stores them) and what the lineage records of it."""
     if config.method == "quantize":
         scales = quantize_model(model, config.quantize, calibration, config.batch_size, dtype)
         tensors, quantization = compressed_state(saved_state(model), scales, config.quantize, dtype)
         model.config.quantization_config = quantization
         return tensors, {"quantization": config.quantize.model_dump(mode="json")}
-    details = {"pruning": config.prune.model_dump(mode="json")}
-    details |= prune_model(model, config.prune, calibration, config.batch_size)
+    if config.method == "low_rank":
+        details = factorise_model(model, config.low_rank, calibration, config.batch_size)
+    elif config.method == "share":
+        details = share_layers(model, config.share)
+    else:
+        details = {"pruning": config.prune.model_dump(mode="json")}
+        details |= prune_model(model, config.prune, calibration, config.batch_size)
+    if training is not None:
+        details |= recover(model, training, config.recovery)
     return {k: v.to(dtype) for k, v in saved_state(model).items()}, details
 
 
 def saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as ``save_pretrained`` writes them: contiguous, a tied output head
-    left out."""
+    and shared layers' copies left out."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    for index, source in enumerate(getattr(model.config, "shared_layers", None) or []):
+        if source != index:  # a layer whose weights are another's is stored once
+            state = {k: v for k, v in state.items() if not k.startswith(f"model.layers.{index}.")}
     return state
+
+
+def write_rayllm_layout(config, out: Path) -> None:
+    """Make ``out`` a ``modeling_rayllm`` model folder: the model file beside the weights,
+    named in ``config`` (saved after this) for ``AutoModelForCausalLM`` with
+    ``trust_remote_code``."""
+    shutil.copy(modeling_rayllm.__file__, out / "modeling_rayllm.py")
+    config.architectures = ["RayllmLlamaForCausalLM"]
+    config.auto_map = {"AutoModelForCausalLM": "modeling_rayllm.RayllmLlamaForCausalLM"}
 
 
 def source_dtype(folder: Path) -> str:

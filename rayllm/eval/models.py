@@ -3,11 +3,25 @@ adapter version merged into its base (registry versions read from verified local
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from rayllm.registry.store import Registry
+
+
+def load_causal_lm(folder: Path, dtype: torch.dtype):
+    """The ``transformers`` model in ``folder``; rayllm's compressed layouts (low-rank, shared
+    layers) through rayllm's own model class, never the code the folder carries."""
+    from transformers import AutoModelForCausalLM
+
+    from rayllm.compress.modeling_rayllm import RayllmLlamaForCausalLM
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if "RayllmLlamaForCausalLM" in (config.get("architectures") or []):
+        return RayllmLlamaForCausalLM.from_pretrained(folder, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
 
 
 def load_model(registry: str, model: str):
@@ -16,12 +30,12 @@ def load_model(registry: str, model: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if Path(model).is_dir():
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        loaded = load_causal_lm(Path(model), torch.float32)
         return loaded.eval(), AutoTokenizer.from_pretrained(model)
     store = Registry(registry)
     version, folder = store.local_path(model)
     if "adapter" not in version.lineage:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        loaded = load_causal_lm(folder, torch.float32)
         return loaded.eval(), AutoTokenizer.from_pretrained(folder)
     from peft import PeftModel
 

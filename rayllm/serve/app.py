@@ -22,7 +22,7 @@ from typing import Any
 from rayllm.errors import RayllmError
 from rayllm.paths import filesystem
 from rayllm.progress import Stage
-from rayllm.registry.store import Registry, split_ref
+from rayllm.registry.store import Registry
 from rayllm.serve.config import ModelEntry, ReplicaSettings, ServeConfig
 
 IMPORT_PATH = "rayllm.serve.app:build_app"
@@ -47,13 +47,16 @@ def pin(config: ServeConfig) -> ServeConfig:
     """``config`` with every model pinned to one published version (aliases and ``latest``
     resolved now, unless the entry already names its ``version``) and named by its model id;
     the registry root made explicit."""
+    from rayllm.compress.servable import check_loadable
+
     registry = Registry(config.registry_root())
     entries = config.entries() or [_only_model(config, registry)]
     pinned = []
     for entry in entries:
-        version = entry.version or registry.resolve(entry.model).ref
-        model_id = entry.model_id or split_ref(version)[0]
-        pinned.append(entry.model_copy(update={"version": version, "model_id": model_id}))
+        version = registry.resolve(entry.version or entry.model)
+        check_loadable(version)
+        model_id = entry.model_id or version.name
+        pinned.append(entry.model_copy(update={"version": version.ref, "model_id": model_id}))
     ids = [entry.model_id for entry in pinned]
     for model_id in ids:
         if ids.count(model_id) > 1:
@@ -121,7 +124,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     """The ``ray.serve.llm.LLMConfig`` serving one pinned model, resolved by each replica."""
     from ray.serve.llm import LLMConfig
 
-    from rayllm.compress.quantize import check_servable
+    from rayllm.compress.servable import check_servable
     from rayllm.serve.replica_source import RegistrySource
     from rayllm.serve.server import ModelServer
 

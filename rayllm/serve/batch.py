@@ -60,13 +60,16 @@ def run(config: BatchConfig) -> BatchResult:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    from rayllm.compress.servable import check_servable
     from rayllm.serve.app import engine_arguments
 
     check_replaceable(config.output, config.overwrite, "batch.output", "output")
-    version, folder = Registry(config.registry_root()).local_path(config.model)
+    registry = Registry(config.registry_root())
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0 if config.use_gpu is None else config.use_gpu
+    check_servable(registry.resolve(config.model), on_gpu)
+    version, folder = registry.local_path(config.model)
     prompts = read_prompts(config.input)
     chat = "messages" in prompts.columns()
-    on_gpu = ray.cluster_resources().get("GPU", 0) > 0 if config.use_gpu is None else config.use_gpu
     bundle = {"CPU": config.cpus_per_engine} | ({"GPU": 1} if on_gpu else {})
     processor = build_processor(
         vLLMEngineProcessorConfig(
