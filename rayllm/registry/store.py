@@ -193,8 +193,9 @@ class Registry:
 
     def _read_manifest(self, name: str, number: int) -> dict[str, Any]:
         path = f"{self._version_dir(name, number)}/{MANIFEST}"
-        with self.fs.open(path) as handle:
-            text = handle.read()
+        # Not open(): s3fs checks a read against the ETag it listed, and a manifest is
+        # rewritten in place (recorded evaluations) by other processes.
+        text = self.fs.cat_file(path)
         try:
             manifest = json.loads(text)
         except json.JSONDecodeError as err:

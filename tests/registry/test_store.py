@@ -1,6 +1,8 @@
 """The registry on a local root, on fsspec's memory filesystem and on an S3 API."""
 
 import json
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -192,6 +194,21 @@ def test_evaluations_are_recorded_and_gate_promotion(registry, model_folder):
     assert registry.set_alias("tiny", "production", 2) == 1
     with pytest.raises(RayllmError, match="TASK.SCORE"):
         registry.set_gate("tiny", "production", {"f1": {"min": 0.3}})
+
+
+def test_a_manifest_another_process_rewrites_is_read_anew(registry, model_folder, tmp_path):
+    """Recorded evaluations rewrite a manifest in place; a registry that listed the version
+    before (an object store caches what it lists, ETags included) reads the new one."""
+    if registry.url.startswith("memory://"):
+        pytest.skip("a memory registry is one process's: no other process writes it")
+    registry.publish("tiny", model_folder, lineage={"parent": None})
+    registry.local_path("tiny:1")
+    record = (
+        "import sys; from rayllm.registry.store import Registry; r = Registry(sys.argv[1]); "
+        "r.record_evaluations(r.resolve('tiny:1'), {'qa': {'f1': 0.5}})"
+    )
+    subprocess.run([sys.executable, "-c", record, registry.url], check=True, timeout=120)
+    assert registry.resolve("tiny:1").manifest["evaluations"]["qa"]["f1"] == 0.5
 
 
 def test_a_registry_recreated_at_the_same_url_is_not_read_from_the_old_copy(
