@@ -70,8 +70,7 @@ def benchmark(
     source and every result in turn with ``system`` under ``load``; one row per version, the
     source's first."""
     bench = Registry(bench_registry())
-    ref = _copied_source(Registry(registry_root or default_registry()), source, bench)
-    base = {"source": ref, "registry": bench.url, "data": data, "cpus": os.cpu_count() or 1}
+    base = {"registry": bench.url, "data": data, "cpus": os.cpu_count() or 1}
     configs = []
     for text in methods:
         settings = parse_method(text)
@@ -89,7 +88,11 @@ def benchmark(
                 "--system 'hf generate'"
             )
         configs.append((text, config))
-    results = [(text, CompressResult(**compressed_here(config))) for text, config in configs]
+    ref = _copied_source(Registry(registry_root or default_registry()), source, bench)
+    results = [
+        (text, CompressResult(**compressed_here(config.model_copy(update={"source": ref}))))
+        for text, config in configs
+    ]
     first = results[0][1]  # every result measured the same source on the same rows
     source_row = {
         "method": "source",

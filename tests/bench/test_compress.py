@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from rayllm.bench.compress import parse_method
+from rayllm.bench.compress import benchmark, parse_method
+from rayllm.bench.load import Load
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry
 
@@ -24,6 +25,24 @@ def test_methods_are_nested_compress_settings():
     }
     with pytest.raises(RayllmError, match="comma-separated KEY=VALUE"):
         parse_method("prune")
+
+
+def test_a_method_vllm_cannot_serve_needs_hf_generate(tmp_path, monkeypatch):
+    """Refused before the source is read or anything compressed."""
+    monkeypatch.setenv("RAYLLM_CACHE", str(tmp_path))
+    with pytest.raises(RayllmError, match="--method method=share: .*--system 'hf generate'"):
+        benchmark(
+            "no-such-model",
+            str(tmp_path / "no-registry"),
+            str(tmp_path / "no-data"),
+            ["method=share"],
+            None,
+            {},
+            Load(2, 4, concurrency=1),
+            "rayllm",
+            {},
+            8,
+        )
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 S3 registry, its shard set): GPTQ int4 through the README's `ray job submit`, w8a8 and channel
 pruning from the command line, each published with the source as its parent and its sizes and
 losses; `rayllm eval` loads the int4 version back with transformers and measures the loss the
-compressor recorded; the README's distillation trains a student against it. Bad input is refused with exit 2 and nothing published. (The session's
-served app rolls onto a quantized version in tests/serve/test_rollout.py.)"""
+compressor recorded; the README's distillation trains a student against it; its low-rank and
+weight-shared versions run in transformers and are refused by serving. Bad input is refused
+with exit 2 and nothing published. (The session's served app rolls onto a quantized version in
+tests/serve/test_rollout.py.)"""
 
 import json
 
@@ -177,3 +179,55 @@ def test_the_readme_distillation_curates_with_the_teachers_tokenizer_and_trains_
     assert lineage["metrics"]["eval_tokens"] == 8 * 64
     _, folder = registry.local_path(student.ref)
     assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+def test_the_readme_low_rank_and_sharing_publish_versions_transformers_runs_and_vllm_refuses(
+    tiny_run, ray_cluster
+):
+    """The README's three lines on the session's model (recovery shortened): a factorised and
+    a weight-shared version, each smaller than the source and recovered by a few steps;
+    `rayllm eval` runs the factorised one in transformers and measures the loss recorded;
+    `rayllm serve` and `rayllm compress` refuse them before anything starts."""
+    root = tiny_run["settings"]["registry"]["root"]
+    source = tiny_run["report"]["registry"]["ref"]
+    data = str(tiny_run["workdir"] / "data")
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
+    registry = Registry(root)
+    low_rank, share, score = commands(block_with("--set method=low_rank"))
+    small = {"source": source, "data": data, "calibration_rows": 32, "eval_rows": 24}
+    small |= {"recovery": {"steps": 3, "rows_per_step": 4}}
+    for line, name in ((low_rank, f"{MODEL}-low-rank"), (share, f"{MODEL}-shared")):
+        out = rayllm_ok(*line, *overrides(small), env=env)
+        assert f"published {name}:1" in out, out
+        lineage = registry.resolve(f"{name}:1").lineage
+        assert lineage["parent"] == source
+        compression = lineage["compression"]
+        assert compression["bytes_after"] < compression["bytes_before"]
+        assert compression["recovery"]["steps"] == 3
+        assert lineage["metrics"]["eval_tokens"] == 24 * 64
+    factorised = registry.resolve(f"{MODEL}-low-rank:1").lineage["compression"]
+    assert factorised["low_rank"]["calibrated"] and factorised["factorised_layers"] > 0
+    _, folder = registry.local_path(f"{MODEL}-low-rank:1")
+    assert json.loads((folder / "config.json").read_text())["auto_map"] == {
+        "AutoModelForCausalLM": "modeling_rayllm.RayllmLlamaForCausalLM"
+    }
+    assert registry.resolve(f"{MODEL}-shared:1").lineage["compression"]["stored_layers"] == 1
+
+    given = {"model": f"{MODEL}-low-rank:1", "data": data, "max_rows": 24, "batch_size": 8}
+    scored = rayllm_ok(*score, *overrides(given), env=env)
+    assert f"{MODEL}-low-rank:1: held-out perplexity" in scored
+    recorded = registry.resolve(f"{MODEL}-low-rank:1").manifest["evaluations"]["perplexity"]
+    assert recorded["val_loss"] == pytest.approx(
+        registry.resolve(f"{MODEL}-low-rank:1").lineage["metrics"]["val_loss"], rel=1e-4
+    )
+
+    for args, message in (
+        (["serve", "--set", f"model={MODEL}-low-rank:1"], "which no vLLM model class loads"),
+        (
+            ["compress", *overrides(small | {"source": f"{MODEL}-shared:1", "method": "share"})],
+            "compress its parent",
+        ),
+    ):
+        done = rayllm(*args, env=env)
+        assert done.returncode == 2 and message in done.stderr, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
