@@ -1,7 +1,7 @@
 """``rayllm bench compress`` on the tiny model: the source is copied into the benchmark's own
-registry, quantized and distilled there (a student trained on the session cluster), and all
-generate under the same load (transformers here: a vLLM start per version is the benchmark's
-cost, not the test's); each row's ratios are against the source's row."""
+registry, quantized, factorised and distilled there (a student trained on the session
+cluster), and all generate under the same load (transformers here: a vLLM start per version
+is the benchmark's cost, not the test's); each row's ratios are against the source's row."""
 
 import json
 import math
@@ -52,6 +52,7 @@ def test_bench_compress_measures_methods_against_their_source(tiny_run, ray_clus
     command += ["--source", "tiny-shakespeare:1", "--registry", root]
     command += ["--data", str(tiny_run["workdir"] / "data"), "--system", "hf generate"]
     command += ["--method", "method=quantize,quantize.algorithm=rtn,eval_rows=16"]
+    command += ["--method", "method=low_rank,low_rank.rank=8,eval_rows=16"]  # transformers only
     train = "steps=4,micro_batch_size=2,cpus_per_worker=0.5,eval_batches=1,checkpoint_every=4"
     train += f",storage={tmp_path / 'runs'}"
     distill = "method=distill,eval_rows=16," + ",".join(
@@ -64,7 +65,7 @@ def test_bench_compress_measures_methods_against_their_source(tiny_run, ray_clus
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[re.search(r"^\{$", done.stdout, re.M).start() :])
-    source, int4, student = result["rows"]
+    source, int4, factorised, student = result["rows"]
     assert (source["method"], source["version"]) == ("source", "tiny-shakespeare-1:1")
     assert source["size_vs_source"] == source["speed_vs_source"] == 1.0
     assert int4["version"] == "tiny-shakespeare-1-w4a16:1" and int4["bytes"] < source["bytes"]
@@ -73,6 +74,8 @@ def test_bench_compress_measures_methods_against_their_source(tiny_run, ray_clus
     assert int4["perplexity_vs_source"] == pytest.approx(
         math.exp(int4["val_loss"] - source["val_loss"])
     )
+    assert factorised["version"] == "tiny-shakespeare-1-low-rank:1"
+    assert factorised["bytes"] < source["bytes"] and factorised["output_tokens_per_s"] > 0
     assert student["version"] == "tiny-shakespeare-1-distilled:1"  # trained on Ray Train
     assert student["bytes"] < source["bytes"] and student["output_tokens_per_s"] > 0
     bench = Registry(str(tmp_path / "bench" / "registry"))
