@@ -76,10 +76,10 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
         batch = list(
             pool.map(complete, [MODEL, f"{MODEL}:{MODEL}-lora", f"{MODEL}:{MODEL}-lora-b"])
         )
-    # Each request of the batch is answered by its own weights (without
-    # rayllm.serve.cpu_lora_ops, vLLM's CPU ops give the base request the last adapter's): its first token's
-    # log-probability (which depends on the prompt alone) is nearest the one its model gave
-    # alone. Batched numerics differ from single ones in the last digits, and later greedy
+    # Each request of the batch is answered by its own weights (without rayllm's
+    # cpu_lora_ops, vLLM's CPU ops would give the base request the last adapter's): its first
+    # token's log-probability (which depends on the prompt alone) is nearest the one its model
+    # gave alone. Batched numerics differ from single ones in the last digits, and later greedy
     # picks may part at a near-tie.
     for number, answer in enumerate(batch):
         first = logprobs(answer)[0]
