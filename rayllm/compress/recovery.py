@@ -4,12 +4,11 @@ task (one process): the shape of LLM-Pruner's and SVD-LLM's short recovery runs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from rayllm.compress.config import RecoverySettings
 from rayllm.progress import Stage
+from rayllm.train.optim import warmup_cosine
 
 
 def recover(model: torch.nn.Module, rows: torch.Tensor, settings: RecoverySettings) -> dict:
@@ -17,14 +16,7 @@ def recover(model: torch.nn.Module, rows: torch.Tensor, settings: RecoverySettin
     last steps' losses for the lineage. Shared weights are one parameter, trained once."""
     parameters = list(model.parameters())  # deduplicated: a shared weight is listed once
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
-    warmup = max(1, settings.steps // 10)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, settings.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
-
+    factor = warmup_cosine(settings.steps, max(1, settings.steps // 10), floor=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     losses = []
     model.train()

@@ -38,17 +38,29 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
     cosine decay to ``min_learning_rate``, or warmup-stable-decay: constant, then linear to
     ``min_learning_rate`` over the last ``decay_fraction`` of the steps."""
     floor = config.min_learning_rate / config.learning_rate
+    if config.lr_schedule == "cosine":
+        return warmup_cosine(config.steps, config.warmup, floor)
     decay_start = config.steps - max(1, round(config.decay_fraction * config.steps))
 
     def factor(step: int) -> float:
         if step < config.warmup:
             return (step + 1) / config.warmup
-        if config.lr_schedule == "wsd":
-            if step < max(decay_start, config.warmup):
-                return 1.0
-            progress = min(1.0, (step - decay_start) / max(1, config.steps - decay_start))
-            return 1 - (1 - floor) * progress
-        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+        if step < max(decay_start, config.warmup):
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, config.steps - decay_start))
+        return 1 - (1 - floor) * progress
+
+    return factor
+
+
+def warmup_cosine(steps: int, warmup: int, floor: float) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then a cosine from 1 down to ``floor`` at
+    ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
