@@ -23,6 +23,8 @@ class ModelConfig(StageConfig):
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    tie_embeddings: bool = False
+    """The output head is the token embedding (one matrix for both, as SmolLM2 has it)."""
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
@@ -43,13 +45,17 @@ class ModelConfig(StageConfig):
 
     def num_params(self, vocab_size: int | None = None) -> int:
         v = vocab_size or self.vocab_size
+        embeddings = (1 if self.tie_embeddings else 2) * v * self.dim
+        return embeddings + self.n_layers * self.layer_params() + self.dim
+
+    def layer_params(self) -> int:
         kv = self.n_kv_heads * self.head_dim
         attention = 2 * self.dim * self.dim + 2 * self.dim * kv
-        layer = attention + 3 * self.dim * self.ffn_dim + 2 * self.dim
-        return 2 * v * self.dim + self.n_layers * layer + self.dim
+        return attention + 3 * self.dim * self.ffn_dim + 2 * self.dim
 
     def flops_per_token(self, seq_len: int, frozen: bool = False) -> float:
         """Training FLOPs per token: 6N for the matmuls plus the attention scores (PaLM, app. B).
-        ``frozen`` weights (LoRA's base) skip their gradients: 4N."""
-        n_matmul = self.num_params() - self.vocab_size * self.dim  # embedding lookup is free
+        ``frozen`` weights (LoRA's base) skip their gradients: 4N. N counts the layers and the
+        output head, tied or not; the embedding lookup is free."""
+        n_matmul = self.vocab_size * self.dim + self.n_layers * self.layer_params() + self.dim
         return (4 if frozen else 6) * n_matmul + 12 * self.n_layers * self.dim * seq_len

@@ -27,7 +27,7 @@ def to_hf_config(config: ModelConfig, *, bos_token_id: int, eos_token_id: int) -
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_theta,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         torch_dtype="float32",
@@ -44,7 +44,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM names -> rayllm names; a tied head becomes a copy of the embedding."""
+    """LlamaForCausalLM names -> rayllm names; a tied head (not stored) is the embedding."""
     state = {name.removeprefix("model."): tensor for name, tensor in state.items()}
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["embed_tokens.weight"].clone()
@@ -79,6 +79,7 @@ def from_hf_config(hf_config: dict[str, Any]) -> ModelConfig:
         max_seq_len=hf_config["max_position_embeddings"],
         rope_theta=hf_config.get("rope_theta", 10_000.0),
         norm_eps=hf_config.get("rms_norm_eps", 1e-5),
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
     )
 
 
@@ -109,6 +110,8 @@ def save_hf_model(
     folder.mkdir(parents=True, exist_ok=True)
     hf_config = to_hf_config(config, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     hf_config.save_pretrained(folder)
+    if config.tie_embeddings:  # stored once, as transformers stores a tied head
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     tensors = {k: v.float().cpu() for k, v in to_hf_state_dict(state).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     from transformers import GenerationConfig

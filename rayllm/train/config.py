@@ -231,6 +231,12 @@ class TrainConfig(StageConfig):
                 "objective distill needs a teacher (a Hugging Face folder or URL) and no "
                 "pipeline parallelism (the last stage would need the teacher's logits)"
             )
+        if self.model.tie_embeddings and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ValueError(
+                "the model ties its output head to its embedding (model.tie_embeddings), which "
+                "tensor parallelism splits differently and pipeline stages hold apart: set tp "
+                "and pp to 1 (data parallel strategies and ZeRO train it)"
+            )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")
         if not 0 < self.decay_fraction <= 1:

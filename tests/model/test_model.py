@@ -1,16 +1,18 @@
-"""The decoder: causal, Hugging Face-compatible, and refusing shapes vLLM cannot serve."""
+"""The decoder: causal, Hugging Face-compatible (its head tied to the embedding or not), and
+refusing shapes vLLM cannot serve."""
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from rayllm.model.config import ModelConfig
-from rayllm.model.hf import save_hf_model
+from rayllm.model.hf import read_hf_model, save_hf_model
 from rayllm.model.model import Transformer
 
 TINY = ModelConfig(
     vocab_size=300, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=96, max_seq_len=32
 )
+TIED = TINY.model_copy(update={"tie_embeddings": True})
 
 
 def test_is_causal():
@@ -25,20 +27,41 @@ def test_is_causal():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_parameter_count_matches_formula():
-    assert TINY.num_params() == sum(p.numel() for p in Transformer(TINY).parameters())
+@pytest.mark.parametrize("shape", [TINY, TIED], ids=["untied", "tied"])
+def test_parameter_count_matches_formula(shape):
+    assert shape.num_params() == sum(p.numel() for p in Transformer(shape).parameters())
 
 
-def test_transformers_loads_identical_logits(tmp_path):
+def test_a_tied_head_is_the_embedding_and_costs_the_same_flops():
+    model = Transformer(TIED)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert TIED.num_params() == TINY.num_params() - 300 * 64
+    assert TIED.flops_per_token(32) == TINY.flops_per_token(32)
+
+
+@pytest.mark.parametrize("shape", [TINY, TIED], ids=["untied", "tied"])
+def test_transformers_loads_identical_logits(tmp_path, shape):
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = Transformer(TINY).eval()
-    save_hf_model(tmp_path, TINY, model.state_dict(), bos_token_id=0, eos_token_id=0)
+    model = Transformer(shape).eval()
+    save_hf_model(tmp_path, shape, model.state_dict(), bos_token_id=0, eos_token_id=0)
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        names = list(saved.keys())
+    assert ("lm_head.weight" in names) is not shape.tie_embeddings  # a tied head stored once
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.config.tie_word_embeddings is shape.tie_embeddings
     tokens = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+    read_shape, state = read_hf_model(str(tmp_path))
+    assert read_shape == shape
+    again = Transformer(read_shape)
+    again.load_state_dict(state)
+    assert (again.lm_head.weight is again.embed_tokens.weight) is shape.tie_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(tokens), model(tokens))
 
 
 def test_unservable_head_size_is_refused():

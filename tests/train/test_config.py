@@ -190,3 +190,12 @@ def test_the_scale_plans_layouts_fit_their_models_and_gpus():
         )
         expected = {"pp": 1, "dp_replicate": 1, "tp": 1} | sizes
         assert mesh_shape(config) == MeshShape(**expected), (model, gpus, layout)
+
+
+@pytest.mark.parametrize("parallel", [{"strategy": "fsdp", "tp": 2}, {"strategy": "ddp", "pp": 2}])
+def test_a_tied_head_is_refused_under_tensor_and_pipeline_parallelism(parallel):
+    with pytest.raises(ValueError, match="ties its output head .* set tp and pp to 1"):
+        TrainConfig.model_validate(
+            {"model": {"tie_embeddings": True}, "parallel": parallel, "num_workers": 2}
+        )
+    TrainConfig.model_validate({"model": {"tie_embeddings": True}, "num_workers": 2})

@@ -1,13 +1,16 @@
-"""Recomputation and gradient accumulation change memory and batch shape, never the gradients."""
+"""Recomputation and gradient accumulation change memory and batch shape, never the gradients;
+a head tied to the embedding stays one matrix through training, checkpoint and export."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from rayllm.model.config import ModelConfig
+from rayllm.model.hf import read_hf_model, save_hf_model
 from rayllm.model.model import Transformer, next_token_loss
+from rayllm.train.checkpoint import consolidate, run_layout, write_progress
 from rayllm.train.config import TrainConfig
-from rayllm.train.engine import TorchEngine
+from rayllm.train.engine import TorchEngine, build_engine
 from rayllm.train.mesh import mesh_shape
 from rayllm.train.parallelize import apply_recompute
 from tests.conftest import free_port
@@ -101,3 +104,35 @@ def test_bf16_trains_close_to_fp32(one_rank):
             losses[strategy, precision] = loss.item()
         assert losses[strategy, "bf16"] == pytest.approx(losses[strategy, "fp32"], rel=2e-2)
         assert losses[strategy, "bf16"] != losses[strategy, "fp32"]  # bf16 did compute
+
+
+@pytest.mark.parametrize(
+    "parallel", [{"strategy": "ddp"}, {"strategy": "fsdp"}, {"strategy": "zero", "zero_stage": 3}]
+)
+def test_a_tied_head_trains_as_one_matrix_and_exports_tied(
+    one_rank, tmp_path, monkeypatch, parallel
+):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed's launcher would have set it
+    tied = MODEL | {"tie_embeddings": True}
+    config = TrainConfig.model_validate({"num_workers": 1, "model": tied, "parallel": parallel})
+    torch.manual_seed(0)
+    engine = build_engine(config, mesh_shape(config), torch.device("cpu"))
+    inputs, targets = batch(4)
+    first, _ = engine.train_step([(inputs, targets)])
+    for _ in range(2):
+        loss, _ = engine.train_step([(inputs, targets)])
+    assert loss < first
+    checkpoint = tmp_path / "checkpoint"
+    engine.save(checkpoint)
+    write_progress(checkpoint, 3, run_layout(config, "", {"seq_len": 32, "eos_token_id": 0}))
+    shape, state, _ = consolidate(checkpoint)
+    assert shape.tie_embeddings and torch.equal(
+        state["lm_head.weight"], state["embed_tokens.weight"]
+    )
+    save_hf_model(tmp_path / "hf", shape, state, bos_token_id=0, eos_token_id=0)
+    exported_shape, exported = read_hf_model(str(tmp_path / "hf"))
+    model = Transformer(exported_shape)
+    model.load_state_dict(exported)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    with torch.no_grad():
+        assert next_token_loss(model(inputs), targets) < first
