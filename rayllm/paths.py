@@ -75,6 +75,16 @@ def ensure_parent(fs: fsspec.AbstractFileSystem, path: str) -> None:
     fs.makedirs(parent(path), exist_ok=True)
 
 
+def put_folder(local: str | Path, url: str) -> None:
+    """Copy the local folder ``local`` to ``url`` (any fsspec URL), replacing what was there:
+    for a folder a later step of the same run reads (a training start, a staged model);
+    ``staged_folder`` publishes what others read."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.put(f"{str(local).rstrip('/')}/", path, recursive=True)
+
+
 MARKER = "manifest.json"
 """What every folder rayllm publishes holds once complete (shards, models, registry versions)."""
 

@@ -92,14 +92,27 @@ class ShareSettings(StageConfig):
 
 class RecoverySettings(StageConfig):
     """A short fine-tune after pruning, factorising or sharing: next-token training of every
-    weight on the shard set's training rows, in the compress task itself (one process, the
-    task's CPUs), to win back some of what the method cost."""
+    weight on the shard set's training rows, to win back some of what the method cost; in the
+    compress task itself (one process, the task's CPUs), or on Ray Train."""
 
     steps: int = Field(0, ge=0)
     """Optimizer steps; 0: none."""
     learning_rate: float = Field(1e-4, gt=0)
     """AdamW's, after a tenth of the steps of linear warm-up, decayed by a cosine to a tenth."""
     rows_per_step: int = Field(8, ge=1)
+    """Rows of the shard set per optimizer step, over all workers."""
+    workers: int = Field(0, ge=0)
+    """0: in the compress task. 1 or more: a Ray Train run of that many DDP workers (rayllm's
+    trainer, checkpoints and all) from the pruned weights, each worker its share of
+    ``rows_per_step``; after pruning channels or layers (the shapes rayllm's decoder
+    computes)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    storage: str | None = None
+    """With workers: where the run's checkpoints (and the pruned start) go, any fsspec URL
+    every worker reaches; default rayllm-work/runs."""
+
+    def on_ray_train(self) -> bool:
+        return self.steps > 0 and self.workers > 0
 
 
 class StudentShape(StageConfig):
@@ -216,6 +229,20 @@ class CompressConfig(StageConfig):
                 + " has no recovery fine-tune (it would undo the zeros, the rounding, or train "
                 "a student twice); recovery follows prune (structured), low_rank or share"
             )
+        recovery = self.recovery
+        if recovery.on_ray_train():
+            if self.method != "prune" or self.prune.structure == "heads":
+                what = "prune heads" if self.method == "prune" else self.method
+                raise ValueError(
+                    f"recovery.workers: {what} leaves a model rayllm's trainer does not compute "
+                    "(a head size other than dim / heads, or a factorised or shared layout); "
+                    "set recovery.workers=0 to recover in the compress task"
+                )
+            if recovery.rows_per_step % recovery.workers:
+                raise ValueError(
+                    f"recovery.rows_per_step {recovery.rows_per_step} is not a multiple of "
+                    f"recovery.workers {recovery.workers}: each worker takes an equal share"
+                )
         return self
 
     def recovers(self) -> bool:

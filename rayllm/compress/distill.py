@@ -15,11 +15,11 @@ import torch
 
 from rayllm.compress.calibration import mean_loss, token_rows
 from rayllm.compress.config import CompressConfig
-from rayllm.compress.runner import publish_compressed, source_dtype
+from rayllm.compress.runner import publish_compressed
 from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
-from rayllm.model.hf import from_hf_config, read_hf_model, save_hf_model
-from rayllm.paths import absolute_url, filesystem
+from rayllm.model.hf import from_hf_config, read_hf_model, save_hf_model, weights_dtype
+from rayllm.paths import absolute_url, put_folder
 from rayllm.progress import Stage
 from rayllm.train.config import TrainConfig
 from rayllm.train.trainer import run as run_training
@@ -56,7 +56,7 @@ def distill_version(config: CompressConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="rayllm-distill-") as out:
         student = Path(out) / "student"
         trained = run_training(train.model_copy(update={"output": str(student)}))
-        dtype = torch.bfloat16 if source_dtype(folder) == "bfloat16" else torch.float32
+        dtype = weights_dtype(folder)
         AutoModelForCausalLM.from_pretrained(student, dtype=dtype).save_pretrained(student)
         tokenizer.save_pretrained(student)  # the teacher's own: one vocabulary, its template
         with Stage(f"compress: held-out loss of {teacher.ref} and its student") as stage:
@@ -132,7 +132,4 @@ def write_starting_student(
             bos_token_id=special[0],
             eos_token_id=special[1],
         )
-        fs, path = filesystem(url)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.put(f"{local}/", path, recursive=True)
+        put_folder(local, url)

@@ -1,11 +1,11 @@
 """``rayllm compress``: a registry version in, a compressed version out, in one Ray task that
 reads the source from the registry and publishes the result with the source as its parent,
 its method and settings, its size on disk and its held-out loss before and after
-(distillation trains on Ray Train instead: ``rayllm.compress.distill``)."""
+(distillation trains on Ray Train instead: ``rayllm.compress.distill``; so does a recovery
+with workers: ``rayllm.compress.recovery_on_ray_train``)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -26,6 +26,8 @@ from rayllm.compress.quantize import compressed_state, quantize_model
 from rayllm.compress.recovery import recover
 from rayllm.compress.sharing import share_layers
 from rayllm.eval.models import load_causal_lm
+from rayllm.model.hf import weights_dtype
+from rayllm.paths import put_folder
 from rayllm.progress import Stage
 from rayllm.registry.store import Version
 from rayllm.version import code_version
@@ -52,12 +54,18 @@ def run(config: CompressConfig) -> CompressResult:
         from rayllm.compress.distill import distill_version
 
         return CompressResult(**distill_version(config))
+    if config.recovery.on_ray_train():
+        from rayllm.compress.recovery_on_ray_train import compress_then_train
+
+        return CompressResult(**compress_then_train(config))
     task = ray.remote(num_cpus=config.cpus)(compress_version)
     return CompressResult(**task_result(task.remote(config)))
 
 
-def compress_version(config: CompressConfig) -> dict:
-    """The Ray task: read the source, measure, compress, measure again, write and publish."""
+def compress_version(config: CompressConfig, stage_to: str | None = None) -> dict:
+    """The Ray task: read the source, measure, compress, measure again, write and publish; with
+    ``stage_to``, write the result there instead (for the recovery on Ray Train) and return
+    its details and the losses before and after."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(max(1, int(config.cpus)))
@@ -66,7 +74,7 @@ def compress_version(config: CompressConfig) -> dict:
     source, folder = store.local_path(config.source_version().ref)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    saved_dtype = torch.bfloat16 if source_dtype(folder) == "bfloat16" else torch.float32
+    saved_dtype = weights_dtype(folder)
     held_out = token_rows(config.data, "val", config.eval_rows, tokenizer, "eval_rows")
     calibration = None
     if config.needs_calibration():
@@ -74,7 +82,7 @@ def compress_version(config: CompressConfig) -> dict:
             config.data, "train", config.calibration_rows, tokenizer, "calibration_rows"
         )
     training = None
-    if config.recovery.steps:
+    if config.recovery.steps and not config.recovery.on_ray_train():
         recovery = config.recovery
         training = token_rows(
             config.data,
@@ -104,6 +112,9 @@ def compress_version(config: CompressConfig) -> dict:
         stage.note(f"loss {after['val_loss']:.4f}")
         if calibration is not None:
             details["calibration_rows"] = len(calibration)
+        if stage_to:
+            put_folder(out, stage_to)
+            return {"details": details, "before": before, "after": after}
         return publish_compressed(
             config, source, folder, Path(out), details, before, after, started
         )
@@ -202,11 +213,6 @@ def write_rayllm_layout(config, out: Path) -> None:
     shutil.copy(modeling_rayllm.__file__, out / "modeling_rayllm.py")
     config.architectures = ["RayllmLlamaForCausalLM"]
     config.auto_map = {"AutoModelForCausalLM": "modeling_rayllm.RayllmLlamaForCausalLM"}
-
-
-def source_dtype(folder: Path) -> str:
-    config = json.loads((folder / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def weight_bytes(folder: Path) -> int:

@@ -38,7 +38,7 @@ from rayllm.finetune.examples import (
     render_pair,
 )
 from rayllm.model.config import ModelConfig
-from rayllm.model.hf import from_hf_config, save_hf_model
+from rayllm.model.hf import from_hf_config, save_hf_model, weights_dtype
 from rayllm.paths import filesystem
 from rayllm.progress import Stage, console
 from rayllm.registry.importers import import_adapter
@@ -120,7 +120,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 save_adapter(model, config.lora, Path(out), base=base.ref)
                 version = import_adapter(registry, name, Path(out), base.ref, lineage)
             else:
-                save_full_model(Path(out), shape, merged_state(model), tokenizer)
+                save_full_model(Path(out), shape, merged_state(model), tokenizer, folder)
                 version = registry.publish(
                     name,
                     out,
@@ -239,13 +239,15 @@ def improvement(metrics: dict[str, float]) -> str:
 
 
 def save_full_model(
-    folder: Path, shape: ModelConfig, state: dict, tokenizer: PreTrainedTokenizerBase
+    out: Path, shape: ModelConfig, state: dict, tokenizer: PreTrainedTokenizerBase, base: Path
 ) -> None:
+    """The trained weights in the dtype of the base's (in the local folder ``base``)."""
     save_hf_model(
-        folder,
+        out,
         shape,
         state,
         bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        dtype=weights_dtype(base),
     )
-    tokenizer.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(out))

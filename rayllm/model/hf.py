@@ -15,7 +15,13 @@ from rayllm.model.config import ModelConfig
 from rayllm.paths import filesystem
 
 
-def to_hf_config(config: ModelConfig, *, bos_token_id: int, eos_token_id: int) -> LlamaConfig:
+def to_hf_config(
+    config: ModelConfig,
+    *,
+    bos_token_id: int,
+    eos_token_id: int,
+    dtype: torch.dtype = torch.float32,
+) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
@@ -30,7 +36,7 @@ def to_hf_config(config: ModelConfig, *, bos_token_id: int, eos_token_id: int) -
         tie_word_embeddings=config.tie_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        torch_dtype="float32",
+        torch_dtype=str(dtype).removeprefix("torch."),
         architectures=["LlamaForCausalLM"],
     )
 
@@ -104,16 +110,28 @@ def save_hf_model(
     *,
     bos_token_id: int,
     eos_token_id: int,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Write config.json, generation_config.json and model.safetensors into ``folder``."""
+    """Write config.json, generation_config.json and model.safetensors (in ``dtype``) into
+    ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hf_config = to_hf_config(config, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    hf_config = to_hf_config(
+        config, bos_token_id=bos_token_id, eos_token_id=eos_token_id, dtype=dtype
+    )
     hf_config.save_pretrained(folder)
     if config.tie_embeddings:  # stored once, as transformers stores a tied head
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    tensors = {k: v.float().cpu() for k, v in to_hf_state_dict(state).items()}
+    tensors = {k: v.to(dtype).cpu() for k, v in to_hf_state_dict(state).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     from transformers import GenerationConfig
 
     GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id).save_pretrained(folder)
+
+
+def weights_dtype(folder: Path) -> torch.dtype:
+    """The dtype a Hugging Face folder's ``config.json`` says its weights are stored in:
+    bfloat16, or float32 for anything else (what a model derived from it is saved in)."""
+    config = json.loads((folder / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return torch.bfloat16 if stored == "bfloat16" else torch.float32

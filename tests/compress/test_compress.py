@@ -231,3 +231,39 @@ def test_the_readme_low_rank_and_sharing_publish_versions_transformers_runs_and_
         done = rayllm(*args, env=env)
         assert done.returncode == 2 and message in done.stderr, done.stdout + done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_the_readme_recovery_on_ray_train_trains_the_pruned_model_on_workers(
+    tiny_run, ray_cluster, tmp_path
+):
+    """The README's line on the session's model (its shards are in its own tokenizer): the
+    pruned model is staged, trained a few steps by 2 DDP workers of the trainer, measured and
+    published, smaller than the source and better than it was pruned."""
+    root = tiny_run["settings"]["registry"]["root"]
+    source = tiny_run["report"]["registry"]["ref"]
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
+    registry = Registry(root)
+    (line,) = commands(block_with("--set recovery.workers=2"))
+    ours = {"source=smollm2": f"source={source}", "recovery.steps=30": "recovery.steps=6"}
+    ours["data=rayllm-work/data-bible-smollm2"] = f"data={tiny_run['workdir'] / 'data'}"
+    recovery = {"learning_rate": 1e-3, "rows_per_step": 4, "cpus_per_worker": 0.5}
+    small = {"name": f"{MODEL}-recovered", "calibration_rows": 16, "eval_rows": 16}
+    small |= {"recovery": recovery | {"storage": str(tmp_path / "runs")}}
+    out = rayllm_ok(*(ours.get(arg, arg) for arg in line), *overrides(small), env=env)
+    assert f"published {MODEL}-recovered:1" in out, out
+    lineage = registry.resolve(f"{MODEL}-recovered:1").lineage
+    assert lineage["parent"] == source
+    compression = lineage["compression"]
+    assert compression["bytes_after"] < compression["bytes_before"]
+    assert compression["pruning"]["structure"] == "channels"
+    recovered = compression["recovery"]
+    assert (recovered["workers"], recovered["steps"]) == (2, 6)
+    assert recovered["checkpoint"].startswith(str(tmp_path / "runs"))
+    assert lineage["metrics"]["val_loss"] < recovered["pruned_val_loss"]
+    assert not (tmp_path / "runs" / f"{MODEL}-recovered-recovery-start").exists()
+    _, folder = registry.local_path(f"{MODEL}-recovered:1")
+    _, source_folder = registry.local_path(source)
+    config, source_config = (
+        json.loads((path / "config.json").read_text()) for path in (folder, source_folder)
+    )
+    assert config["intermediate_size"] == source_config["intermediate_size"] * 3 // 4

@@ -168,6 +168,25 @@ def test_recovery_after_a_method_it_would_undo_is_refused(settings, message):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
+        (["method=low_rank"], "recovery.workers: low_rank leaves a model rayllm's trainer"),
+        (["method=share"], "recovery.workers: share leaves"),
+        (["method=prune", "prune.structure=heads"], "prune heads leaves .* recovery.workers=0"),
+        (
+            ["method=prune", "prune.structure=channels", "recovery.rows_per_step=5"],
+            "rows_per_step 5 is not a multiple of recovery.workers 2",
+        ),
+    ],
+)
+def test_a_recovery_on_ray_train_needs_a_shape_the_trainer_computes(settings, message):
+    given = [*settings, "recovery.steps=10", "recovery.workers=2"]
+    with pytest.raises(RayllmError, match=message):
+        load_config(CompressConfig, None, given)
+    load_config(CompressConfig, None, [*given[:-1], "recovery.workers=0"])  # in the task: fine
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
         (["low_rank.rank=8", "low_rank.energy=0.5"], "rank and low_rank.energy each choose"),
         (["low_rank.rank=0"], "low_rank.rank"),
         (["low_rank.energy=1"], "low_rank.energy"),

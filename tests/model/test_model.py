@@ -6,7 +6,7 @@ import torch
 from pydantic import ValidationError
 
 from rayllm.model.config import ModelConfig
-from rayllm.model.hf import read_hf_model, save_hf_model
+from rayllm.model.hf import read_hf_model, save_hf_model, weights_dtype
 from rayllm.model.model import Transformer
 
 TINY = ModelConfig(
@@ -62,6 +62,17 @@ def test_transformers_loads_identical_logits(tmp_path, shape):
     assert (again.lm_head.weight is again.embed_tokens.weight) is shape.tie_embeddings
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(tokens), model(tokens))
+
+
+def test_weights_are_saved_in_the_dtype_asked_and_read_back_as_it(tmp_path):
+    from safetensors.torch import load_file
+
+    state = Transformer(TINY).state_dict()
+    save_hf_model(tmp_path, TINY, state, bos_token_id=0, eos_token_id=0, dtype=torch.bfloat16)
+    assert weights_dtype(tmp_path) == torch.bfloat16
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
+    save_hf_model(tmp_path / "fp32", TINY, state, bos_token_id=0, eos_token_id=0)
+    assert weights_dtype(tmp_path / "fp32") == torch.float32
 
 
 def test_unservable_head_size_is_refused():
