@@ -146,13 +146,12 @@ def ray_head(s3):
 def stop(node: subprocess.Popen) -> None:
     """Stop a node started with ``ray start --block`` in its own process group: signalled
     alone, it stops its processes in seconds (its whole group signalled at once, it waits half
-    a minute on processes gone before their cleanup); stragglers are killed."""
+    a minute on processes gone before their cleanup); what is left after 10 s is killed."""
     node.terminate()
-    try:
-        node.wait(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        node.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -181,11 +181,12 @@ def test_the_quick_start_make_targets_run_the_commands_the_suite_tests():
     what each target would execute)."""
     lines = [line.split("#")[0].strip() for line in block_after("## Quick start").splitlines()]
     assert lines == ["make quickstart", "make test"]
-    # The suite runs under `make test`; make's own variables would make this a nested make.
+    # The suite runs under `make test`; make's own variables would make this a nested make,
+    # and `make test ARGS=...` exports ARGS to the suite.
     outside_make = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+        if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "ARGS")
     }
     planned = {
         target: [
