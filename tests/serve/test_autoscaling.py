@@ -143,13 +143,13 @@ def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
 
                 users = [asyncio.create_task(user()) for _ in range(USERS)]
                 await _until(lambda: _replicas(serve, "RUNNING") == 2, "no second replica")
-                killed = _replica_actors()
-                placed = {replica.node_id for replica in killed.values()}
+                replicas = _replica_actors()
+                placed = {replica.node_id for replica in replicas.values()}
                 assert placed == set(worker_nodes.alive().values())
                 assert ray.get_runtime_context().get_node_id() not in placed
                 # The node lost is one without the app's ingress (Serve placed it anywhere).
                 ingress = {actor.node_id for actor in _replica_actors("Ingress").values()}
-                lost = next(r for r in killed.values() if r.node_id not in ingress)
+                lost = next(r for r in replicas.values() if r.node_id not in ingress)
                 await asyncio.to_thread(worker_nodes.remove, lost.node_id)
                 await _until(
                     lambda: (
