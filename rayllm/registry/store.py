@@ -19,7 +19,6 @@ both go on, since whichever lists second sees the other's claim. References are 
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import hashlib
 import json
@@ -30,7 +29,6 @@ import shutil
 import socket
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from rayllm.paths import (
     absolute_url,
     cache_dir,
     ensure_parent,
+    file_lock,
     filesystem,
     is_local,
     staged_folder,
@@ -271,7 +270,7 @@ class Registry:
         # The marker holds the checksums it was verified against: a registry recreated at the
         # same URL (a new bucket, a wiped folder) may hold other files under the same version.
         files = hashlib.sha256(json.dumps(version.manifest["files"], sort_keys=True).encode())
-        with _file_lock(target.with_name(f"{target.name}.lock")):
+        with file_lock(target.with_name(f"{target.name}.lock")):
             marker = target / ".verified"
             if not marker.exists() or marker.read_text() != files.hexdigest():
                 with staged_folder(str(target)) as (local, staging):
@@ -544,14 +543,3 @@ def check_files(fs: fsspec.AbstractFileSystem, folder: str, version: Version) ->
                 f"{version.ref}: file {entry['path']} does not match its checksum; "
                 "the version is corrupted, re-publish it"
             )
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
