@@ -2,8 +2,6 @@
 # Both set up .venv first (idempotent: seconds when nothing changed).
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Pytest workers of make test, each with its own Ray cluster and S3 API (two on 2 cores).
-TEST_WORKERS ?= 2
 
 .PHONY: install quickstart lifecycle test lint format bench-setup
 
@@ -19,7 +17,7 @@ lifecycle: install
 test: install
 	$(BIN)/ruff check rayllm jobs tests
 	$(BIN)/ruff format --check rayllm jobs tests
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 # The datatrove baseline of `rayllm bench data`, in its own environment under $RAYLLM_CACHE.
 bench-setup: install

@@ -8,10 +8,6 @@
 - ``tiny_run``: the README's ``ray job submit`` of ``jobs/lifecycle.py`` at reduced size,
   publishing to the S3 registry and leaving its model served for the tests that query it;
 - ``worker_nodes``: two more nodes joined to that cluster for a module's multi-node tests.
-
-``make test`` runs two pytest workers (pytest-xdist, a whole module to one worker): each has its
-own session, so its own object store, cluster and tiny lifecycle; modules with slow tests go
-first, so that the short ones fill the end of both workers' time.
 """
 
 from __future__ import annotations
@@ -49,12 +45,6 @@ BUCKET = "rayllm-test"
 
 TINY_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 128}
 """The smallest decoder vLLM's CPU kernels serve (head size 32)."""
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with slow tests first, each module's tests in their order."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # a stable sort
 
 
 def free_port() -> int:
