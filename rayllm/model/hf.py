@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load, save_file
-from transformers import LlamaConfig
 
 from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
 from rayllm.paths import filesystem
+
+if TYPE_CHECKING:  # imported where a config is written: seconds saved in every training worker
+    from transformers import LlamaConfig
 
 
 def to_hf_config(
@@ -22,6 +24,8 @@ def to_hf_config(
     eos_token_id: int,
     dtype: torch.dtype = torch.float32,
 ) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,

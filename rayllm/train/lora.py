@@ -2,25 +2,32 @@
 its parameter names (the adapted layers gain ``base_layer`` and ``lora_A`` / ``lora_B``) and
 every parallel plan that wraps whole layers applies unchanged. A trained adapter is saved in
 peft's layout for the Hugging Face Llama the decoder maps onto, which transformers, peft and
-vLLM load against the base version; or merged into full weights."""
+vLLM load against the base version; or merged into full weights.
+
+peft is imported by the functions that use it: with transformers, it would add seconds to the
+start of every training worker, and most runs train no adapter."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from rayllm.model.model import Transformer
 from rayllm.train.config import LoraSettings
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 HF_PREFIX = "base_model.model.model."
 """Where peft puts the decoder's layers of a LlamaForCausalLM (PeftModel > Llama > model)."""
 
 
 def peft_config(settings: LoraSettings, base: str = "") -> LoraConfig:
+    from peft import LoraConfig
+
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -34,6 +41,8 @@ def peft_config(settings: LoraSettings, base: str = "") -> LoraConfig:
 
 def add_lora(model: Transformer, settings: LoraSettings) -> Transformer:
     """Adapters on ``settings.target_modules``; every other parameter frozen."""
+    from peft import inject_adapter_in_model
+
     return inject_adapter_in_model(peft_config(settings), model)
 
 
@@ -44,6 +53,8 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 def save_adapter(model: Transformer, settings: LoraSettings, folder: Path, base: str) -> None:
     """``adapter_config.json`` and ``adapter_model.safetensors``, as peft's ``save_pretrained``
     writes them for a LlamaForCausalLM ``base``."""
+    from peft import get_peft_model_state_dict
+
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         HF_PREFIX + name: tensor.detach().float().contiguous()
@@ -55,6 +66,8 @@ def save_adapter(model: Transformer, settings: LoraSettings, folder: Path, base:
 
 def merged_state(model: Transformer) -> dict[str, torch.Tensor]:
     """The full weights with every adapter added in (peft's merge), under the plain names."""
+    from peft.tuners.lora import LoraLayer
+
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.merge()
