@@ -21,7 +21,8 @@ from rayllm.bench.load import Load
 from rayllm.bench.serve import bench_registry
 from rayllm.bench.serve import benchmark as serve_benchmark
 from rayllm.compress.config import RAYLLM_LAYOUTS, CompressConfig
-from rayllm.compress.runner import CompressResult, compress_version
+from rayllm.compress.runner import CompressResult
+from rayllm.compress.task import compress_version
 from rayllm.config import describe_validation_error
 from rayllm.errors import RayllmError
 from rayllm.registry.importers import import_folder

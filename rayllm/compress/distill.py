@@ -15,7 +15,7 @@ import torch
 
 from rayllm.compress.calibration import mean_loss, token_rows
 from rayllm.compress.config import CompressConfig
-from rayllm.compress.runner import publish_compressed
+from rayllm.compress.task import publish_compressed
 from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import from_hf_config, read_hf_model, save_hf_model, weights_dtype

@@ -15,7 +15,8 @@ import ray
 from rayllm.cluster import task_result
 from rayllm.compress.calibration import mean_loss, token_rows
 from rayllm.compress.config import CompressConfig
-from rayllm.compress.runner import compress_version, publish_compressed
+from rayllm.compress.runner import compress_task
+from rayllm.compress.task import publish_compressed
 from rayllm.data.shards import load_manifest
 from rayllm.data.tokenizer import tokenizer_vocabulary
 from rayllm.errors import RayllmError
@@ -46,7 +47,7 @@ def compress_then_train(config: CompressConfig) -> dict:
     settings = trainer_settings(config, config.result_name(source))
     storage = TrainConfig.model_validate(settings).with_work_paths().storage
     start = f"{absolute_url(storage).rstrip('/')}/{settings['run_name']}-start"
-    task = ray.remote(num_cpus=config.cpus)(compress_version)
+    task = ray.remote(num_cpus=config.cpus)(compress_task)
     pruned = task_result(task.remote(config, start))
     fs, path = filesystem(start)
     shape = from_hf_config(json.loads(fs.cat_file(f"{path}/config.json")))

@@ -20,9 +20,9 @@ from rayllm.compress.config import (
 )
 from rayllm.compress.lowrank import energy_rank, factorise_model
 from rayllm.compress.recovery import recover
-from rayllm.compress.runner import saved_state, write_rayllm_layout
 from rayllm.compress.servable import check_servable
 from rayllm.compress.sharing import share_layers
+from rayllm.compress.task import saved_state, write_rayllm_layout
 from rayllm.config import load_config
 from rayllm.errors import RayllmError
 from rayllm.eval.models import load_causal_lm

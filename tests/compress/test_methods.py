@@ -20,7 +20,7 @@ from rayllm.compress.quantize import (
     scales_of,
     scheme,
 )
-from rayllm.compress.runner import saved_state
+from rayllm.compress.task import saved_state
 from rayllm.config import load_config
 from rayllm.errors import RayllmError
 
