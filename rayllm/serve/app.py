@@ -16,7 +16,6 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rayllm.errors import RayllmError
@@ -213,13 +212,11 @@ def autoscaling(entry: ModelEntry) -> dict[str, Any]:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), from the kernel's
-    CPU flags; elsewhere vLLM serves float32."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return False
-    flags = set(cpuinfo.read_text().split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere vLLM
+    serves float32."""
+    from rayllm.compress.servable import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def deploy(config: ServeConfig) -> Endpoint:

@@ -164,19 +164,47 @@ def test_w8a8_takes_no_group_size():
     )
 
 
-def test_serving_refuses_int8_weights_only_where_the_engine_has_no_kernel(tmp_path):
+def quantized_app(tmp_path, scheme: str):
+    """An app config serving a version recorded as quantized with ``scheme``."""
     from rayllm.registry.store import Registry
-    from rayllm.serve.app import llm_config, pin
+    from rayllm.serve.app import pin
     from rayllm.serve.config import ServeConfig
 
     folder = tmp_path / "model"
     folder.mkdir()
     small_llama().config.save_pretrained(folder)
-    quantization = QuantizeSettings(scheme="w8a16").model_dump(mode="json")
+    quantization = QuantizeSettings(scheme=scheme).model_dump(mode="json")
     Registry(str(tmp_path / "registry")).publish(
-        "tiny-w8a16", folder, {"compression": {"method": "quantize", "quantization": quantization}}
+        f"tiny-{scheme}",
+        folder,
+        {"compression": {"method": "quantize", "quantization": quantization}},
     )
-    config = pin(ServeConfig(registry=str(tmp_path / "registry"), model="tiny-w8a16"))
+    return pin(ServeConfig(registry=str(tmp_path / "registry"), model=f"tiny-{scheme}"))
+
+
+def test_serving_refuses_int8_weights_only_where_the_engine_has_no_kernel(tmp_path):
+    from rayllm.serve.app import llm_config
+
+    config = quantized_app(tmp_path, "w8a16")
     with pytest.raises(RayllmError, match="tiny-w8a16:1 is quantized w8a16 .* serve it on GPUs"):
         llm_config(config.models[0], config, has_gpus=False)
     assert llm_config(config.models[0], config, has_gpus=True).model_id == "tiny-w8a16"
+
+
+def test_int4_is_served_on_cpus_where_the_engine_has_its_kernel(tmp_path):
+    """The rule (AVX-512 on x86) against the library vLLM's CPU platform loads on this machine."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    from rayllm.compress.servable import cpu_has_int4_kernel
+    from rayllm.serve.app import llm_config
+
+    CpuPlatform.import_kernels()
+    engine_has_it = hasattr(torch.ops._C, "cpu_gemm_wna16")
+    assert cpu_has_int4_kernel() == engine_has_it
+    config = quantized_app(tmp_path, "w4a16")
+    if engine_has_it:
+        assert llm_config(config.models[0], config, has_gpus=False).model_id == "tiny-w4a16"
+    else:
+        with pytest.raises(RayllmError, match="tiny-w4a16:1 is quantized w4a16 .* AVX-512"):
+            llm_config(config.models[0], config, has_gpus=False)
+    assert llm_config(config.models[0], config, has_gpus=True).model_id == "tiny-w4a16"

@@ -1,6 +1,7 @@
 """Rollout by alias on the session's served app (the lifecycle's): the README's commands
 promote a second version (the first quantized to int4 by `rayllm compress`, which the app's
-vLLM serves with its int4 kernels) and roll the app onto it, then roll it back, each under a
+vLLM serves with its int4 kernels; pruned instead on CPUs whose vLLM has no int4 kernel) and
+roll the app onto it, then roll it back, each under a
 steady stream of requests. No request fails (the client does not retry), and the answers switch
 from one version's to the other's. Whatever fails, the test leaves the app serving the version it
 found, for the tests after it."""
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from rayllm.client import Client
+from rayllm.compress.servable import cpu_has_int4_kernel
 from rayllm.registry.store import Registry
 from tests.conftest import API_KEYS, overrides
 from tests.test_cli import rayllm_ok
@@ -35,15 +37,21 @@ def same_weights(one: list[float], other: list[float]) -> bool:
     return max(abs(a - b) for a, b in zip(one, other, strict=True)) <= SAME
 
 
-def publish_quantized(root: str, parent: str, data: str, env: dict) -> str:
+def publish_compressed(root: str, parent: str, data: str, env: dict) -> str:
     """``parent`` quantized to int4 per channel (``rayllm compress``), published as the
     model's next version: the same tokenizer, other weights, and vLLM's int4 kernels to serve
-    it. Round-to-nearest per channel is the coarsest int4, so the answers move the most."""
-    settings = {"source": parent, "name": MODEL, "data": data, "registry": root}
-    settings |= {"quantize.algorithm": "rtn", "quantize.group_size": None, "eval_rows": 8}
+    it. Round-to-nearest per channel is the coarsest int4, so the answers move the most. Where
+    vLLM's CPU build has no int4 kernel (x86 without AVX-512), half of each layer's weights
+    pruned instead."""
+    settings = {"source": parent, "name": MODEL, "data": data, "registry": root, "eval_rows": 8}
+    if cpu_has_int4_kernel():
+        settings |= {"quantize.algorithm": "rtn", "quantize.group_size": None}
+    else:
+        settings |= {"method": "prune", "prune.sparsity": 0.5}
     rayllm_ok("compress", *overrides(settings), env=env)
     version = Registry(root).resolve(MODEL)
-    assert version.lineage["parent"] == parent and "quantization" in version.lineage["compression"]
+    assert version.lineage["parent"] == parent
+    assert version.lineage["compression"]["method"] == settings.get("method", "quantize")
     return version.ref
 
 
@@ -103,7 +111,7 @@ def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
     first = tiny_run["report"]["registry"]["ref"]
     env = os.environ | ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
     env |= {"RAYLLM_REGISTRY": root, "COLUMNS": "200"}
-    second = publish_quantized(root, first, str(tiny_run["workdir"] / "data"), env)
+    second = publish_compressed(root, first, str(tiny_run["workdir"] / "data"), env)
     rayllm_ok("registry", "promote", first, "production", env=env)
     promote, follow, rollback, rollout = commands(block_with("rayllm serve rollout"))
     promote, follow, rollback, rollout = (
