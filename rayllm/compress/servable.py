@@ -37,15 +37,16 @@ def check_servable(version: Version, on_gpu: bool) -> None:
     """Refuse serving a version vLLM cannot load, or quantized by a scheme it has no kernel
     for where it would run."""
     check_loadable(version)
-    compression = version.lineage.get("compression", {})
-    if compression.get("quantization", {}).get("scheme") == "w8a16" and not on_gpu:
+    if on_gpu:
+        return
+    scheme = version.lineage.get("compression", {}).get("quantization", {}).get("scheme")
+    if scheme == "w8a16":
         raise RayllmError(
             f"{version.ref} is quantized w8a16 (int8 weights only), which vLLM's CPU build has "
             "no kernel for: serve it on GPUs, or quantize its parent with quantize.scheme=w8a8 "
-            "or w4a16 for CPUs"
+            "or w4a16 (on AVX-512) for CPUs"
         )
-    int4 = compression.get("quantization", {}).get("scheme") == "w4a16"
-    if int4 and not on_gpu and not cpu_has_int4_kernel():
+    if scheme == "w4a16" and not cpu_has_int4_kernel():
         raise RayllmError(
             f"{version.ref} is quantized w4a16 (int4 weights), and vLLM's CPU build has its "
             "int4 kernel only for CPUs with AVX-512, which this one lacks: serve it on GPUs "
