@@ -92,10 +92,13 @@ fi
 
 if [[ $gpu == 0 ]]; then
     # DeepSpeed compiles its C++ ops on first use (shared-memory collectives ~70 s, CPU Adam
-    # ~100 s): build them once now into the cache the training workers use.
+    # ~100 s): build them once now into the cache the training workers use, with the ninja
+    # they use (the one beside this interpreter: another version would compile them again).
     echo "rayllm: building DeepSpeed's CPU ops (once; cached in ${RAYLLM_CACHE:-$HOME/.cache/rayllm}/torch_extensions)"
     TORCH_EXTENSIONS_DIR="${RAYLLM_CACHE:-$HOME/.cache/rayllm}/torch_extensions" DS_ACCELERATOR=cpu \
         "$venv/bin/python" -c "
+from rayllm.train.deepspeed_engine import use_this_environments_ninja
+use_this_environments_ninja()
 from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
 ShareMemCommBuilder().load(verbose=False)
 CPUAdamBuilder().load(verbose=False)

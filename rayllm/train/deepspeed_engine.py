@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -17,9 +18,23 @@ TAG = "state"
 """The folder DeepSpeed writes a checkpoint's shards to, inside a Ray Train checkpoint."""
 
 
+def use_this_environments_ninja() -> None:
+    """Put this interpreter's scripts folder first on PATH, so DeepSpeed's C++ ops build with
+    the ``ninja`` pip installed beside it, as ``cluster/install.sh`` built them into the cache.
+
+    Ninja versions record a build's command line under different hashes: a system ninja found
+    first sees every op another version built as changed and compiles it again (a minute or
+    two per op on a small machine, in every process whose PATH differs)."""
+    scripts = sysconfig.get_path("scripts")
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != scripts:
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+
+
 class DeepSpeedEngine:
     def __init__(self, config: TrainConfig, device: torch.device):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if config.use_gpu else "cpu")
+        use_this_environments_ninja()
         import deepspeed
 
         model = build_model(config, device)
