@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from rayllm.config import StageConfig
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry, Version, default_registry
-from rayllm.train.config import LoraSettings, ParallelConfig, TrainConfig
+from rayllm.train.config import QLORA_NEEDS_DDP, LoraSettings, ParallelConfig, TrainConfig
 
 
 class FinetuneTrainConfig(TrainConfig):
@@ -84,6 +84,13 @@ class FinetuneConfig(StageConfig):
             )
         if self.method == "lora" and (self.train.parallel.tp > 1 or self.train.parallel.pp > 1):
             raise ValueError("method lora trains with data parallelism: set tp and pp to 1")
+        if self.lora.quantize_base and self.method != "lora":
+            raise ValueError(
+                "lora.quantize_base (QLoRA) holds the frozen base under adapters: it needs "
+                "method lora"
+            )
+        if self.lora.quantize_base and self.train.parallel.strategy != "ddp":
+            raise ValueError(QLORA_NEEDS_DDP)
         if self.safety_mixture and self.objective != "sft":
             raise ValueError("safety_mixture mixes supervised examples: it needs objective sft")
         if self.train.parallel.pp > 1:

@@ -99,6 +99,11 @@ class LoraSettings(StageConfig):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Names of the linear layers adapted, as in Hugging Face's Llama (``q_proj`` ...
     ``down_proj``)."""
+    quantize_base: bool = False
+    """QLoRA: the frozen weights of every linear layer of the decoder blocks held in 4-bit
+    NormalFloat (torchao's NF4: blocks of 64 weights, their scales quantized too) and
+    dequantized for each matmul; the adapters, norms, embedding and head stay in full
+    precision. Trains with ``parallel.strategy: ddp``."""
 
     @model_validator(mode="after")
     def _check_targets(self) -> LoraSettings:
@@ -110,6 +115,12 @@ class LoraSettings(StageConfig):
             )
         return self
 
+
+QLORA_NEEDS_DDP = (
+    "lora.quantize_base (QLoRA) trains with parallel.strategy=ddp: the 4-bit base weights are "
+    "torchao NF4 tensors, which DDP replicates as they are but DeepSpeed cannot flatten and "
+    "FSDP2 can only shard when every layer's blocks split evenly over the ranks"
+)
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -221,6 +232,8 @@ class TrainConfig(StageConfig):
                 "lora trains with data parallelism (ddp, fsdp or zero); tensor and pipeline "
                 "parallel plans address the plain linear layers LoRA wraps: set tp and pp to 1"
             )
+        if self.lora is not None and self.lora.quantize_base and self.parallel.strategy != "ddp":
+            raise ValueError(QLORA_NEEDS_DDP)
         if self.objective == "dpo" and (self.init_from is None or self.parallel.pp > 1):
             raise ValueError(
                 "objective dpo needs init_from (the starting weights are its reference) and "

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
+from rayllm.errors import RayllmError
 from rayllm.model.model import Transformer
 from rayllm.train.config import LoraSettings
 
@@ -40,10 +41,45 @@ def peft_config(settings: LoraSettings, base: str = "") -> LoraConfig:
 
 
 def add_lora(model: Transformer, settings: LoraSettings) -> Transformer:
-    """Adapters on ``settings.target_modules``; every other parameter frozen."""
+    """Adapters on ``settings.target_modules``; every other parameter frozen (and the decoder
+    blocks' linear weights in 4 bits with ``quantize_base``)."""
     from peft import inject_adapter_in_model
 
-    return inject_adapter_in_model(peft_config(settings), model)
+    model = inject_adapter_in_model(peft_config(settings), model)
+    if settings.quantize_base:
+        quantize_frozen_base(model)
+    return model
+
+
+NF4_BLOCK = 64
+"""Weights per 4-bit block, each block with its own scale (QLoRA's block size)."""
+
+
+def quantize_frozen_base(model: Transformer) -> None:
+    """QLoRA's base: each frozen linear weight of the decoder blocks becomes torchao's
+    ``NF4Tensor``, which ``F.linear`` dequantizes for the matmul and its backward (the weight
+    gets no gradient). The block scales are quantized in groups of up to 256 blocks, fewer
+    where a layer has fewer."""
+    import logging
+
+    # torchao says at import that its CUDA kernels do not load; they are not used here.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    from torchao.quantization import to_nf4
+
+    for name, module in model.layers.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module.weight.requires_grad:
+            continue
+        blocks, rest = divmod(module.weight.numel(), NF4_BLOCK)
+        if rest:
+            raise RayllmError(
+                f"lora.quantize_base: layers.{name} has {module.weight.numel()} weights, not a "
+                f"multiple of NF4's blocks of {NF4_BLOCK}; train it without quantize_base"
+            )
+        group = 256
+        while blocks % group:
+            group //= 2
+        weight = to_nf4(module.weight.detach(), NF4_BLOCK, group)
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

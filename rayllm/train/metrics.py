@@ -41,11 +41,17 @@ def held_bytes(tensors) -> int:
     """Bytes of the storage behind ``tensors`` on this rank, each storage counted once (views
     into one flat buffer are one buffer); a DTensor counts its local shard."""
     storages = {}
-    for tensor in tensors:
+    pending = list(tensors)
+    while pending:
+        tensor = pending.pop()
         if tensor is None:
             continue
         if isinstance(tensor, DTensor):
             tensor = tensor.to_local()
+        if hasattr(tensor, "__tensor_flatten__"):  # a wrapper (QLoRA's NF4): its parts
+            names, _ = tensor.__tensor_flatten__()
+            pending += [getattr(tensor, name) for name in names]
+            continue
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())

@@ -1,7 +1,8 @@
 """The README's fine-tuning and evaluation commands, on the session's served model (the
 lifecycle's tiny model in the S3 registry, served with ``max_loras=2``): LoRA over DDP
-publishes an adapter of that version, which the running app answers with at once; the same
-LoRA under ZeRO-3 follows DDP's losses; the full fine-tune under FSDP2 publishes a whole model;
+publishes an adapter of that version, which the running app answers with at once; QLoRA trains
+the same adapters over the base held in 4 bits; the same LoRA under ZeRO-3 follows DDP's
+losses; the full fine-tune under FSDP2 publishes a whole model;
 DPO on preference pairs publishes an adapter too. Each lowers its held-out loss. The adapter is scored through the endpoint, the base
 in Ray tasks with few-shot chain-of-thought prompts; both results land in their manifests,
 and the gate they miss refuses the promotion until it is forced. Bad input is refused before
@@ -38,10 +39,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         "finetune",
         "finetune",
         "finetune",
+        "finetune",
         "serve",
         "chat",
     ]
-    _, lora, dpo, full, _, chat = (
+    _, lora, qlora, dpo, full, _, chat = (
         block  # the import and serve lines: tests/registry, the session app
     )
     small = {
@@ -81,6 +83,17 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     assert adapter["finetune"]["examples"]["examples"] > 1000  # the built-in chat corpus
     refused = rayllm("finetune", "--set", f"base={MODEL}-chat", env={"RAYLLM_REGISTRY": root})
     assert refused.returncode == 2 and "is an adapter" in refused.stdout + refused.stderr
+
+    # QLoRA: the same adapters over a base held in 4 bits on each of the 2 DDP ranks.
+    quantized = finetune(qlora, f"{MODEL}-qlora")
+    assert quantized["finetune"]["settings"]["lora"]["quantize_base"] is True
+    assert (
+        quantized["finetune"]["trainable_parameters"] == adapter["finetune"]["trainable_parameters"]
+    )
+    assert quantized["metrics"]["base_val_loss"] != adapter["metrics"]["base_val_loss"]
+    assert quantized["metrics"]["base_val_loss"] == pytest.approx(
+        adapter["metrics"]["base_val_loss"], abs=0.1
+    )
 
     job = readme_job("jobs/finetune.py", str(tmp_path))
     zero3 = finetune(
@@ -163,6 +176,15 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         ({"base": MODEL, "train": {"model": {"dim": 128}}}, "train.model: set by rayllm finetune"),
         ({"base": MODEL, "train": {"parallel": {"strategy": "fsdp", "tp": 2}}}, "tp and pp to 1"),
         ({"base": MODEL, "lora": {"target_modules": ["qkv"]}}, "lora.target_modules"),
+        (
+            {
+                "base": MODEL,
+                "lora": {"quantize_base": True},
+                "train": {"parallel": {"strategy": "zero"}},
+            },
+            "trains with parallel.strategy=ddp",
+        ),
+        ({"base": MODEL, "method": "full", "lora": {"quantize_base": True}}, "needs method lora"),
     ],
 )
 def test_bad_finetunes_are_refused_before_any_worker_starts(tiny_run, settings, message):

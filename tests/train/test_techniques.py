@@ -1,17 +1,24 @@
 """Recomputation and gradient accumulation change memory and batch shape, never the gradients;
-a head tied to the embedding stays one matrix through training, checkpoint and export."""
+a head tied to the embedding stays one matrix through training, checkpoint and export; QLoRA
+holds its frozen base in 4 bits."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
+# torchao keys NF4's override of F.linear by the function F.linear is when torchao is imported:
+# import it before DeepSpeed's ZeRO-3 (the tied-head test's) replaces F.linear in this process.
+import torchao.quantization  # noqa: F401
+
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import read_hf_model, save_hf_model
 from rayllm.model.model import Transformer, next_token_loss
-from rayllm.train.checkpoint import consolidate, run_layout, write_progress
+from rayllm.train.checkpoint import consolidate, run_layout, trained_model, write_progress
 from rayllm.train.config import TrainConfig
-from rayllm.train.engine import TorchEngine, build_engine
+from rayllm.train.engine import TorchEngine, build_engine, build_model
+from rayllm.train.lora import save_adapter
 from rayllm.train.mesh import mesh_shape
+from rayllm.train.metrics import held_bytes
 from rayllm.train.parallelize import apply_recompute
 from tests.conftest import free_port
 
@@ -136,3 +143,80 @@ def test_a_tied_head_trains_as_one_matrix_and_exports_tied(
     assert model.lm_head.weight is model.embed_tokens.weight
     with torch.no_grad():
         assert next_token_loss(model(inputs), targets) < first
+
+
+def test_qlora_holds_the_frozen_base_in_4_bits_and_its_adapter_fits_the_full_base(
+    one_rank, tmp_path, monkeypatch
+):
+    """QLoRA (``lora.quantize_base``): the decoder blocks' frozen linear weights are NF4 on the
+    rank, the adapters train against them, and the checkpoint consolidates into an adapter
+    that peft loads onto the full-precision base, computing what the trained adapters do."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # DeepSpeed's ZeRO-3 (the tied-head test's, in this process) replaces F.linear for good,
+    # and NF4 weights are dequantized by F.linear's own override (a QLoRA worker runs DDP only).
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
+
+    shape = ModelConfig.model_validate(MODEL)
+    torch.manual_seed(0)
+    save_hf_model(
+        tmp_path / "base", shape, Transformer(shape).state_dict(), bos_token_id=0, eos_token_id=0
+    )
+    inputs, targets = batch(4)
+    runs = {}
+    for quantize in (False, True):
+        config = TrainConfig.model_validate(
+            {
+                "num_workers": 1,
+                "model": MODEL,
+                "init_from": str(tmp_path / "base"),
+                "lora": {"r": 4, "quantize_base": quantize},
+                "parallel": {"strategy": "ddp"},
+                "learning_rate": 0.01,
+                "warmup_steps": 0,
+            }
+        )
+        torch.manual_seed(0)
+        engine = TorchEngine(config, mesh_shape(config), torch.device("cpu"))
+        losses = [engine.train_step([(inputs, targets)])[0].item() for _ in range(3)]
+        runs[quantize] = config, engine, losses
+
+    def frozen_linear_bytes(engine: TorchEngine) -> int:
+        return held_bytes(
+            p
+            for name, p in engine.parts[0].named_parameters()
+            if name.startswith("layers.") and p.dim() == 2 and not p.requires_grad
+        )
+
+    (_, full, full_losses), (config, qlora, losses) = runs[False], runs[True]
+    assert frozen_linear_bytes(qlora) < frozen_linear_bytes(full) / 6  # 4 bits + scales vs 32
+    assert qlora.held_memory()["params"] < full.held_memory()["params"] / 2
+    assert losses[0] != full_losses[0] and losses[0] == pytest.approx(full_losses[0], abs=0.05)
+    assert losses[-1] < losses[0]
+
+    qlora.save(tmp_path / "checkpoint")
+    layout = run_layout(config, "", {"seq_len": 32, "eos_token_id": 0})
+    write_progress(tmp_path / "checkpoint", 3, layout)
+    _, state, progress = consolidate(tmp_path / "checkpoint")
+    model = trained_model(progress["layout"])
+    model.load_state_dict(state)
+    save_adapter(model, config.lora, tmp_path / "adapter", base=str(tmp_path / "base"))
+    served = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
+
+    unquantized = config.lora.model_copy(update={"quantize_base": False})
+    reference = build_model(config.model_copy(update={"lora": unquantized}), torch.device("cpu"))
+    adapters = {n: p for n, p in qlora.parts[0].named_parameters() if p.requires_grad}
+    assert set(adapters) <= set(reference.state_dict())
+    reference.load_state_dict(adapters, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(served(inputs).logits, reference(inputs), atol=1e-4, rtol=0)
+        base_alone = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(inputs).logits
+        assert not torch.allclose(served(inputs).logits, base_alone, atol=1e-3)  # it trained
+
+
+def test_qlora_trains_with_ddp_only():
+    with pytest.raises(ValueError, match="quantize_base .QLoRA. trains with parallel.strategy=ddp"):
+        TrainConfig(lora={"quantize_base": True}, parallel={"strategy": "fsdp"})
