@@ -9,6 +9,7 @@ start of every training worker, and most runs train no adapter."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,12 +44,21 @@ def peft_config(settings: LoraSettings, base: str = "") -> LoraConfig:
 def add_lora(model: Transformer, settings: LoraSettings) -> Transformer:
     """Adapters on ``settings.target_modules``; every other parameter frozen (and the decoder
     blocks' linear weights in 4 bits with ``quantize_base``)."""
+    # peft imports torchao to look for its tensors, and torchao says at import that its CUDA
+    # kernels do not load and registers types with torch, each at WARNING: noise on a CPU.
+    # (A filter, not a level: torch resets its loggers' levels when its logging starts.)
+    for logger in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(logger).addFilter(_errors_only)
     from peft import inject_adapter_in_model
 
     model = inject_adapter_in_model(peft_config(settings), model)
     if settings.quantize_base:
         quantize_frozen_base(model)
     return model
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 NF4_BLOCK = 64
@@ -60,10 +70,6 @@ def quantize_frozen_base(model: Transformer) -> None:
     ``NF4Tensor``, which ``F.linear`` dequantizes for the matmul and its backward (the weight
     gets no gradient). The block scales are quantized in groups of up to 256 blocks, fewer
     where a layer has fewer."""
-    import logging
-
-    # torchao says at import that its CUDA kernels do not load; they are not used here.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
     from torchao.quantization import to_nf4
 
     for name, module in model.layers.named_modules():
