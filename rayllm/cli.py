@@ -10,7 +10,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -809,36 +809,70 @@ def bench_train(
     steps: Annotated[int, typer.Option(help="Timed steps per layout (after one warm-up).")] = 3,
     global_batch: Annotated[int, typer.Option(help="Sequences per step, over all ranks.")] = 8,
     cpus_per_worker: float = 1.0,
+    gpu: Annotated[bool, typer.Option(help="One GPU per worker, NCCL.")] = False,
+    precision: Annotated[Literal["fp32", "bf16"], typer.Option(help="Compute precision.")] = "fp32",
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option(help="Only the layouts of ddp, zero or fsdp (repeatable); all if not given."),
+    ] = None,
+    set: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override one setting of the model, e.g. dim=1024."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Every training layout on one table (tokens/s, TFLOP/s, MFU against the measured matmul
     peak), and the trainer at one worker against a plain PyTorch loop (the floor)."""
+    import ray
     from rich.table import Table
 
+    from rayllm.bench.train import bench_model, benchmark
+    from rayllm.cluster import RayConfig, connect
     from rayllm.data.shards import load_manifest
     from rayllm.paths import absolute_url
 
+    model = bench_model(set or [])
+    for name in strategy or []:
+        if name not in ("ddp", "zero", "fsdp"):
+            raise RayllmError(f"--strategy {name} is not a strategy; use ddp, zero or fsdp")
     load_manifest(absolute_url(data))  # a missing shard set is named before Ray starts
-    from rayllm.bench.train import benchmark
-    from rayllm.cluster import RayConfig, connect
-
     connect(RayConfig())
-    title, rows = benchmark(data, workers, steps, global_batch, cpus_per_worker)
-    columns = ["layout", "workers", "tokens/s", "TFLOP/s per worker", "MFU", "vs floor"]
+    if gpu and ray.cluster_resources().get("GPU", 0) < workers:
+        raise RayllmError(
+            f"--gpu needs {workers} GPUs (one per worker) but the Ray cluster has "
+            f"{ray.cluster_resources().get('GPU', 0):g}; lower --workers or leave out --gpu"
+        )
+    title, rows = benchmark(
+        data,
+        workers,
+        steps,
+        global_batch,
+        cpus_per_worker,
+        use_gpu=gpu,
+        precision=precision,
+        model=model,
+        strategies=strategy,
+    )
+    columns = ["layout", "workers", "last loss", "tokens/s", "TFLOP/s per worker", "MFU"]
+    columns += ["vs floor"]
     columns += ["params + grads + optimizer MB per rank", "ZeRO paper's figure"]
+    columns += ["peak GPU MB per rank"] if gpu else []
     table = Table(*columns, title=title)
     for row in rows:
         theory = row.get("theory_mb_per_rank")
-        table.add_row(
+        cells = [
             row["layout"],
             str(row["workers"]),
+            f"{row['loss']:.4f}" if "loss" in row else "-",
             f"{row['tokens_per_s']:,.0f}",
             f"{row['tflops_per_worker']:.3f}",
-            f"{row['mfu']:.1%}" if "mfu" in row else "-",
+            f"{row['mfu']:.1%}",
             f"{row['vs_floor']:.2f}x",
             f"{row['held_mb_per_rank']:,.1f}" if "held_mb_per_rank" in row else "-",
             f"{theory:,.1f}" if theory else "-",
-        )
+        ]
+        cells += [f"{row['peak_mb_per_rank']:,.0f}" if "peak_mb_per_rank" in row else "-"] * gpu
+        table.add_row(*cells)
     _emit(as_json, rows, table)
 
 

@@ -18,20 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from rayllm.config import describe_validation_error, parse_override
 from rayllm.data.shards import load_manifest
 from rayllm.errors import RayllmError
+from rayllm.model.config import ModelConfig
 from rayllm.model.model import Transformer, next_token_loss
 from rayllm.paths import absolute_url
-from rayllm.train.batches import TokenBatches, step_window
+from rayllm.train.batches import TokenBatches, step_window, to_device
 from rayllm.train.checkpoint import write_progress
 from rayllm.train.config import ParallelConfig, TrainConfig
-from rayllm.train.engine import build_engine
+from rayllm.train.engine import build_engine, compute_dtype
 from rayllm.train.mesh import mesh_shape
-from rayllm.train.metrics import measure_peak_tflops
+from rayllm.train.metrics import measure_peak_tflops, peak_memory_mb, synchronize
 from rayllm.train.trainer import resolve_model_shape, worker_env
 
 RESULTS = "results.json"
@@ -97,6 +101,7 @@ def compare_strategies(
     :func:`rayllm.train.checkpoint.consolidate`.
     """
     manifest = load_manifest(data)
+    use_gpu = bool((settings or {}).get("use_gpu"))
     configs = {}
     for parallel in layouts:
         name = layout_name(parallel, workers)
@@ -129,9 +134,11 @@ def compare_strategies(
                 "manifest": manifest,
                 "checkpoints": checkpoints,
             },
-            torch_config=TorchConfig(backend="gloo", timeout_s=600),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
             scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}
+                num_workers=workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if use_gpu else {}),
             ),
             run_config=ray.train.RunConfig(
                 name="rayllm-compare-strategies",
@@ -152,13 +159,16 @@ def _compare_loop(settings: dict[str, Any]) -> None:
 
     quiet_worker_logs()
     rank = ray.train.get_context().get_world_rank()
-    device = torch.device("cpu")
     results = {}
     peak = None
     for index, (name, raw) in enumerate(settings["configs"].items()):
         config = TrainConfig.model_validate(raw)
+        device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.cuda.reset_peak_memory_stats(device)
         torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-        peak = peak or measure_peak_tflops(device, torch.float32)
+        peak = peak or measure_peak_tflops(device, compute_dtype(config.precision))
         torch.manual_seed(config.seed)
         shape = mesh_shape(config)
         engine = build_engine(config, shape, device)
@@ -167,10 +177,15 @@ def _compare_loop(settings: dict[str, Any]) -> None:
         )
         losses, seconds = [], []
         for step in range(config.steps):
-            window = step_window(batches, step, config.grad_accum_steps)
+            window = [
+                to_device(batch, device)
+                for batch in step_window(batches, step, config.grad_accum_steps)
+            ]
+            synchronize(device)
             dist.barrier()
             started = time.perf_counter()
             loss, _ = engine.train_step(window)
+            synchronize(device)
             dist.barrier()
             seconds.append(time.perf_counter() - started)
             total = loss.detach().clone()
@@ -191,6 +206,10 @@ def _compare_loop(settings: dict[str, Any]) -> None:
             "peak_tflops": peak,
             "held_mb": [sum(rank.values()) / 2**20 for rank in held],
         }
+        if device.type == "cuda":  # on CPU the process's peak spans every layout run before
+            peaks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(peaks, peak_memory_mb(device))
+            results[name]["peak_mb"] = peaks
         if rank == 0:
             print(
                 f"[compare] {name}: loss {losses[-1]:.4f}, {sum(seconds) / len(seconds):.3f} s/step",
@@ -212,78 +231,128 @@ BENCH_MODEL = {"dim": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "ffn_di
 framework, take the time."""
 
 
+def bench_model(overrides: list[str]) -> dict[str, Any]:
+    """:data:`BENCH_MODEL` with ``key=value`` overrides (``dim=1024``), checked as a model."""
+    model = dict(BENCH_MODEL)
+    for text in overrides:
+        path, value = parse_override(text)
+        model[".".join(path)] = value
+    try:
+        ModelConfig.model_validate(model)
+    except ValidationError as err:
+        raise RayllmError(describe_validation_error(err, source="--set")) from None
+    return model
+
+
 def plain_loop(
-    data: str, model: dict[str, Any], micro_batch: int, steps: int, threads: int
+    data: str,
+    model: dict[str, Any],
+    micro_batch: int,
+    steps: int,
+    threads: int,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> list[float]:
     """The floor: step times of a plain single-process PyTorch loop (AdamW, no Ray, no
-    process group) on the same model, batches and threads as the rayllm trainer's."""
+    process group) on the same model, batches, threads and device as the rayllm trainer's; at
+    bf16, autocast over fp32 weights."""
     manifest = load_manifest(data)
     config = resolve_model_shape(
         TrainConfig.model_validate({"data": data, "model": model}), manifest
     )
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
-    network = Transformer(config.model)
+    device = torch.device(device)
+    network = Transformer(config.model).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate)
     batches = TokenBatches(
         data, manifest["shards"]["train"], dp_rank=0, dp_size=1, batch=micro_batch, seed=0
     )
     seconds = []
     for step in range(steps):
-        inputs, targets = batches.get(step)
+        inputs, targets = (tensor.to(device) for tensor in batches.get(step))
+        synchronize(device)
         started = time.perf_counter()
-        next_token_loss(network(inputs), targets).backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            loss = next_token_loss(network(inputs), targets)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         seconds.append(time.perf_counter() - started)
     return seconds
 
 
 def benchmark(
-    data: str, workers: int, steps: int, global_batch: int, cpus_per_worker: float
+    data: str,
+    workers: int,
+    steps: int,
+    global_batch: int,
+    cpus_per_worker: float,
+    *,
+    use_gpu: bool = False,
+    precision: str = "fp32",
+    model: dict[str, Any] = BENCH_MODEL,
+    strategies: list[str] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """``rayllm bench train``: every layout that fits ``workers`` on :data:`BENCH_MODEL`, the
-    trainer on one worker, and the plain loop, over the same ``steps`` timed steps (after one
-    warm-up step each); a title and one row per system."""
+    """``rayllm bench train``: every layout that fits ``workers`` on ``model`` (those of
+    ``strategies`` only, if given), the trainer on one worker, and the plain loop, over the
+    same ``steps`` timed steps (after one warm-up step each); a title and one row per system.
+    ``use_gpu``: one GPU per worker and NCCL, and the plain loop on this process's GPU."""
     data = absolute_url(data)
     manifest = load_manifest(data)
-    fitting = [layout for layout in LAYOUTS if fits(layout, workers, global_batch, BENCH_MODEL)]
-    common = {"global_batch": global_batch, "steps": steps + 1, "model": BENCH_MODEL}
-    results = compare_strategies(
-        data, fitting, workers=workers, cpus_per_worker=cpus_per_worker, **common
-    )
-    (single,) = compare_strategies(
-        data, [{"strategy": "ddp"}], workers=1, cpus_per_worker=cpus_per_worker, **common
-    ).values()
-    floor = plain_loop(data, BENCH_MODEL, global_batch, steps + 1, max(1, int(cpus_per_worker)))
-    config = resolve_model_shape(TrainConfig.model_validate({"model": BENCH_MODEL}), manifest)
+    fitting = [
+        layout
+        for layout in LAYOUTS
+        if fits(layout, workers, global_batch, model)
+        and (not strategies or layout["strategy"] in strategies)
+    ]
+    common = {
+        "global_batch": global_batch,
+        "steps": steps + 1,
+        "model": model,
+        "cpus_per_worker": cpus_per_worker,
+        "settings": {"use_gpu": use_gpu, "precision": precision},
+    }
+    results = compare_strategies(data, fitting, workers=workers, **common)
+    (single,) = compare_strategies(data, [{"strategy": "ddp"}], workers=1, **common).values()
+    device = "cuda" if use_gpu else "cpu"
+    threads = max(1, int(cpus_per_worker))
+    floor = plain_loop(data, model, global_batch, steps + 1, threads, device, precision)
+    config = resolve_model_shape(TrainConfig.model_validate({"model": model}), manifest)
     tokens = global_batch * manifest["seq_len"]
     flops = config.model.flops_per_token(manifest["seq_len"])
 
-    params = config.model.num_params()
-
-    def row(name: str, ranks: int, seconds: list[float], result: dict | None) -> dict[str, Any]:
+    def row(name: str, ranks: int, seconds: list[float], result: dict) -> dict[str, Any]:
         tokens_per_s = tokens / (sum(seconds[1:]) / steps)
         tflops = tokens_per_s * flops / ranks / 1e12
         measured = {"layout": name, "workers": ranks, "tokens_per_s": tokens_per_s}
         measured["tflops_per_worker"] = tflops
-        if result:
-            measured["mfu"] = tflops / result["peak_tflops"]
+        measured["mfu"] = tflops / result["peak_tflops"]
+        if "losses" in result:
+            measured["losses"] = result["losses"]
+            measured["loss"] = result["losses"][-1]
+        if "held_mb" in result:
             measured["held_mb_per_rank"] = max(result["held_mb"])
+            if "peak_mb" in result:
+                measured["peak_mb_per_rank"] = max(result["peak_mb"])
         return measured
 
     rows = []
+    params = config.model.num_params()
     for layout, (name, result) in zip(fitting, results.items(), strict=True):
         rows.append(row(name, workers, result["step_seconds"], result))
         rows[-1]["theory_mb_per_rank"] = theory_mb(layout, params, workers)
     rows.append(row("rayllm, 1 worker", 1, single["step_seconds"], single))
-    rows.append(row("plain PyTorch loop (floor)", 1, floor, None))
+    peak = measure_peak_tflops(torch.device(device), compute_dtype(precision))  # loop's threads
+    rows.append(row("plain PyTorch loop (floor)", 1, floor, {"peak_tflops": peak}))
     for measured in rows:
         measured["vs_floor"] = measured["tokens_per_s"] / rows[-1]["tokens_per_s"]
+    where = "1 GPU" if use_gpu else f"{cpus_per_worker:g} CPU"
     title = (
-        f"{config.model.num_params() / 1e6:.0f} M parameters, {global_batch} x "
-        f"{manifest['seq_len']} tokens per step, fp32, {cpus_per_worker:g} CPU per worker"
+        f"{params / 1e6:.0f} M parameters, {global_batch} x {manifest['seq_len']} tokens per "
+        f"step, {precision}, {where} per worker"
     )
     return title, rows
 

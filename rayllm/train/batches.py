@@ -28,6 +28,10 @@ class Batches(Protocol):
     def get(self, index: int) -> Batch: ...
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return tuple(tensor.to(device) for tensor in batch)
+
+
 def step_window(batches: Batches, step: int, grad_accum_steps: int) -> list[Batch]:
     """The micro-batches optimizer step ``step`` accumulates over."""
     first = step * grad_accum_steps

@@ -107,8 +107,12 @@ def build_teacher(config: TrainConfig, device: torch.device) -> nn.Module:
         )
     teacher = Transformer(shape)
     teacher.load_state_dict(state)
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    return teacher.requires_grad_(False).eval().to(device, dtype)
+    return teacher.requires_grad_(False).eval().to(device, compute_dtype(config.precision))
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls of a run at ``precision`` compute in."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, ...]:

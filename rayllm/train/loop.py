@@ -20,16 +20,16 @@ import torch.distributed as dist
 
 from rayllm.paths import filesystem
 from rayllm.train.batches import (
-    Batch,
     Batches,
     ExampleBatches,
     StreamedBatches,
     TokenBatches,
     step_window,
+    to_device,
 )
 from rayllm.train.checkpoint import read_progress, write_progress
 from rayllm.train.config import TrainConfig
-from rayllm.train.engine import Engine, build_engine
+from rayllm.train.engine import Engine, build_engine, compute_dtype
 from rayllm.train.mesh import MeshShape, mesh_shape
 from rayllm.train.metrics import (
     METRICS_LOG,
@@ -65,8 +65,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             add_reference(engine, reader, device)
         _log(rank, "reference log-probabilities of every pair computed")
     start_step = _resume(engine, rank)
-    dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-    peak = config.peak_tflops_per_worker or measure_peak_tflops(device, dtype)
+    peak = config.peak_tflops_per_worker or measure_peak_tflops(
+        device, compute_dtype(config.precision)
+    )
     run_folder = settings["run_folder"]
     log = MetricsLog(f"{run_folder}/{METRICS_LOG}", start_step) if rank == 0 else None
     tokens_per_step = (
@@ -82,7 +83,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         window = [
-            _to(batch, device)
+            to_device(batch, device)
             for batch in step_window(data["train"], step, config.grad_accum_steps)
         ]
         loss, grad_norm = engine.train_step(window)
@@ -162,13 +163,13 @@ def _evaluation(
     if config.objective != "dpo":
         batches = range(config.eval_batches)
         loss = _mean_over_ranks(
-            sum(engine.evaluate(_to(val.get(index), device)) for index in batches)
+            sum(engine.evaluate(to_device(val.get(index), device)) for index in batches)
             / config.eval_batches
         )
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
     totals = torch.zeros(4, device=device)
     for index in range(config.eval_batches):
-        batch = _to(val.get(index), device)
+        batch = to_device(val.get(index), device)
         rewards, policy = preference_margins(engine.forward(batch), batch, config.dpo_beta)
         totals += torch.stack(
             [
@@ -197,7 +198,7 @@ def add_reference(engine: Engine, reader: ExampleBatches, device: torch.device) 
     for start in range(0, rows, reader.global_batch):
         first = start + reader.dp_rank * reader.batch
         mine = np.arange(first, min(first + reader.batch, rows))
-        batch = _to(reader.pick(mine if len(mine) else np.array([0])), device)
+        batch = to_device(reader.pick(mine if len(mine) else np.array([0])), device)
         logps = segment_logprobs(engine.forward(batch), batch, count).cpu().numpy()
         if len(mine):
             values[mine] = logps
@@ -216,10 +217,6 @@ def _report_checkpoint(engine: Engine, metrics: dict, rank: int, layout: dict) -
         if rank == 0:
             write_progress(Path(folder), metrics["step"], layout)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return tuple(tensor.to(device) for tensor in batch)
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:

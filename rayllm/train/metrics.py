@@ -20,12 +20,12 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up
-    _synchronize(device)
+    synchronize(device)
     count, started = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - started) < seconds or count < 3:
         torch.matmul(a, b)
         count += 1
-        _synchronize(device)
+        synchronize(device)
     return 2 * size**3 * count / elapsed / 1e12
 
 
@@ -103,6 +103,7 @@ class MetricsLog:
         self.fs.pipe_file(self.path, ("\n".join(self.lines) + "\n").encode())
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a host clock read after it times that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -45,8 +45,8 @@ def parallelize(
     if config.recompute != "none":
         every = 1 if config.recompute == "full" else config.recompute_every
         apply_recompute(model, every)
-    if shape.dp == 1:
-        return model
+    if shape.dp == 1 and not config.parallel.fsdp_offload:
+        return model  # one data-parallel rank: nothing to replicate or shard
     if config.parallel.strategy == "ddp" and shape.tp == shape.pp == 1:
         return DistributedDataParallel(model, process_group=mesh["dp_replicate"].get_group())
     # FSDP2 over dp_shard; with dp_replicate > 1 it shards within groups and replicates

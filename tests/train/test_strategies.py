@@ -13,6 +13,7 @@ import torch
 
 from rayllm.bench.train import LAYOUTS, compare_strategies, layout_name, theory_mb
 from rayllm.train.checkpoint import consolidate
+from tests.test_cli import rayllm
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +96,12 @@ def test_sharded_layouts_hold_their_share_of_the_state(compared):
         layout = {"strategy": "zero", "zero_stage": stage}
         held = max(results[layout_name(layout, WORKERS)]["held_mb"])
         assert held <= theory_mb(layout, params, WORKERS) * 1.15, layout
+
+
+def test_bench_train_on_gpus_the_cluster_lacks_is_refused(tiny_run, ray_cluster):
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
+    data = str(tiny_run["workdir"] / "data")
+    done = rayllm("bench", "train", "--data", data, "--gpu", "--workers", "1", env=env)
+    assert done.returncode == 2, done.stderr
+    assert "--gpu needs 1 GPUs (one per worker) but the Ray cluster has 0" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -9,6 +9,8 @@ import torch.distributed as dist
 # torchao keys NF4's override of F.linear by the function F.linear is when torchao is imported:
 # import it before DeepSpeed's ZeRO-3 (the tied-head test's) replaces F.linear in this process.
 import torchao.quantization  # noqa: F401
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import read_hf_model, save_hf_model
@@ -111,6 +113,30 @@ def test_bf16_trains_close_to_fp32(one_rank):
             losses[strategy, precision] = loss.item()
         assert losses[strategy, "bf16"] == pytest.approx(losses[strategy, "fp32"], rel=2e-2)
         assert losses[strategy, "bf16"] != losses[strategy, "fp32"]  # bf16 did compute
+
+
+def test_fsdp_offload_applies_on_one_rank_and_trains_as_the_plain_model(one_rank):
+    """One GPU with CPU offload is how a model too big for that GPU trains, so at one rank
+    ``fsdp_offload`` still wraps the model in FSDP2 (which then holds parameters, gradients and
+    optimizer state on the CPU); plain ``fsdp`` at one rank has nothing to shard."""
+    inputs, targets = batch(8)
+    losses = {}
+    for offload in (False, True):
+        config = TrainConfig.model_validate(
+            {
+                "num_workers": 1,
+                "model": MODEL,
+                "parallel": {"strategy": "fsdp", "fsdp_offload": offload},
+            }
+        )
+        torch.manual_seed(0)
+        engine = TorchEngine(config, mesh_shape(config), torch.device("cpu"))
+        for _ in range(3):
+            loss, _ = engine.train_step([(inputs, targets)])
+        losses[offload] = loss.item()
+        assert isinstance(engine.parts[0], FSDPModule) is offload
+        assert all(isinstance(p, DTensor) is offload for p in engine.parameters())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
 @pytest.mark.parametrize(
