@@ -6,6 +6,7 @@ User errors print one line and exit 2; anything else is a bug and keeps its trac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -451,8 +452,8 @@ def _registry(root: str | None):
 
 
 def _emit(as_json: bool, payload: object, table=None) -> None:
-    if as_json or table is None:
-        print(json.dumps(payload, indent=2, default=str))
+    if as_json or table is None:  # the real stdout: main sends all else to stderr with --json
+        print(json.dumps(payload, indent=2, default=str), file=sys.__stdout__, flush=True)
     else:
         console.print(table)
 
@@ -689,7 +690,7 @@ def bench_dedup(set: SetOption = None, as_json: JsonOption = False) -> None:
     connect(RayConfig())
     result = dedup_quality(settings)
     if as_json:
-        print(json.dumps(result, indent=2))
+        _emit(as_json, result)
         return
     console.print(
         f"fuzzy dedup on {result['documents']} Shakespeare files ({result['true_pairs']} true pairs): "
@@ -1045,8 +1046,12 @@ def bench_serve(
 
 
 def main() -> None:
+    # With --json, stdout holds the JSON alone: progress, and what Ray's workers print (Ray
+    # forwards it to the driver's sys.stdout), go to stderr.
+    to_stderr = contextlib.redirect_stdout(sys.stderr) if "--json" in sys.argv else None
     try:
-        app()  # bad flags and arguments: typer prints the usage and exits 2
+        with to_stderr or contextlib.nullcontext():
+            app()  # bad flags and arguments: typer prints the usage and exits 2
     except RayllmError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

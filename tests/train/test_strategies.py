@@ -14,6 +14,7 @@ import torch
 from rayllm.bench.train import LAYOUTS, compare_strategies, layout_name, theory_mb
 from rayllm.train.checkpoint import consolidate
 from tests.test_cli import rayllm
+from tests.test_readme import block_with, commands
 
 pytestmark = pytest.mark.slow
 
@@ -98,10 +99,14 @@ def test_sharded_layouts_hold_their_share_of_the_state(compared):
         assert held <= theory_mb(layout, params, WORKERS) * 1.15, layout
 
 
-def test_bench_train_on_gpus_the_cluster_lacks_is_refused(tiny_run, ray_cluster):
+def test_the_readme_gpu_benchmark_is_refused_on_a_cluster_without_gpus(tiny_run, ray_cluster):
+    """The README's one-GPU benchmark, as written but on this session's shard set: every flag
+    and model setting is accepted, and a cluster without GPUs is named as the problem."""
+    block = block_with("--gpu --workers 1").replace("\\\n", " ")
+    (args,) = [command for command in commands(block) if command[:2] == ["bench", "train"]]
+    args[args.index("--data") + 1] = str(tiny_run["workdir"] / "data")
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
-    data = str(tiny_run["workdir"] / "data")
-    done = rayllm("bench", "train", "--data", data, "--gpu", "--workers", "1", env=env)
+    done = rayllm(*args, env=env)
     assert done.returncode == 2, done.stderr
     assert "--gpu needs 1 GPUs (one per worker) but the Ray cluster has 0" in done.stderr
     assert "Traceback" not in done.stderr
