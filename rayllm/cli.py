@@ -838,10 +838,11 @@ def bench_train(
             raise RayllmError(f"--strategy {name} is not a strategy; use ddp, zero or fsdp")
     load_manifest(absolute_url(data))  # a missing shard set is named before Ray starts
     connect(RayConfig())
-    if gpu and ray.cluster_resources().get("GPU", 0) < workers:
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpu and gpus < workers:
         raise RayllmError(
-            f"--gpu needs {workers} GPUs (one per worker) but the Ray cluster has "
-            f"{ray.cluster_resources().get('GPU', 0):g}; lower --workers or leave out --gpu"
+            f"--gpu needs {workers} GPUs (one per worker) but the Ray cluster has {gpus:g}; "
+            "lower --workers or leave out --gpu"
         )
     title, rows = benchmark(
         data,
@@ -1048,9 +1049,11 @@ def bench_serve(
 def main() -> None:
     # With --json, stdout holds the JSON alone: progress, and what Ray's workers print (Ray
     # forwards it to the driver's sys.stdout), go to stderr.
-    to_stderr = contextlib.redirect_stdout(sys.stderr) if "--json" in sys.argv else None
+    output = (
+        contextlib.redirect_stdout(sys.stderr) if "--json" in sys.argv else contextlib.nullcontext()
+    )
     try:
-        with to_stderr or contextlib.nullcontext():
+        with output:
             app()  # bad flags and arguments: typer prints the usage and exits 2
     except RayllmError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from pydantic import ValidationError
@@ -155,7 +154,7 @@ def compare_strategies(
 
 
 def _compare_loop(settings: dict[str, Any]) -> None:
-    from rayllm.train.loop import quiet_worker_logs
+    from rayllm.train.loop import quiet_worker_logs, worker_device
 
     quiet_worker_logs()
     rank = ray.train.get_context().get_world_rank()
@@ -163,9 +162,8 @@ def _compare_loop(settings: dict[str, Any]) -> None:
     peak = None
     for index, (name, raw) in enumerate(settings["configs"].items()):
         config = TrainConfig.model_validate(raw)
-        device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+        device = worker_device(config)
         if device.type == "cuda":
-            torch.cuda.set_device(device)
             torch.cuda.reset_peak_memory_stats(device)
         torch.set_num_threads(max(1, int(config.cpus_per_worker)))
         peak = peak or measure_peak_tflops(device, compute_dtype(config.precision))
@@ -270,7 +268,7 @@ def plain_loop(
     )
     seconds = []
     for step in range(steps):
-        inputs, targets = (tensor.to(device) for tensor in batches.get(step))
+        inputs, targets = to_device(batches.get(step), device)
         synchronize(device)
         started = time.perf_counter()
         with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):

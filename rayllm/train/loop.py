@@ -54,9 +54,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
-    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL and the device mesh use the current device
+    device = worker_device(config)
     shape = mesh_shape(config)
     engine = build_engine(config, shape, device)
     data = _readers(config, settings, shape, rank)
@@ -258,6 +256,14 @@ class _DropTrainReports(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Reporting training result")
+
+
+def worker_device(config: TrainConfig) -> torch.device:
+    """This worker's GPU (made the current device) with ``use_gpu``, else the CPU."""
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and the device mesh use the current device
+    return device
 
 
 def quiet_worker_logs() -> None:
