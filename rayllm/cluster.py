@@ -50,7 +50,9 @@ def connect(config: RayConfig) -> None:
             ) from None
         return
     cpus = config.num_cpus or max(8, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, _temp_dir=config.temp_dir, **options)
+    # "local": a new cluster even where `ray start` left one running on this machine, which
+    # ray.init would join otherwise (and then refuse num_cpus)
+    ray.init(address="local", num_cpus=cpus, _temp_dir=config.temp_dir, **options)
 
 
 @contextmanager
