@@ -1,13 +1,37 @@
 """The model replica: ``ray.serve.llm``'s ``LLMServer`` (the vLLM engine behind Serve) that loads
-LoRA adapters from the registry and tells Serve's autoscaler how full its engine is, for
-``rayllm.serve.autoscaling.EngineLoadPolicy``."""
+LoRA adapters from the registry, tells Serve's autoscaler how full its engine is, for
+``rayllm.serve.autoscaling.EngineLoadPolicy``, and runs a one-rank CPU model without a worker
+process."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMConfig, LLMServer
 
 from rayllm.serve.engine_stats import engine_load
 from rayllm.serve.replica_source import RegistryAdapters
+
+
+class ModelEngine(VLLMEngine):
+    """``ray.serve.llm``'s vLLM engine, with a one-rank CPU model run inside vLLM's engine-core
+    process (vLLM's one-process executor).
+
+    ``ray.serve.llm`` always gives vLLM's CPU engine the multiprocess executor, which spawns a
+    worker process per replica besides the engine core: a third process importing vLLM and
+    torch at every replica start (a cold start from zero replicas waits for it), and one more
+    process polling a shared-memory queue under load. One rank has nothing to spread, and
+    vLLM runs it in process when asked (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` does the same for
+    a plain vLLM). Adapter over Ray's private ``VLLMEngine._start_async_llm_engine``: the
+    replica test checks the engine runs without a worker process.
+    """
+
+    def _start_async_llm_engine(self, engine_args: Any, vllm_config: Any, placement_group: Any):
+        parallel = vllm_config.parallel_config
+        if vllm_config.device_config.device_type == "cpu" and parallel.world_size == 1:
+            parallel.distributed_executor_backend = "uni"
+        return super()._start_async_llm_engine(engine_args, vllm_config, placement_group)
 
 
 class ModelServer(LLMServer):
@@ -15,7 +39,9 @@ class ModelServer(LLMServer):
     engine's load with its autoscaling stats."""
 
     async def __init__(self, llm_config: LLMConfig):
-        await super().__init__(llm_config, model_downloader=RegistryAdapters)
+        await super().__init__(
+            llm_config, engine_cls=ModelEngine, model_downloader=RegistryAdapters
+        )
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"engine_load": engine_load()}
