@@ -27,6 +27,9 @@ from rayllm.serve.config import BatchConfig
 
 COMPLETIONS = "completions"
 """The output's Parquet folder, beside its manifest.json."""
+IN_PROCESS = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+"""A one-rank CPU engine computes in vLLM's engine-core process, as Ray Data asks for one rank
+(its "uni" executor): vLLM's CPU platform spawns a worker process instead unless told so."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ def run(config: BatchConfig) -> BatchResult:
             batch_size=config.batch_size,
             concurrency=config.engines,
             chat_template_stage=chat,
+            runtime_env=None if on_gpu or config.tensor_parallel_size > 1 else IN_PROCESS,
         ),
         preprocess=_with_sampling(config.max_tokens, config.temperature),
         postprocess=_completion(version.ref),
