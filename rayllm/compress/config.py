@@ -104,8 +104,8 @@ class RecoverySettings(StageConfig):
     workers: int = Field(0, ge=0)
     """0: in the compress task. 1 or more: a Ray Train run of that many DDP workers (rayllm's
     trainer, checkpoints and all) from the pruned weights, each worker its share of
-    ``rows_per_step``; after pruning channels or layers (the shapes rayllm's decoder
-    computes)."""
+    ``rows_per_step``; after pruning (heads, channels or layers: shapes rayllm's decoder
+    computes), not after low_rank or share."""
     cpus_per_worker: float = Field(1.0, gt=0)
     storage: str | None = None
     """With workers: where the run's checkpoints (and the pruned start) go, any fsspec URL
@@ -128,6 +128,8 @@ class StudentShape(StageConfig):
     def of(self, teacher: ModelConfig) -> ModelConfig:
         changes = self.model_dump(exclude_none=True)
         changes.setdefault("n_layers", max(1, teacher.n_layers // 2))
+        if changes.keys() & {"dim", "n_heads"}:  # the student's heads span its dim
+            changes.setdefault("head_dim", None)
         try:
             return ModelConfig.model_validate(teacher.model_dump() | changes)
         except ValidationError as err:
@@ -231,12 +233,11 @@ class CompressConfig(StageConfig):
             )
         recovery = self.recovery
         if recovery.on_ray_train():
-            if self.method != "prune" or self.prune.structure == "heads":
-                what = "prune heads" if self.method == "prune" else self.method
+            if self.method != "prune":
                 raise ValueError(
-                    f"recovery.workers: {what} leaves a model rayllm's trainer does not compute "
-                    "(a head size other than dim / heads, or a factorised or shared layout); "
-                    "set recovery.workers=0 to recover in the compress task"
+                    f"recovery.workers: {self.method} leaves a model rayllm's trainer does not "
+                    "compute (a factorised or shared layout); set recovery.workers=0 to recover "
+                    "in the compress task"
                 )
             if recovery.rows_per_step % recovery.workers:
                 raise ValueError(

@@ -97,7 +97,7 @@ def starting_student(
     state: dict[str, torch.Tensor], teacher: ModelConfig, student: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """The student's starting weights (rayllm names) from the teacher's ``state``."""
-    widths = ("dim", "n_heads", "n_kv_heads", "ffn_dim")
+    widths = ("dim", "n_heads", "n_kv_heads", "head_size", "ffn_dim")
     changed = [key for key in widths if getattr(student, key) != getattr(teacher, key)]
     if changed or student.n_layers > teacher.n_layers:
         what = f"changes {', '.join(changed)}" if changed else f"has {student.n_layers} layers"

@@ -18,6 +18,9 @@ class ModelConfig(StageConfig):
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
+    head_dim: int | None = None
+    """Width of each attention head; default dim / n_heads. A model that lost heads to pruning
+    keeps its heads' width, so its heads span less than dim."""
     ffn_dim: int = 704
     max_seq_len: int = 256
     rope_theta: float = 10_000.0
@@ -28,20 +31,22 @@ class ModelConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
-        if self.dim % self.n_heads:
+        if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads")
-        if self.head_dim not in SERVABLE_HEAD_DIMS:
+        if self.head_size not in SERVABLE_HEAD_DIMS:
+            given = "head_dim" if self.head_dim else "dim/n_heads"
             raise ValueError(
-                f"head size dim/n_heads = {self.head_dim} cannot be served by vLLM; "
-                f"choose dim and n_heads so it is one of {SERVABLE_HEAD_DIMS}"
+                f"head size {given} = {self.head_size} cannot be served by vLLM; "
+                f"choose it to be one of {SERVABLE_HEAD_DIMS}"
             )
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def head_size(self) -> int:
+        """Width of each attention head: head_dim, or dim / n_heads."""
+        return self.head_dim or self.dim // self.n_heads
 
     def num_params(self, vocab_size: int | None = None) -> int:
         v = vocab_size or self.vocab_size
@@ -49,8 +54,8 @@ class ModelConfig(StageConfig):
         return embeddings + self.n_layers * self.layer_params() + self.dim
 
     def layer_params(self) -> int:
-        kv = self.n_kv_heads * self.head_dim
-        attention = 2 * self.dim * self.dim + 2 * self.dim * kv
+        q, kv = self.n_heads * self.head_size, self.n_kv_heads * self.head_size
+        attention = 2 * self.dim * q + 2 * self.dim * kv
         return attention + 3 * self.dim * self.ffn_dim + 2 * self.dim
 
     def flops_per_token(self, seq_len: int, frozen: bool = False) -> float:

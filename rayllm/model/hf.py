@@ -33,7 +33,7 @@ def to_hf_config(
         num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim,
+        head_dim=config.head_size,
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_theta,
@@ -77,14 +77,14 @@ def from_hf_config(hf_config: dict[str, Any]) -> ModelConfig:
             + (f" with {', '.join(unsupported)}" if unsupported else "")
         )
     dim, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    if hf_config.get("head_dim", dim // heads) != dim // heads:
-        raise RayllmError(f"head_dim {hf_config['head_dim']} is not hidden_size / heads")
+    head_dim = hf_config.get("head_dim") or dim // heads
     return ModelConfig(
         vocab_size=hf_config["vocab_size"],
         dim=dim,
         n_layers=hf_config["num_hidden_layers"],
         n_heads=heads,
         n_kv_heads=hf_config.get("num_key_value_heads") or heads,
+        head_dim=None if head_dim * heads == dim else head_dim,
         ffn_dim=hf_config["intermediate_size"],
         max_seq_len=hf_config["max_position_embeddings"],
         rope_theta=hf_config.get("rope_theta", 10_000.0),

@@ -18,7 +18,7 @@ from rayllm.model.config import ModelConfig
 
 def rotary_tables(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos / sin tables of rotary position embedding, laid out as Hugging Face's Llama does."""
-    half = config.head_dim // 2
+    half = config.head_size // 2
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32) / half))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
@@ -36,12 +36,12 @@ class Attention(nn.Module):
         super().__init__()
         # Head counts follow from the projections' widths, so a tensor-parallel rank that
         # holds some of the heads runs this code unchanged.
-        self.head_dim = config.head_dim
-        kv_dim = config.n_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.head_dim = config.head_size
+        q_dim, kv_dim = config.n_heads * config.head_size, config.n_kv_heads * config.head_size
+        self.q_proj = nn.Linear(config.dim, q_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, kv_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, kv_dim, bias=False)
-        self.o_proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, config.dim, bias=False)
 
     def forward(
         self,

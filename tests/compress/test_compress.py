@@ -267,3 +267,49 @@ def test_the_readme_recovery_on_ray_train_trains_the_pruned_model_on_workers(
         json.loads((path / "config.json").read_text()) for path in (folder, source_folder)
     )
     assert config["intermediate_size"] == source_config["intermediate_size"] * 3 // 4
+
+
+def test_a_model_with_pruned_heads_recovers_on_ray_train(tiny_run, ray_cluster, tmp_path):
+    """Heads pruned from a model with two KV groups leave heads narrower than dim / heads
+    (``head_dim`` kept): the trainer's worker computes that shape from the staged weights, and
+    the recovered version keeps it."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tiny_run["settings"]["registry"]["root"]
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
+    registry = Registry(root)
+    _, folder = registry.local_path(tiny_run["report"]["registry"]["ref"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # the shards' tokenizer
+    torch.manual_seed(0)
+    shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+    shape |= {"num_hidden_layers": 2, "intermediate_size": 256, "max_position_embeddings": 128}
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape))
+    wide.save_pretrained(tmp_path / "wide")
+    tokenizer.save_pretrained(tmp_path / "wide")
+    rayllm_ok("registry", "publish", f"{MODEL}-wide", str(tmp_path / "wide"), env=env)
+
+    settings = {
+        "source": f"{MODEL}-wide:1",
+        "data": str(tiny_run["workdir"] / "data"),
+        "method": "prune",
+        "prune": {"structure": "heads", "sparsity": 0.5},
+        "calibration_rows": 8,
+        "eval_rows": 16,
+        "recovery": {
+            "steps": 4,
+            "workers": 1,
+            "rows_per_step": 4,
+            "learning_rate": 1e-3,
+            "cpus_per_worker": 0.5,
+            "storage": str(tmp_path / "runs"),
+        },
+    }
+    out = rayllm_ok("compress", *overrides(settings), env=env)
+    assert f"published {MODEL}-wide-pruned-heads:1" in out, out
+    lineage = registry.resolve(f"{MODEL}-wide-pruned-heads:1").lineage
+    assert lineage["compression"]["recovery"]["workers"] == 1
+    assert lineage["metrics"]["val_loss"] < lineage["compression"]["recovery"]["pruned_val_loss"]
+    _, pruned = registry.local_path(f"{MODEL}-wide-pruned-heads:1")
+    config = json.loads((pruned / "config.json").read_text())
+    heads = (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"])
+    assert heads == (2, 1, 32) and config["hidden_size"] == 128

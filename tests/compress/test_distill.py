@@ -62,7 +62,7 @@ def test_the_student_is_the_teachers_shape_with_half_its_layers_unless_told():
     teacher = ModelConfig(vocab_size=64, dim=128, n_layers=6, n_heads=2, n_kv_heads=1, ffn_dim=256)
     assert StudentShape().of(teacher) == teacher.model_copy(update={"n_layers": 3})
     smaller = StudentShape(n_layers=2, dim=64, n_heads=2, ffn_dim=128).of(teacher)
-    assert (smaller.n_layers, smaller.dim, smaller.ffn_dim, smaller.head_dim) == (2, 64, 128, 32)
+    assert (smaller.n_layers, smaller.dim, smaller.ffn_dim, smaller.head_size) == (2, 64, 128, 32)
     with pytest.raises(RayllmError, match="distill.student: head size dim/n_heads = 20"):
         StudentShape(dim=40, n_heads=2).of(teacher)
 

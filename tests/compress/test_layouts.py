@@ -170,7 +170,6 @@ def test_recovery_after_a_method_it_would_undo_is_refused(settings, message):
     [
         (["method=low_rank"], "recovery.workers: low_rank leaves a model rayllm's trainer"),
         (["method=share"], "recovery.workers: share leaves"),
-        (["method=prune", "prune.structure=heads"], "prune heads leaves .* recovery.workers=0"),
         (
             ["method=prune", "prune.structure=channels", "recovery.rows_per_step=5"],
             "rows_per_step 5 is not a multiple of recovery.workers 2",

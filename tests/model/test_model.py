@@ -1,5 +1,5 @@
-"""The decoder: causal, Hugging Face-compatible (its head tied to the embedding or not), and
-refusing shapes vLLM cannot serve."""
+"""The decoder: causal, Hugging Face-compatible (its head tied to the embedding or not, its
+attention heads spanning dim or less), and refusing shapes vLLM cannot serve."""
 
 import pytest
 import torch
@@ -13,6 +13,9 @@ TINY = ModelConfig(
     vocab_size=300, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=96, max_seq_len=32
 )
 TIED = TINY.model_copy(update={"tie_embeddings": True})
+PRUNED = TINY.model_copy(update={"n_heads": 1, "head_dim": 32})
+"""A model that lost a head to pruning: its heads keep their width, spanning half of dim."""
+SHAPES = pytest.mark.parametrize("shape", [TINY, TIED, PRUNED], ids=["untied", "tied", "pruned"])
 
 
 def test_is_causal():
@@ -27,7 +30,7 @@ def test_is_causal():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-@pytest.mark.parametrize("shape", [TINY, TIED], ids=["untied", "tied"])
+@SHAPES
 def test_parameter_count_matches_formula(shape):
     assert shape.num_params() == sum(p.numel() for p in Transformer(shape).parameters())
 
@@ -39,7 +42,7 @@ def test_a_tied_head_is_the_embedding_and_costs_the_same_flops():
     assert TIED.flops_per_token(32) == TINY.flops_per_token(32)
 
 
-@pytest.mark.parametrize("shape", [TINY, TIED], ids=["untied", "tied"])
+@SHAPES
 def test_transformers_loads_identical_logits(tmp_path, shape):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -78,3 +81,5 @@ def test_weights_are_saved_in_the_dtype_asked_and_read_back_as_it(tmp_path):
 def test_unservable_head_size_is_refused():
     with pytest.raises(ValidationError, match="cannot be served by vLLM"):
         ModelConfig(dim=64, n_heads=4, n_kv_heads=2)
+    with pytest.raises(ValidationError, match="head size head_dim = 48 cannot be served"):
+        ModelConfig(dim=64, n_heads=1, n_kv_heads=1, head_dim=48)
