@@ -3,6 +3,7 @@ full or LoRA, with which training settings, and the name it publishes the result
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -54,6 +55,10 @@ class FinetuneConfig(StageConfig):
     """``lora``: train low-rank adapters and publish them as an adapter of the base version
     (served by multi-LoRA); ``full``: train every weight and publish a full model."""
     lora: LoraSettings = LoraSettings()
+    untie_embeddings: bool = False
+    """method full, on a base whose output head is its token embedding (SmolLM2): train the
+    head as its own matrix, starting as a copy of the embedding, so tensor parallelism can
+    split the two apart; the result has its own head (vocabulary x dim more weights)."""
     seq_len: int = Field(256, ge=8)
     """Tokens per packed row; every example fits in one row (or is cut to it)."""
     strict: bool = False
@@ -84,6 +89,11 @@ class FinetuneConfig(StageConfig):
             )
         if self.method == "lora" and (self.train.parallel.tp > 1 or self.train.parallel.pp > 1):
             raise ValueError("method lora trains with data parallelism: set tp and pp to 1")
+        if self.untie_embeddings and self.method != "full":
+            raise ValueError(
+                "untie_embeddings trains the output head apart from the embedding: it needs "
+                "method full (an adapter's base keeps its head)"
+            )
         if self.lora.quantize_base and self.method != "lora":
             raise ValueError(
                 "lora.quantize_base (QLoRA) holds the frozen base under adapters: it needs "
@@ -108,10 +118,18 @@ class FinetuneConfig(StageConfig):
                 "finetune.base is required: the registry version to fine-tune, e.g. "
                 "--set base=smollm2 (after `rayllm registry import smollm2 smollm2`)"
             )
-        version = Registry(self.registry or default_registry()).resolve(self.base)
+        registry = Registry(self.registry or default_registry())
+        version = registry.resolve(self.base)
         if "adapter" in version.lineage:
             raise RayllmError(
                 f"{version.ref} is an adapter; fine-tune its base {version.lineage['parent']} "
                 "(or merge the adapter into a full version first)"
             )
+        if self.untie_embeddings:
+            with registry.fs.open(f"{registry.version_url(version)}/config.json") as file:
+                if not json.load(file).get("tie_word_embeddings"):
+                    raise RayllmError(
+                        f"finetune.untie_embeddings: {version.ref} has its own output head "
+                        "already; leave untie_embeddings off"
+                    )
         return version

@@ -70,6 +70,8 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     base, folder = base_version(registry, config)
     name = check_name(config.name or f"{base.name}-{config.objective}", "finetune.name")
     shape = from_hf_config(json.loads((folder / "config.json").read_text()))
+    if config.untie_embeddings:  # its head starts as a copy of the base's embedding
+        shape = shape.model_copy(update={"tie_embeddings": False})
     if config.seq_len > shape.max_seq_len:
         raise RayllmError(
             f"finetune.seq_len {config.seq_len} is above {base.ref}'s context of "

@@ -248,7 +248,9 @@ class TrainConfig(StageConfig):
             raise ValueError(
                 "the model ties its output head to its embedding (model.tie_embeddings), which "
                 "tensor parallelism splits differently and pipeline stages hold apart: set tp "
-                "and pp to 1 (data parallel strategies and ZeRO train it)"
+                "and pp to 1 (data parallel strategies and ZeRO train it), or train it untied "
+                "(model.tie_embeddings=false: the head starts as a copy of init_from's "
+                "embedding; rayllm finetune: untie_embeddings=true)"
             )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")

@@ -68,6 +68,8 @@ def build_model(config: TrainConfig, device: torch.device) -> Transformer:
     model = Transformer(config.model)
     if config.init_from:
         shape, state = read_hf_model(config.init_from)
+        if shape.tie_embeddings and not config.model.tie_embeddings:
+            shape = shape.model_copy(update={"tie_embeddings": False})  # head: the embedding's copy
         if shape != config.model:
             raise RayllmError(
                 f"train.init_from {config.init_from} has the shape {shape}, not train.model's"

@@ -13,8 +13,13 @@ import math
 
 import httpx
 import pytest
+import torch
+from safetensors import safe_open
 
 from rayllm.finetune.examples import built_preferences, read_conversations
+from rayllm.model.config import ModelConfig
+from rayllm.model.hf import save_hf_model
+from rayllm.model.model import Transformer
 from rayllm.registry.store import Registry
 from tests.conftest import API_KEYS, overrides
 from tests.test_cli import rayllm, rayllm_ok
@@ -169,6 +174,57 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     assert f"{MODEL}-chat@production: None -> 1" in forced
 
 
+def test_a_tied_base_fine_tunes_untied_under_tensor_parallelism(tiny_run, ray_cluster, tmp_path):
+    """A base whose head is its embedding (as SmolLM2's is), with the session's tokenizer and
+    two KV heads: ``untie_embeddings`` lets a full fine-tune split it over 2 tensor-parallel
+    workers, the head starting as the embedding's copy, and the result has a head of its own."""
+    from transformers import AutoTokenizer
+
+    root = tiny_run["settings"]["registry"]["root"]
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
+    registry = Registry(root)
+    _, folder = registry.local_path(tiny_run["report"]["registry"]["ref"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tied = ModelConfig(vocab_size=len(tokenizer), dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
+    tied = tied.model_copy(update={"ffn_dim": 256, "tie_embeddings": True})
+    torch.manual_seed(0)
+    ids = {"bos_token_id": tokenizer.bos_token_id or 0, "eos_token_id": tokenizer.eos_token_id}
+    save_hf_model(tmp_path / "tied", tied, Transformer(tied).state_dict(), **ids)
+    tokenizer.save_pretrained(tmp_path / "tied")
+    rayllm_ok("registry", "publish", f"{MODEL}-tied", str(tmp_path / "tied"), env=env)
+
+    settings = {
+        "base": f"{MODEL}-tied:1",
+        "method": "full",
+        "untie_embeddings": True,
+        "seq_len": 96,
+        "max_examples": 64,
+        "train": {
+            "steps": 2,
+            "micro_batch_size": 2,
+            "cpus_per_worker": 0.5,
+            "learning_rate": 0.003,
+            "parallel": {"strategy": "fsdp", "tp": 2},
+            "log_every": 1,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+            "storage": str(tmp_path / "runs"),
+        },
+    }
+    out = rayllm_ok("finetune", *overrides(settings), env=env, timeout=900)
+    assert f"published {MODEL}-tied-sft:1" in out, out
+    lineage = registry.resolve(f"{MODEL}-tied-sft:1").lineage
+    assert lineage["metrics"]["val_loss"] < lineage["metrics"]["base_val_loss"]
+    _, tuned = registry.local_path(f"{MODEL}-tied-sft:1")
+    assert json.loads((tuned / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(tuned / "model.safetensors", "pt") as weights:
+        head, embedding = (
+            weights.get_tensor(f"{n}.weight") for n in ("lm_head", "model.embed_tokens")
+        )
+    assert head.shape == embedding.shape and not torch.equal(head, embedding)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -185,6 +241,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
             "trains with parallel.strategy=ddp",
         ),
         ({"base": MODEL, "method": "full", "lora": {"quantize_base": True}}, "needs method lora"),
+        ({"base": MODEL, "untie_embeddings": True}, "untie_embeddings .* needs method full"),
+        (
+            {"base": MODEL, "method": "full", "untie_embeddings": True},
+            "has its own output head already",
+        ),
     ],
 )
 def test_bad_finetunes_are_refused_before_any_worker_starts(tiny_run, settings, message):

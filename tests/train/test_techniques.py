@@ -12,6 +12,7 @@ import torchao.quantization  # noqa: F401
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import read_hf_model, save_hf_model
 from rayllm.model.model import Transformer, next_token_loss
@@ -169,6 +170,32 @@ def test_a_tied_head_trains_as_one_matrix_and_exports_tied(
     assert model.lm_head.weight is model.embed_tokens.weight
     with torch.no_grad():
         assert next_token_loss(model(inputs), targets) < first
+
+
+def test_a_tied_start_trains_untied_from_a_copy_of_its_embedding(tmp_path):
+    """init_from a tied model into an untied shape (what tensor parallelism needs): the head
+    starts as the embedding's values in a matrix of its own; the other way is refused."""
+    tied = ModelConfig(**MODEL, tie_embeddings=True)
+    torch.manual_seed(0)
+    start = Transformer(tied).eval()
+    save_hf_model(tmp_path / "tied", tied, start.state_dict(), bos_token_id=0, eos_token_id=0)
+    untied = {"num_workers": 1, "model": MODEL, "init_from": str(tmp_path / "tied")}
+    model = build_model(TrainConfig.model_validate(untied), torch.device("cpu")).eval()
+    assert model.lm_head.weight is not model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, start.embed_tokens.weight)
+    inputs, _ = batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), start(inputs))
+    save_hf_model(
+        tmp_path / "untied",
+        ModelConfig(**MODEL),
+        model.state_dict(),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    retied = {"num_workers": 1, "model": tied.model_dump(), "init_from": str(tmp_path / "untied")}
+    with pytest.raises(RayllmError, match="has the shape"):
+        build_model(TrainConfig.model_validate(retied), torch.device("cpu"))
 
 
 def test_qlora_holds_the_frozen_base_in_4_bits_and_its_adapter_fits_the_full_base(
