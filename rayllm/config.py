@@ -74,7 +74,7 @@ def load_config(
     try:
         return build_config(cls, data)
     except ValidationError as err:
-        raise RayllmError(describe_validation_error(err, source=str(path or "settings"))) from None
+        raise RayllmError(describe_validation_error(err, str(path) if path else None)) from None
 
 
 def build_config(cls: type[C], settings: dict[str, Any]) -> C:
@@ -96,18 +96,20 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def describe_validation_error(err: ValidationError, source: str) -> str:
-    """One readable line per problem, naming the key and, for unknown keys, the known ones."""
+def describe_validation_error(err: ValidationError, source: str | None) -> str:
+    """One readable line per problem, naming the key and where it was set (``source``: a
+    config file, say; none for the command line's ``--set`` alone)."""
+    where = f" in {source}" if source else ""
     lines = []
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {key!r} in {source}; check the spelling")
+            lines.append(f"unknown config key {key!r}{where}; check the spelling")
         elif not key:  # a check across keys: its message names them
-            lines.append(f"{source}: {problem['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{source}: {message}" if source else message)
         else:
-            message = problem["msg"].removeprefix("Value error, ")
-            lines.append(f"config key {key!r} in {source}: {message}")
+            lines.append(f"config key {key!r}{where}: {message}")
     return "; ".join(lines)
 
 

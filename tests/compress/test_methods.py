@@ -159,9 +159,7 @@ def test_w8a8_takes_no_group_size():
     assert CompressConfig(quantize={"scheme": "w8a8", "group_size": None})
     with pytest.raises(RayllmError) as refused:  # as the command line says it
         load_config(CompressConfig, None, ["quantize.scheme=w8a8", "quantize.group_size=64"])
-    assert str(refused.value) == (
-        "settings: w8a8 quantizes weights per channel: leave group_size unset"
-    )
+    assert str(refused.value) == ("w8a8 quantizes weights per channel: leave group_size unset")
 
 
 def quantized_app(tmp_path, scheme: str):
