@@ -311,3 +311,35 @@ def tiny_run(ray_cluster, s3, serve_port, tmp_path_factory):
         "job_output": job.stdout,
         "settings": settings,
     }
+
+
+def publish_random_model(tiny_run, name: str, folder: Path, tie_embeddings: bool = False) -> str:
+    """A random 2-layer decoder with two KV head groups (which pruning heads and tensor
+    parallelism need and the session's model lacks), in the session model's tokenizer (so it
+    reads the session's shards), published to the session's registry as ``name:1``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rayllm.model.config import ModelConfig
+    from rayllm.model.hf import save_hf_model
+    from rayllm.model.model import Transformer
+    from rayllm.registry.importers import import_folder
+    from rayllm.registry.store import Registry
+
+    registry = Registry(tiny_run["settings"]["registry"]["root"])
+    _, source = registry.local_path(tiny_run["report"]["registry"]["ref"])
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    shape = ModelConfig(
+        vocab_size=len(tokenizer),
+        dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=256,
+        tie_embeddings=tie_embeddings,
+    )
+    torch.manual_seed(0)
+    ids = {"bos_token_id": tokenizer.bos_token_id or 0, "eos_token_id": tokenizer.eos_token_id}
+    save_hf_model(folder, shape, Transformer(shape).state_dict(), **ids)
+    tokenizer.save_pretrained(folder)
+    return import_folder(registry, name, folder).ref

@@ -18,7 +18,7 @@ from rayllm.data.shards import load_manifest, read_shard
 from rayllm.data.tokenizer import load_tokenizer, tokenizer_vocabulary, train_tokenizer
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry
-from tests.conftest import overrides
+from tests.conftest import overrides, publish_random_model
 from tests.test_cli import rayllm, rayllm_ok
 from tests.test_jobs import readme_job, run_job
 from tests.test_readme import REDUCED, block_with, commands
@@ -273,23 +273,13 @@ def test_a_model_with_pruned_heads_recovers_on_ray_train(tiny_run, ray_cluster, 
     """Heads pruned from a model with two KV groups leave heads narrower than dim / heads
     (``head_dim`` kept): the trainer's worker computes that shape from the staged weights, and
     the recovered version keeps it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     root = tiny_run["settings"]["registry"]["root"]
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
     registry = Registry(root)
-    _, folder = registry.local_path(tiny_run["report"]["registry"]["ref"])
-    tokenizer = AutoTokenizer.from_pretrained(folder)  # the shards' tokenizer
-    torch.manual_seed(0)
-    shape = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
-    shape |= {"num_hidden_layers": 2, "intermediate_size": 256, "max_position_embeddings": 128}
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape))
-    wide.save_pretrained(tmp_path / "wide")
-    tokenizer.save_pretrained(tmp_path / "wide")
-    rayllm_ok("registry", "publish", f"{MODEL}-wide", str(tmp_path / "wide"), env=env)
+    wide = publish_random_model(tiny_run, f"{MODEL}-wide", tmp_path / "wide")
 
     settings = {
-        "source": f"{MODEL}-wide:1",
+        "source": wide,
         "data": str(tiny_run["workdir"] / "data"),
         "method": "prune",
         "prune": {"structure": "heads", "sparsity": 0.5},

@@ -17,11 +17,8 @@ import torch
 from safetensors import safe_open
 
 from rayllm.finetune.examples import built_preferences, read_conversations
-from rayllm.model.config import ModelConfig
-from rayllm.model.hf import save_hf_model
-from rayllm.model.model import Transformer
 from rayllm.registry.store import Registry
-from tests.conftest import API_KEYS, overrides
+from tests.conftest import API_KEYS, overrides, publish_random_model
 from tests.test_cli import rayllm, rayllm_ok
 from tests.test_jobs import readme_job, run_job
 from tests.test_readme import block_with, commands
@@ -178,23 +175,13 @@ def test_a_tied_base_fine_tunes_untied_under_tensor_parallelism(tiny_run, ray_cl
     """A base whose head is its embedding (as SmolLM2's is), with the session's tokenizer and
     two KV heads: ``untie_embeddings`` lets a full fine-tune split it over 2 tensor-parallel
     workers, the head starting as the embedding's copy, and the result has a head of its own."""
-    from transformers import AutoTokenizer
-
     root = tiny_run["settings"]["registry"]["root"]
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
     registry = Registry(root)
-    _, folder = registry.local_path(tiny_run["report"]["registry"]["ref"])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tied = ModelConfig(vocab_size=len(tokenizer), dim=128, n_layers=2, n_heads=4, n_kv_heads=2)
-    tied = tied.model_copy(update={"ffn_dim": 256, "tie_embeddings": True})
-    torch.manual_seed(0)
-    ids = {"bos_token_id": tokenizer.bos_token_id or 0, "eos_token_id": tokenizer.eos_token_id}
-    save_hf_model(tmp_path / "tied", tied, Transformer(tied).state_dict(), **ids)
-    tokenizer.save_pretrained(tmp_path / "tied")
-    rayllm_ok("registry", "publish", f"{MODEL}-tied", str(tmp_path / "tied"), env=env)
+    tied = publish_random_model(tiny_run, f"{MODEL}-tied", tmp_path / "tied", tie_embeddings=True)
 
     settings = {
-        "base": f"{MODEL}-tied:1",
+        "base": tied,
         "method": "full",
         "untie_embeddings": True,
         "seq_len": 96,
