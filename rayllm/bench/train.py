@@ -75,10 +75,17 @@ def theory_mb(parallel: dict[str, Any], params: int, workers: int) -> float | No
     return per_param * params / 2**20
 
 
-def layout_name(parallel: dict[str, Any], workers: int) -> str:
-    """``fsdp x tp2 (dp 2)``: the strategy and the data-parallel size it gets."""
-    config = ParallelConfig.model_validate(parallel)
-    return f"{config.describe()} (dp {workers // (config.tp * config.pp)})"
+def layout_name(layout: dict[str, Any], workers: int) -> str:
+    """``fsdp x tp2 (dp 2)``: the strategy and the data-parallel size it gets, ``+ LoRA``
+    where the layout trains adapters only (its ``lora`` settings)."""
+    config = ParallelConfig.model_validate(parallel_settings(layout))
+    name = f"{config.describe()} (dp {workers // (config.tp * config.pp)})"
+    return f"{name} + LoRA" if layout.get("lora") else name
+
+
+def parallel_settings(layout: dict[str, Any]) -> dict[str, Any]:
+    """A layout's ``parallel`` settings: everything but its ``lora``."""
+    return {key: value for key, value in layout.items() if key != "lora"}
 
 
 def compare_strategies(
@@ -93,7 +100,8 @@ def compare_strategies(
     settings: dict[str, Any] | None = None,
     checkpoints: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run each layout for ``steps`` steps on ``workers`` ranks; results by :func:`layout_name`.
+    """Run each layout (``parallel`` settings, and ``lora`` ones where it trains adapters)
+    for ``steps`` steps on ``workers`` ranks; results by :func:`layout_name`.
 
     ``checkpoints``: a local folder every rank can write; each layout saves its final state
     there (``<checkpoints>/<index>``, in the order given) for
@@ -102,8 +110,8 @@ def compare_strategies(
     manifest = load_manifest(data)
     use_gpu = bool((settings or {}).get("use_gpu"))
     configs = {}
-    for parallel in layouts:
-        name = layout_name(parallel, workers)
+    for layout in layouts:
+        name = layout_name(layout, workers)
         config = TrainConfig.model_validate(
             {
                 "data": data,
@@ -112,7 +120,8 @@ def compare_strategies(
                 "steps": steps,
                 "warmup_steps": 0,
                 "model": model,
-                "parallel": parallel,
+                "parallel": parallel_settings(layout),
+                "lora": layout.get("lora"),
                 **(settings or {}),
             }
         )
@@ -193,9 +202,8 @@ def _compare_loop(settings: dict[str, Any]) -> None:
             folder = Path(settings["checkpoints"]) / str(index)
             engine.save(folder)
             if rank == 0:
-                write_progress(
-                    folder, config.steps, {"model": raw["model"], "parallel": raw["parallel"]}
-                )
+                kept = {key: raw[key] for key in ("model", "parallel", "lora")}
+                write_progress(folder, config.steps, kept)
         held: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(held, engine.held_memory())
         results[name] = {
@@ -358,9 +366,9 @@ def benchmark(
 def fits(layout: dict[str, Any], workers: int, global_batch: int, model: dict[str, Any]) -> bool:
     """Whether ``layout`` has a mesh for ``model`` on ``workers`` ranks that splits
     ``global_batch`` (the layouts that do not are left out of the benchmark)."""
-    parallel = ParallelConfig.model_validate(layout)
+    parallel = ParallelConfig.model_validate(parallel_settings(layout))
     dp = workers // (parallel.tp * parallel.pp) or 1
-    settings = {"model": model, "parallel": layout, "num_workers": workers}
+    settings = {"model": model, "parallel": parallel_settings(layout), "num_workers": workers}
     try:
         mesh_shape(TrainConfig.model_validate(settings | {"micro_batch_size": global_batch // dp}))
     except (RayllmError, ValueError):

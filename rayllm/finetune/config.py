@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from rayllm.config import StageConfig
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry, Version, default_registry
-from rayllm.train.config import QLORA_NEEDS_DDP, LoraSettings, ParallelConfig, TrainConfig
+from rayllm.train.config import LoraSettings, ParallelConfig, TrainConfig, check_qlora_layout
 
 
 class FinetuneTrainConfig(TrainConfig):
@@ -87,8 +87,6 @@ class FinetuneConfig(StageConfig):
                 f"train.{', train.'.join(given)}: set by rayllm finetune from base, method, "
                 "lora, data, objective and beta; set those instead"
             )
-        if self.method == "lora" and (self.train.parallel.tp > 1 or self.train.parallel.pp > 1):
-            raise ValueError("method lora trains with data parallelism: set tp and pp to 1")
         if self.untie_embeddings and self.method != "full":
             raise ValueError(
                 "untie_embeddings trains the output head apart from the embedding: it needs "
@@ -99,8 +97,8 @@ class FinetuneConfig(StageConfig):
                 "lora.quantize_base (QLoRA) holds the frozen base under adapters: it needs "
                 "method lora"
             )
-        if self.lora.quantize_base and self.train.parallel.strategy != "ddp":
-            raise ValueError(QLORA_NEEDS_DDP)
+        if self.lora.quantize_base:
+            check_qlora_layout(self.train.parallel)
         if self.safety_mixture and self.objective != "sft":
             raise ValueError("safety_mixture mixes supervised examples: it needs objective sft")
         if self.train.parallel.pp > 1:

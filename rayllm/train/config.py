@@ -116,11 +116,16 @@ class LoraSettings(StageConfig):
         return self
 
 
-QLORA_NEEDS_DDP = (
-    "lora.quantize_base (QLoRA) trains with parallel.strategy=ddp: the 4-bit base weights are "
-    "torchao NF4 tensors, which DDP replicates as they are but DeepSpeed cannot flatten and "
-    "FSDP2 can only shard when every layer's blocks split evenly over the ranks"
-)
+def check_qlora_layout(parallel: ParallelConfig) -> None:
+    """QLoRA's 4-bit base takes plain data parallelism only."""
+    if parallel.strategy != "ddp" or parallel.tp > 1 or parallel.pp > 1:
+        raise ValueError(
+            "lora.quantize_base (QLoRA) trains with parallel.strategy=ddp and tp = pp = 1: the "
+            "4-bit base weights are torchao NF4 tensors, which DDP replicates as they are but "
+            "DeepSpeed cannot flatten, FSDP2 can only shard when every layer's blocks split "
+            "evenly over the ranks, and tensor and pipeline plans do not split"
+        )
+
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -227,13 +232,8 @@ class TrainConfig(StageConfig):
                 "data_loader ray_data gives every rank its own batches, but tensor and pipeline "
                 "ranks must share theirs; use data_loader mmap with tp / pp"
             )
-        if self.lora is not None and (self.parallel.tp > 1 or self.parallel.pp > 1):
-            raise ValueError(
-                "lora trains with data parallelism (ddp, fsdp or zero); tensor and pipeline "
-                "parallel plans address the plain linear layers LoRA wraps: set tp and pp to 1"
-            )
-        if self.lora is not None and self.lora.quantize_base and self.parallel.strategy != "ddp":
-            raise ValueError(QLORA_NEEDS_DDP)
+        if self.lora is not None and self.lora.quantize_base:
+            check_qlora_layout(self.parallel)
         if self.objective == "dpo" and (self.init_from is None or self.parallel.pp > 1):
             raise ValueError(
                 "objective dpo needs init_from (the starting weights are its reference) and "

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import (
     OffloadPolicy,
     fully_shard,
 )
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -63,7 +63,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     o and down split by input (row-wise) so each block needs one all-reduce per half; the
     embedding split by vocabulary, the head by vocabulary and gathered. With sequence
     parallelism the norms and residual stream are split along the sequence instead of
-    replicated."""
+    replicated. What was frozen (LoRA's base) stays frozen."""
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     between_blocks = Shard(1) if sequence_parallel else Replicate()
     ends = {}
     if model.embed_tokens is not None:
@@ -76,17 +77,10 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
             ends["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, ends)
     for block in model.layers.values():
-        plan = {
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=between_blocks),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=between_blocks),
-        }
+        for name in COLUMN_WISE + ROW_WISE:
+            split_projection(block.get_submodule(name), tp_mesh, name in ROW_WISE, between_blocks)
         if sequence_parallel:
-            plan |= {
+            plan = {
                 "input_layernorm": SequenceParallel(),
                 "post_attention_layernorm": SequenceParallel(),
                 "self_attn": PrepareModuleInput(  # x, cos, sin, mask
@@ -97,7 +91,57 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
                     input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
                 ),
             }
-        parallelize_module(block, tp_mesh, plan)
+            parallelize_module(block, tp_mesh, plan)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)  # SequenceParallel makes the norms trainable
+
+
+COLUMN_WISE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+)
+ROW_WISE = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def split_projection(
+    layer: nn.Module, tp_mesh: DeviceMesh, row_wise: bool, between_blocks: Placement
+) -> None:
+    """One projection split over the ``tp`` ranks: column-wise by output, row-wise by input
+    with its output all-reduced (or reduce-scattered along the sequence) to ``between_blocks``.
+
+    A LoRA-adapted projection (peft's ``base_layer`` + ``lora_B(lora_A(x))``) splits its base
+    the same way, and its adapter so the two sums meet in the same layout: column-wise, A is
+    replicated and B split by output; row-wise, A is split by input (its small ``r``-wide
+    output all-reduced like the base's) and B replicated. The replicated halves are DTensors,
+    so their gradients are summed over the ranks that share them."""
+    split = RowwiseParallel(output_layouts=between_blocks) if row_wise else ColwiseParallel()
+    if not hasattr(layer, "base_layer"):
+        parallelize_module(layer, tp_mesh, split)
+        return
+    parallelize_module(layer.base_layer, tp_mesh, split)
+    for adapter in layer.lora_A:
+        if row_wise:
+            adapter_in = RowwiseParallel(output_layouts=between_blocks, use_local_output=False)
+            parallelize_module(layer.lora_A[adapter], tp_mesh, adapter_in)
+            distribute_module(layer.lora_B[adapter], tp_mesh, output_fn=_local)
+        else:
+            distribute_module(layer.lora_A[adapter], tp_mesh, input_fn=_replicated)
+            parallelize_module(layer.lora_B[adapter], tp_mesh, ColwiseParallel())
+
+
+def _replicated(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    """A replicated input as a DTensor (under sequence parallelism it is one already)."""
+    x = inputs[0]
+    if isinstance(x, DTensor):
+        return (x, *inputs[1:])
+    return (DTensor.from_local(x, mesh, [Replicate()], run_check=False), *inputs[1:])
+
+
+def _local(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.to_local()
 
 
 def apply_recompute(model: Transformer, every: int) -> None:

@@ -217,7 +217,10 @@ def test_a_tied_base_fine_tunes_untied_under_tensor_parallelism(tiny_run, ray_cl
     [
         ({"base": "no-such-model"}, "no-such-model"),
         ({"base": MODEL, "train": {"model": {"dim": 128}}}, "train.model: set by rayllm finetune"),
-        ({"base": MODEL, "train": {"parallel": {"strategy": "fsdp", "tp": 2}}}, "tp and pp to 1"),
+        (
+            {"base": MODEL, "lora": {"quantize_base": True}, "train": {"parallel": {"tp": 2}}},
+            "and tp = pp = 1",
+        ),
         ({"base": MODEL, "lora": {"target_modules": ["qkv"]}}, "lora.target_modules"),
         (
             {

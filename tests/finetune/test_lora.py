@@ -55,8 +55,18 @@ def test_a_tied_hugging_face_head_is_read_as_a_copy_of_the_embedding(tmp_path):
     assert torch.equal(read["lm_head.weight"], read["embed_tokens.weight"])
 
 
-def test_lora_with_tensor_parallel_is_refused():
-    with pytest.raises(ValueError, match="lora trains with data parallelism"):
-        TrainConfig(lora=LoraSettings(), parallel={"strategy": "fsdp", "tp": 2})
+@pytest.mark.parametrize(
+    "parallel",
+    [{"strategy": "ddp", "tp": 2}, {"strategy": "ddp", "pp": 2}, {"strategy": "fsdp", "tp": 2}],
+)
+def test_qlora_under_tensor_or_pipeline_parallelism_is_refused(parallel):
+    """Plain LoRA splits over tensor and pipeline ranks (tests/train/test_strategies.py); NF4
+    weights do not."""
+    TrainConfig(lora=LoraSettings(), parallel=parallel)
+    with pytest.raises(ValueError, match="trains with parallel.strategy=ddp and tp = pp = 1"):
+        TrainConfig(lora=LoraSettings(quantize_base=True), parallel=parallel)
+
+
+def test_unknown_target_modules_are_refused():
     with pytest.raises(ValueError, match="lora.target_modules"):
         LoraSettings(target_modules=["attn"])

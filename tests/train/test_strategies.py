@@ -2,10 +2,11 @@
 
 One worker group of 4 ranks runs them all in turn (DDP, ZeRO-1/2/3, ZeRO-3 with optimizer and
 parameter offload, FSDP2, FSDP2 with CPU offload, HSDP, FSDP2 x TP with and without sequence
-parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B), and one of
+parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B; then LoRA
+adapters under DDP, FSDP2 x TP with and without sequence parallelism and DDP x PP), and one of
 8 ranks the 3-D layout PP x TP x FSDP2, 10 steps each on the same global batches in fp32; then
-each layout's sharded checkpoint is consolidated and compared, and the memory each rank holds
-is checked.
+each layout's sharded checkpoint is consolidated and compared (LoRA's with DDP's LoRA), and the
+memory each rank holds is checked.
 """
 
 import pytest
@@ -21,6 +22,18 @@ pytestmark = pytest.mark.slow
 WORKERS = 4
 THREE_D = {"strategy": "fsdp", "pp": 2, "tp": 2}
 """Needs 2 x 2 x 2 ranks: its own worker group of 8."""
+LORA = {
+    "r": 4,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+LORA_LAYOUTS = [
+    {"strategy": "ddp", "lora": LORA},
+    {"strategy": "fsdp", "tp": 2, "lora": LORA},
+    {"strategy": "fsdp", "tp": 2, "sequence_parallel": True, "lora": LORA},
+    {"strategy": "ddp", "pp": 2, "pp_schedule": "gpipe", "lora": LORA},
+]
+"""Adapters on every projection, split column- and row-wise under tensor parallelism, and per
+stage under pipeline parallelism: compared with DDP's adapters (the first)."""
 MODEL = {"dim": 64, "n_layers": 4, "n_heads": 2, "n_kv_heads": 2, "ffn_dim": 128}
 """Tiny, with whole heads and KV heads for tensor parallel 2 and a layer per interleaved stage."""
 
@@ -30,7 +43,7 @@ def compared(tiny_run, tmp_path_factory):
     checkpoints = tmp_path_factory.mktemp("layouts")
     common = {"global_batch": 8, "steps": 10, "model": MODEL}
     data = str(tiny_run["workdir"] / "data")
-    layouts = [layout for layout in LAYOUTS if layout != THREE_D]
+    layouts = [layout for layout in LAYOUTS if layout != THREE_D] + LORA_LAYOUTS
     results = compare_strategies(
         data,
         layouts,
@@ -48,26 +61,36 @@ def compared(tiny_run, tmp_path_factory):
         **common,
     )
     folders = [checkpoints / "4" / str(index) for index in range(len(layouts))]
-    return results, layouts, folders + [checkpoints / "8" / "0"]
+    return results, layouts + [THREE_D], folders + [checkpoints / "8" / "0"]
+
+
+def reference(layout: dict) -> dict:
+    """What a layout is compared with: DDP, or DDP with the same adapters."""
+    return LORA_LAYOUTS[0] if layout.get("lora") else LAYOUTS[0]
+
+
+def name(layout: dict) -> str:
+    return layout_name(layout, 8 if layout == THREE_D else WORKERS)
 
 
 def test_every_layout_follows_the_ddp_loss_curve(compared):
     results, layouts, _ = compared
-    names = [layout_name(layout, WORKERS) for layout in layouts] + [layout_name(THREE_D, 8)]
-    assert list(results) == names
-    reference = results[names[0]]["losses"]
-    assert reference[-1] < reference[0] - 0.1  # it learns
-    for name in names[1:]:
-        torch.testing.assert_close(results[name]["losses"], reference, rtol=0, atol=2e-4, msg=name)
+    assert list(results) == [name(layout) for layout in layouts]
+    ddp, adapters = (results[name(layout)]["losses"] for layout in (LAYOUTS[0], LORA_LAYOUTS[0]))
+    assert ddp[-1] < ddp[0] - 0.1 and adapters[-1] < adapters[0]  # both learn
+    for layout in layouts:
+        expected = results[name(reference(layout))]["losses"]
+        losses = results[name(layout)]["losses"]
+        torch.testing.assert_close(losses, expected, rtol=0, atol=2e-4, msg=name(layout))
 
 
 def test_every_layout_consolidates_to_the_ddp_weights(compared):
-    _, _, folders = compared
-    _, reference, _ = consolidate(folders[0])
-    for folder in folders[1:]:
+    _, layouts, folders = compared
+    for layout, folder in zip(layouts, folders, strict=True):
+        _, reference_weights, _ = consolidate(folders[layouts.index(reference(layout))])
         _, weights, _ = consolidate(folder)
-        assert weights.keys() == reference.keys(), folder
-        for key, expected in reference.items():
+        assert weights.keys() == reference_weights.keys(), folder
+        for key, expected in reference_weights.items():
             gap = (weights[key] - expected).abs()
             off = gap > 1e-4 + 1e-3 * expected.abs()
             # AdamW divides by a running gradient scale: an element whose gradient cancels over
