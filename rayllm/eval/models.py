@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry
 
 
@@ -37,6 +38,13 @@ def load_model(registry: str, model: str):
     if "adapter" not in version.lineage:
         loaded = load_causal_lm(folder, torch.float32)
         return loaded.eval(), AutoTokenizer.from_pretrained(folder)
+    kind = version.lineage["adapter"].get("peft_type")
+    if kind != "LORA":
+        raise RayllmError(
+            f"{version.ref} is a {kind} adapter, which does not merge into its base; rayllm "
+            "eval scores full models and LoRA adapters (its held-out loss is in its lineage: "
+            f"rayllm registry show {version.ref})"
+        )
     from peft import PeftModel
 
     _, base = store.local_path(version.lineage["parent"])

@@ -11,12 +11,19 @@ from pydantic import Field, model_validator
 from rayllm.config import StageConfig
 from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry, Version, default_registry
-from rayllm.train.config import LoraSettings, ParallelConfig, TrainConfig, check_qlora_layout
+from rayllm.train.config import (
+    PROMPT_NEEDS_DATA_PARALLEL,
+    LoraSettings,
+    ParallelConfig,
+    PromptSettings,
+    TrainConfig,
+    check_qlora_layout,
+)
 
 
 class FinetuneTrainConfig(TrainConfig):
     """The trainer's settings, with defaults for fine-tuning (``model``, ``init_from``,
-    ``lora``, ``data`` and ``output`` are set by ``rayllm finetune`` itself)."""
+    ``lora``, ``prompt``, ``data`` and ``output`` are set by ``rayllm finetune`` itself)."""
 
     run_name: str = "rayllm-finetune"
     parallel: ParallelConfig = ParallelConfig(strategy="ddp")
@@ -51,10 +58,13 @@ class FinetuneConfig(StageConfig):
     name: str | None = None
     """The registry name the result is published under; default: the base's name +
     ``-sft`` or ``-dpo``."""
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full", "prompt"] = "lora"
     """``lora``: train low-rank adapters and publish them as an adapter of the base version
-    (served by multi-LoRA); ``full``: train every weight and publish a full model."""
+    (served by multi-LoRA); ``full``: train every weight and publish a full model; ``prompt``:
+    prompt tuning, virtual tokens learnt before every example, published as a peft adapter of
+    the base (which peft loads; vLLM serves no prompt adapters)."""
     lora: LoraSettings = LoraSettings()
+    prompt: PromptSettings = PromptSettings()
     untie_embeddings: bool = False
     """method full, on a base whose output head is its token embedding (SmolLM2): train the
     head as its own matrix, starting as a copy of the embedding, so tensor parallelism can
@@ -79,14 +89,19 @@ class FinetuneConfig(StageConfig):
         defaults = TrainConfig()
         given = [
             key
-            for key in ("model", "init_from", "lora", "data", "output", "objective", "dpo_beta")
+            for key in (
+                *("model", "init_from", "lora", "prompt", "data", "output", "objective"),
+                "dpo_beta",
+            )
             if getattr(self.train, key) != getattr(defaults, key)
         ]
         if given:
             raise ValueError(
                 f"train.{', train.'.join(given)}: set by rayllm finetune from base, method, "
-                "lora, data, objective and beta; set those instead"
+                "lora, prompt, data, objective and beta; set those instead"
             )
+        if self.method == "prompt" and self.train.parallel.tp > 1:
+            raise ValueError(PROMPT_NEEDS_DATA_PARALLEL)
         if self.untie_embeddings and self.method != "full":
             raise ValueError(
                 "untie_embeddings trains the output head apart from the embedding: it needs "

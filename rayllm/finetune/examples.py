@@ -239,6 +239,12 @@ def pack_units(
     return PackedExamples(inputs, targets, segments)
 
 
+def with_virtual_tokens(example: Example, virtual: list[int]) -> Example:
+    """``example`` read after prompt tuning's ``virtual`` tokens, which are not trained on."""
+    ids, trained = example
+    return virtual + ids, [False] * len(virtual) + trained
+
+
 Preference = tuple[Conversation, str, str]
 """A conversation before the answer, the chosen answer and the rejected one."""
 

@@ -36,6 +36,7 @@ from rayllm.finetune.examples import (
     read_preferences,
     render,
     render_pair,
+    with_virtual_tokens,
 )
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import from_hf_config, save_hf_model, weights_dtype
@@ -48,6 +49,7 @@ from rayllm.train.config import TrainConfig
 from rayllm.train.lora import merged_state, save_adapter, trainable_parameters
 from rayllm.train.mesh import mesh_shape
 from rayllm.train.metrics import METRICS_LOG
+from rayllm.train.prompt import save_prompt_adapter, virtual_tokens
 from rayllm.train.trainer import fit, prepare_run_folder
 from rayllm.version import code_version
 
@@ -83,7 +85,8 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     train = trainer_config(config, shape, registry.version_url(base))
     title = f"finetune: {config.objective} ({config.method}) of {base.ref} -> {name}"
     with Stage(title) as stage:
-        splits, counts = prepare_examples(config, tokenizer)
+        virtual = virtual_tokens(shape.vocab_size, config.prompt) if train.prompt else []
+        splits, counts = prepare_examples(config, tokenizer, virtual)
         what = "pairs" if config.objective == "dpo" else "examples"
         console.print(
             f"  {counts.examples:,} {what} ({counts.truncated} answers cut to fit {config.seq_len}"
@@ -118,8 +121,11 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             "code": code_version(),
         }
         with tempfile.TemporaryDirectory(prefix="rayllm-finetune-") as out:
-            if config.method == "lora":
-                save_adapter(model, config.lora, Path(out), base=base.ref)
+            if config.method in ("lora", "prompt"):
+                if config.method == "lora":
+                    save_adapter(model, config.lora, Path(out), base=base.ref)
+                else:
+                    save_prompt_adapter(model, Path(out), base=base.ref)
                 version = import_adapter(registry, name, Path(out), base.ref, lineage)
             else:
                 save_full_model(Path(out), shape, merged_state(model), tokenizer, folder)
@@ -149,6 +155,7 @@ def trainer_config(config: FinetuneConfig, shape: ModelConfig, base_url: str) ->
         "model": shape.model_dump(mode="json"),
         "init_from": base_url,
         "lora": config.lora.model_dump(mode="json") if config.method == "lora" else None,
+        "prompt": config.prompt.model_dump(mode="json") if config.method == "prompt" else None,
         "objective": "dpo" if config.objective == "dpo" else "next_token",
         "dpo_beta": config.beta,
     }
@@ -156,10 +163,10 @@ def trainer_config(config: FinetuneConfig, shape: ModelConfig, base_url: str) ->
 
 
 def prepare_examples(
-    config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
+    config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase, virtual: list[int]
 ) -> tuple[dict[str, PackedExamples], Counts]:
-    """The conversations (or preference pairs) rendered, split (a seeded share held out) and
-    packed."""
+    """The conversations (or preference pairs) rendered, each example after the ``virtual``
+    tokens of prompt tuning (none otherwise), split (a seeded share held out) and packed."""
     counts = Counts()
     options = {"strict": config.strict, "counts": counts}
     pad = tokenizer.eos_token_id
@@ -169,7 +176,13 @@ def prepare_examples(
         kept = kept[: config.max_examples]
         return {
             split: pack_units(
-                [render_pair(tokenizer, pairs[i]) for i in picked], config.seq_len, pad, **options
+                [
+                    [with_virtual_tokens(e, virtual) for e in render_pair(tokenizer, pairs[i])]
+                    for i in picked
+                ],
+                config.seq_len,
+                pad,
+                **options,
             )
             for split, picked in (("val", held), ("train", kept))
         }, counts
@@ -182,7 +195,12 @@ def prepare_examples(
         config.train.seed,
     )
     return {
-        split: pack([render(tokenizer, c) for c in chosen], config.seq_len, pad, **options)
+        split: pack(
+            [with_virtual_tokens(render(tokenizer, c), virtual) for c in chosen],
+            config.seq_len,
+            pad,
+            **options,
+        )
         for split, chosen in splits.items()
     }, counts
 

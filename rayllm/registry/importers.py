@@ -67,6 +67,11 @@ def import_folder(
     return registry.publish(name, folder, lineage)
 
 
+ADAPTER_SETTINGS = ("r", "lora_alpha", "target_modules")
+"""What a LoRA adapter's lineage records of its peft config (a prompt adapter: its number of
+virtual tokens)."""
+
+
 def import_adapter(
     registry: Registry,
     name: str,
@@ -100,8 +105,9 @@ def import_adapter(
             "save_pretrained (safetensors is its default)"
         )
     _check_adapter_fits(registry, base_version, weights)
-    settings = {key: getattr(config, key, None) for key in ("r", "lora_alpha", "target_modules")}
-    if isinstance(settings["target_modules"], set | list):
+    keys = ("num_virtual_tokens",) if config.is_prompt_learning else ADAPTER_SETTINGS
+    settings = {key: getattr(config, key, None) for key in keys}
+    if isinstance(settings.get("target_modules"), set | list):
         settings["target_modules"] = sorted(settings["target_modules"])
     lineage = {
         "parent": base_version.ref,
@@ -113,20 +119,23 @@ def import_adapter(
 
 
 def _check_adapter_fits(registry: Registry, base: Version, weights: Path) -> None:
-    """Each LoRA pair ``A [r, in]``, ``B [out, r]`` must adapt a base weight ``[out, in]``;
-    the base's shapes come from its safetensors headers, without reading its weights."""
+    """Each LoRA pair ``A [r, in]``, ``B [out, r]`` must adapt a base weight ``[out, in]``, and
+    prompt tuning's virtual tokens be as wide as the base's embedding; the base's shapes come
+    from its safetensors headers, without reading its weights."""
     from safetensors import safe_open
 
     base_shapes = registry.tensor_shapes(base)
     with safe_open(str(weights), framework="pt") as adapter:
         for key in adapter.keys():  # noqa: SIM118 (safe_open is not a mapping)
             module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
-            if kind not in ("A.weight", "B.weight"):
-                continue
             shape = adapter.get_slice(key).get_shape()
+            if key == "prompt_embeddings":
+                module, kind = "model.embed_tokens", "prompt"
+            elif kind not in ("A.weight", "B.weight"):
+                continue
             target = base_shapes.get(f"{module}.weight")
             fits = target is not None and (
-                shape[1] == target[1] if kind == "A.weight" else shape[0] == target[0]
+                shape[0] == target[0] if kind == "B.weight" else shape[-1] == target[-1]
             )
             if not fits:
                 raise RayllmError(

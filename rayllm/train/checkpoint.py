@@ -20,14 +20,15 @@ from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
 from rayllm.model.model import Transformer
 from rayllm.paths import filesystem
-from rayllm.train.config import LoraSettings, TrainConfig
-from rayllm.train.lora import add_lora
+from rayllm.train.adapters import with_adapters
+from rayllm.train.config import TrainConfig
 
 PROGRESS = "progress.json"
 RESUMABLE = (
     "model",
     "init_from",
     "lora",
+    "prompt",
     "objective",
     "teacher",
     "parallel",
@@ -112,11 +113,10 @@ def consolidate(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dic
 
 
 def trained_model(layout: dict[str, Any]) -> Transformer:
-    """An empty model of the checkpoint's layout: its shape, with LoRA adapters if it had them."""
+    """An empty model of the checkpoint's layout: its shape, with the LoRA adapters or virtual
+    tokens it trained."""
     model = Transformer(ModelConfig.model_validate(layout["model"]))
-    if layout.get("lora"):
-        model = add_lora(model, LoraSettings.model_validate(layout["lora"]))
-    return model
+    return with_adapters(model, layout.get("lora"), layout.get("prompt"))
 
 
 def _consolidate_zero(folder: Path, progress: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -116,6 +116,12 @@ class LoraSettings(StageConfig):
         return self
 
 
+class PromptSettings(StageConfig):
+    """Prompt tuning: learned virtual tokens before every example, the model frozen."""
+
+    num_virtual_tokens: int = Field(20, ge=1)
+
+
 def check_qlora_layout(parallel: ParallelConfig) -> None:
     """QLoRA's 4-bit base takes plain data parallelism only."""
     if parallel.strategy != "ddp" or parallel.tp > 1 or parallel.pp > 1:
@@ -126,6 +132,11 @@ def check_qlora_layout(parallel: ParallelConfig) -> None:
             "evenly over the ranks, and tensor and pipeline plans do not split"
         )
 
+
+PROMPT_NEEDS_DATA_PARALLEL = (
+    "prompt tuning trains with data parallelism (ddp, fsdp or zero): its virtual tokens extend "
+    "the token embedding, which tensor parallelism splits by vocabulary; set tp to 1"
+)
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -151,6 +162,9 @@ class TrainConfig(StageConfig):
     of a random init; its shape must be ``model``'s. ``rayllm finetune`` sets it."""
     lora: LoraSettings | None = None
     """Train LoRA adapters only, the model's own weights frozen (with ``init_from``)."""
+    prompt: PromptSettings | None = None
+    """Prompt tuning: train virtual tokens only (ids from ``model.vocab_size`` up, which the
+    examples carry; ``rayllm finetune --set method=prompt`` packs them before each)."""
     objective: Literal["next_token", "dpo", "distill"] = "next_token"
     """``dpo``: Direct Preference Optimization on packed preference pairs (``rayllm
     finetune`` packs them), against the starting weights' log-probabilities; ``distill``:
@@ -234,6 +248,10 @@ class TrainConfig(StageConfig):
             )
         if self.lora is not None and self.lora.quantize_base:
             check_qlora_layout(self.parallel)
+        if self.prompt is not None and self.lora is not None:
+            raise ValueError("prompt and lora each train the one part they add: set one of them")
+        if self.prompt is not None and self.parallel.tp > 1:
+            raise ValueError(PROMPT_NEEDS_DATA_PARALLEL)
         if self.objective == "dpo" and (self.init_from is None or self.parallel.pp > 1):
             raise ValueError(
                 "objective dpo needs init_from (the starting weights are its reference) and "

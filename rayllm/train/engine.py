@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 from rayllm.errors import RayllmError
 from rayllm.model.hf import read_hf_model
 from rayllm.model.model import Transformer, next_token_loss
+from rayllm.train.adapters import with_adapters
 from rayllm.train.batches import Batch
 from rayllm.train.config import TrainConfig
-from rayllm.train.lora import add_lora
 from rayllm.train.mesh import MeshShape, build_mesh
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
 from rayllm.train.objectives import Objective, distillation, dpo, language_modelling
@@ -64,7 +64,8 @@ class Engine(Protocol):
 
 def build_model(config: TrainConfig, device: torch.device) -> Transformer:
     """The model a run trains: a seeded random init (the same on every rank) or the weights of
-    ``init_from``; with ``lora``, adapters added and everything else frozen."""
+    ``init_from``; with ``lora`` or ``prompt``, what they train added and everything else
+    frozen."""
     model = Transformer(config.model)
     if config.init_from:
         shape, state = read_hf_model(config.init_from)
@@ -75,9 +76,7 @@ def build_model(config: TrainConfig, device: torch.device) -> Transformer:
                 f"train.init_from {config.init_from} has the shape {shape}, not train.model's"
             )
         model.load_state_dict(state)
-    if config.lora:
-        model = add_lora(model, config.lora)
-    return model.to(device)
+    return with_adapters(model, config.lora, config.prompt).to(device)
 
 
 def objective(config: TrainConfig, device: torch.device) -> Objective:

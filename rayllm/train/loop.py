@@ -71,7 +71,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     tokens_per_step = (
         shape.dp * config.micro_batch_size * config.grad_accum_steps * manifest["seq_len"]
     )
-    flops_per_token = config.model.flops_per_token(manifest["seq_len"], frozen=bool(config.lora))
+    flops_per_token = config.model.flops_per_token(
+        manifest["seq_len"], frozen=bool(config.lora or config.prompt)
+    )
     _log(rank, f"{config.parallel.describe()} on mesh {shape}, peak {peak:.3f} TFLOP/s per worker")
     if config.init_from and start_step == 0:  # where the starting weights stand
         before = {"step": 0} | _evaluation(config, engine, data["val"], device)

@@ -3,7 +3,8 @@ lifecycle's tiny model in the S3 registry, served with ``max_loras=2``): LoRA ov
 publishes an adapter of that version, which the running app answers with at once; QLoRA trains
 the same adapters over the base held in 4 bits; the same LoRA under ZeRO-3 follows DDP's
 losses; the full fine-tune under FSDP2 publishes a whole model;
-DPO on preference pairs publishes an adapter too. Each lowers its held-out loss. The adapter is scored through the endpoint, the base
+DPO on preference pairs publishes an adapter too, and prompt tuning one the app refuses to
+serve. Each lowers its held-out loss. The adapter is scored through the endpoint, the base
 in Ray tasks with few-shot chain-of-thought prompts; both results land in their manifests,
 and the gate they miss refuses the promotion until it is forced. Bad input is refused before
 any worker starts."""
@@ -18,7 +19,7 @@ from safetensors import safe_open
 
 from rayllm.finetune.examples import built_preferences, read_conversations
 from rayllm.registry.store import Registry
-from tests.conftest import API_KEYS, overrides, publish_random_model
+from tests.conftest import API_KEYS, TINY_MODEL, overrides, publish_random_model
 from tests.test_cli import rayllm, rayllm_ok
 from tests.test_jobs import readme_job, run_job
 from tests.test_readme import block_with, commands
@@ -42,10 +43,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         "finetune",
         "finetune",
         "finetune",
+        "finetune",
         "serve",
         "chat",
     ]
-    _, lora, qlora, dpo, full, _, chat = (
+    _, lora, qlora, dpo, full, prompt, _, chat = (
         block  # the import and serve lines: tests/registry, the session app
     )
     small = {
@@ -125,6 +127,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     ) as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
 
+    # Prompt tuning: 20 virtual tokens of the model's width, at the README's learning rate.
+    prompted = finetune(prompt, f"{MODEL}-prompt", learning_rate=0.03)
+    assert prompted["adapter"] == {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 20}
+    assert prompted["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["dim"]
+
     # The served app answers with the new adapter without a redeploy, pinned to its version.
     key = API_KEYS.split(",")[0]
     ours = {"http://127.0.0.1:8000": url, "smollm2:smollm2-chat": f"{MODEL}:{MODEL}-chat"}
@@ -139,6 +146,13 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         timeout=120,
     )
     assert reply.status_code == 200 and reply.json()["model"] == f"{MODEL}:{MODEL}-chat:1"
+    refused = httpx.post(
+        f"{url}/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": f"{MODEL}:{MODEL}-prompt", "prompt": "KING.\n", "max_tokens": 2},
+        timeout=120,
+    )
+    assert refused.status_code == 400 and "vLLM serves LoRA only" in refused.text
 
     adapter_eval, base_eval, gate, promote = commands(block_with("rayllm registry gate"))
 

@@ -1,0 +1,98 @@
+"""Prompt tuning on rayllm's decoder: virtual tokens before every packed example compute what
+peft computes for the saved adapter on the Hugging Face base, one example at a time."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from rayllm.errors import RayllmError
+from rayllm.eval.models import load_model
+from rayllm.finetune.config import FinetuneConfig
+from rayllm.finetune.examples import pack, with_virtual_tokens
+from rayllm.model.config import ModelConfig
+from rayllm.model.hf import save_hf_model
+from rayllm.model.model import IGNORED, Transformer
+from rayllm.registry.importers import import_adapter
+from rayllm.registry.store import Registry
+from rayllm.train.config import PromptSettings, TrainConfig
+from rayllm.train.engine import build_model
+from rayllm.train.lora import trainable_parameters
+from rayllm.train.prompt import save_prompt_adapter, virtual_tokens
+
+SHAPE = ModelConfig(
+    vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=96, tie_embeddings=True
+)
+PROMPT = PromptSettings(num_virtual_tokens=3)
+
+
+def test_packed_examples_with_virtual_tokens_are_what_peft_computes_alone(tmp_path):
+    torch.manual_seed(0)
+    base = Transformer(SHAPE)
+    save_hf_model(tmp_path / "base", SHAPE, base.state_dict(), bos_token_id=0, eos_token_id=0)
+    config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=PROMPT)
+    model = build_model(config, torch.device("cpu"))
+    assert trainable_parameters(model) == 3 * SHAPE.dim  # the virtual tokens alone
+    assert model.lm_head.weight is model.embed_tokens.embedding.weight  # still tied
+    with torch.no_grad():  # away from the vocabulary rows they start as
+        model.embed_tokens.prompt_embeddings.normal_()
+
+    virtual = virtual_tokens(SHAPE.vocab_size, PROMPT)
+    assert virtual == [64, 65, 66]
+    examples = [([5, 9, 12, 7], [False, False, True, True]), ([3, 8, 30], [False, True, True])]
+    packed = pack([with_virtual_tokens(e, virtual) for e in examples], 16, pad_id=0)
+    (row,) = packed.inputs
+    assert list(row[:7]) == [*virtual, 5, 9, 12, 7]
+    assert list(packed.targets[0, :6]) == [IGNORED] * 4 + [12, 7]  # virtual tokens: no target
+    with torch.no_grad():
+        ours = model(torch.as_tensor(packed.inputs), torch.as_tensor(packed.segments))
+
+    save_prompt_adapter(model, tmp_path / "adapter", base=str(tmp_path / "base"))
+    hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    start = 0
+    for ids, _ in examples:
+        with torch.no_grad():
+            alone = peft_model(input_ids=torch.tensor([ids])).logits  # virtual tokens first
+        end = start + len(virtual) + len(ids)
+        torch.testing.assert_close(
+            ours[:, start + len(virtual) : end], alone[:, 3:], atol=1e-4, rtol=0
+        )
+        start = end
+    with torch.no_grad():
+        plain = hf_base(input_ids=torch.tensor([examples[0][0]])).logits
+    assert not torch.allclose(plain, ours[:, 3:7], atol=1e-3)  # the prompt changes the answer
+
+
+def test_prompt_tuning_is_refused_where_it_cannot_train():
+    with pytest.raises(ValueError, match="prompt tuning trains with data parallelism"):
+        FinetuneConfig(base="m", method="prompt", train={"parallel": {"strategy": "fsdp", "tp": 2}})
+    with pytest.raises(ValueError, match="set one of them"):
+        TrainConfig(prompt=PROMPT, lora={})
+    with pytest.raises(ValueError, match="train.prompt: set by rayllm finetune"):
+        FinetuneConfig(base="m", train={"prompt": {"num_virtual_tokens": 4}})
+
+
+def test_a_prompt_adapter_publishes_against_a_base_of_its_width_and_eval_says_it_cannot_merge(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    save_hf_model(
+        tmp_path / "base", SHAPE, Transformer(SHAPE).state_dict(), bos_token_id=0, eos_token_id=0
+    )
+    config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=PROMPT)
+    save_prompt_adapter(build_model(config, torch.device("cpu")), tmp_path / "adapter", "base:1")
+    registry = Registry(str(tmp_path / "registry"))
+    registry.publish("base", tmp_path / "base", {"architecture": "LlamaForCausalLM"})
+    wider = SHAPE.model_copy(update={"dim": 128, "n_heads": 4, "n_kv_heads": 2})
+    save_hf_model(
+        tmp_path / "wider", wider, Transformer(wider).state_dict(), bos_token_id=0, eos_token_id=0
+    )
+    registry.publish("wider", tmp_path / "wider", {"architecture": "LlamaForCausalLM"})
+
+    version = import_adapter(registry, "prompted", tmp_path / "adapter", "base:1")
+    assert version.lineage["adapter"] == {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}
+    with pytest.raises(RayllmError, match="prompt_embeddings .3, 64. does not fit wider:1"):
+        import_adapter(registry, "misfit", tmp_path / "adapter", "wider:1")
+    with pytest.raises(RayllmError, match="PROMPT_TUNING adapter, which does not merge"):
+        load_model(str(tmp_path / "registry"), "prompted:1")
