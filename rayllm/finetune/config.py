@@ -58,13 +58,15 @@ class FinetuneConfig(StageConfig):
     name: str | None = None
     """The registry name the result is published under; default: the base's name +
     ``-sft`` or ``-dpo``."""
-    method: Literal["lora", "full", "prompt"] = "lora"
+    method: Literal["lora", "full", "prompt", "prefix"] = "lora"
     """``lora``: train low-rank adapters and publish them as an adapter of the base version
-    (served by multi-LoRA); ``full``: train every weight and publish a full model; ``prompt``:
-    prompt tuning, virtual tokens learnt before every example, published as a peft adapter of
-    the base (which peft loads; vLLM serves no prompt adapters)."""
+    (served by multi-LoRA); ``full``: train every weight and publish a full model; ``prompt``
+    and ``prefix``: prompt or prefix tuning, virtual tokens before every example (their
+    embeddings, or every layer's keys and values at them, learnt), published as a peft adapter
+    of the base (which peft loads; vLLM serves neither)."""
     lora: LoraSettings = LoraSettings()
     prompt: PromptSettings = PromptSettings()
+    """method prompt or prefix: ``num_virtual_tokens`` (``kind`` follows ``method``)."""
     untie_embeddings: bool = False
     """method full, on a base whose output head is its token embedding (SmolLM2): train the
     head as its own matrix, starting as a copy of the embedding, so tensor parallelism can
@@ -100,7 +102,9 @@ class FinetuneConfig(StageConfig):
                 f"train.{', train.'.join(given)}: set by rayllm finetune from base, method, "
                 "lora, prompt, data, objective and beta; set those instead"
             )
-        if self.method == "prompt" and self.train.parallel.tp > 1:
+        if self.prompt.kind == "prefix" and self.method != "prefix":
+            raise ValueError("prompt.kind follows method: set method=prefix for prefix tuning")
+        if self.method in ("prompt", "prefix") and self.train.parallel.tp > 1:
             raise ValueError(PROMPT_NEEDS_DATA_PARALLEL)
         if self.untie_embeddings and self.method != "full":
             raise ValueError(

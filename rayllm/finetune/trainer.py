@@ -49,7 +49,7 @@ from rayllm.train.config import TrainConfig
 from rayllm.train.lora import merged_state, save_adapter, trainable_parameters
 from rayllm.train.mesh import mesh_shape
 from rayllm.train.metrics import METRICS_LOG
-from rayllm.train.prompt import save_prompt_adapter, virtual_tokens
+from rayllm.train.prompt import save_virtual_token_adapter, virtual_tokens
 from rayllm.train.trainer import fit, prepare_run_folder
 from rayllm.version import code_version
 
@@ -121,11 +121,11 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             "code": code_version(),
         }
         with tempfile.TemporaryDirectory(prefix="rayllm-finetune-") as out:
-            if config.method in ("lora", "prompt"):
-                if config.method == "lora":
-                    save_adapter(model, config.lora, Path(out), base=base.ref)
+            if config.method != "full":
+                if train.lora:
+                    save_adapter(model, train.lora, Path(out), base=base.ref)
                 else:
-                    save_prompt_adapter(model, Path(out), base=base.ref)
+                    save_virtual_token_adapter(model, train.prompt, Path(out), base=base.ref)
                 version = import_adapter(registry, name, Path(out), base.ref, lineage)
             else:
                 save_full_model(Path(out), shape, merged_state(model), tokenizer, folder)
@@ -155,7 +155,11 @@ def trainer_config(config: FinetuneConfig, shape: ModelConfig, base_url: str) ->
         "model": shape.model_dump(mode="json"),
         "init_from": base_url,
         "lora": config.lora.model_dump(mode="json") if config.method == "lora" else None,
-        "prompt": config.prompt.model_dump(mode="json") if config.method == "prompt" else None,
+        "prompt": (
+            config.prompt.model_dump(mode="json") | {"kind": config.method}
+            if config.method in ("prompt", "prefix")
+            else None
+        ),
         "objective": "dpo" if config.objective == "dpo" else "next_token",
         "dpo_beta": config.beta,
     }

@@ -104,7 +104,7 @@ def import_adapter(
             f"{folder} has no adapter_model.safetensors; save the adapter with peft's "
             "save_pretrained (safetensors is its default)"
         )
-    _check_adapter_fits(registry, base_version, weights)
+    _check_adapter_fits(registry, base_version, weights, prefix=config.peft_type == "PREFIX_TUNING")
     keys = ("num_virtual_tokens",) if config.is_prompt_learning else ADAPTER_SETTINGS
     settings = {key: getattr(config, key, None) for key in keys}
     if isinstance(settings.get("target_modules"), set | list):
@@ -118,30 +118,47 @@ def import_adapter(
     return registry.publish(name, folder, lineage)
 
 
-def _check_adapter_fits(registry: Registry, base: Version, weights: Path) -> None:
+def _check_adapter_fits(registry: Registry, base: Version, weights: Path, prefix: bool) -> None:
     """Each LoRA pair ``A [r, in]``, ``B [out, r]`` must adapt a base weight ``[out, in]``, and
-    prompt tuning's virtual tokens be as wide as the base's embedding; the base's shapes come
-    from its safetensors headers, without reading its weights."""
+    virtual tokens be as wide as the base's embedding (prompt tuning) or as its keys and values
+    of every layer (prefix tuning); the base's shapes come from its safetensors headers,
+    without reading its weights."""
     from safetensors import safe_open
 
     base_shapes = registry.tensor_shapes(base)
     with safe_open(str(weights), framework="pt") as adapter:
         for key in adapter.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
             shape = adapter.get_slice(key).get_shape()
             if key == "prompt_embeddings":
-                module, kind = "model.embed_tokens", "prompt"
-            elif kind not in ("A.weight", "B.weight"):
+                _check_virtual_tokens(base_shapes, base, shape, prefix)
+                continue
+            module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
                 continue
             target = base_shapes.get(f"{module}.weight")
             fits = target is not None and (
-                shape[0] == target[0] if kind == "B.weight" else shape[-1] == target[-1]
+                shape[1] == target[1] if kind == "A.weight" else shape[0] == target[0]
             )
             if not fits:
                 raise RayllmError(
                     f"the adapter's {key} {list(shape)} does not fit {base.ref}'s "
                     f"{module}.weight {target}; was it trained on another model?"
                 )
+
+
+def _check_virtual_tokens(
+    base_shapes: dict[str, list[int]], base: Version, shape: list[int], prefix: bool
+) -> None:
+    if prefix:
+        keys = [s[0] for k, s in base_shapes.items() if k.endswith("self_attn.k_proj.weight")]
+        width, what = 2 * sum(keys), "the keys and values of all its layers"
+    else:
+        width, what = base_shapes["model.embed_tokens.weight"][1], "its embedding"
+    if shape[1] != width:
+        raise RayllmError(
+            f"the adapter's prompt_embeddings {list(shape)} do not fit {base.ref} ({what}: "
+            f"{width} wide); was it trained on another model?"
+        )
 
 
 def import_gguf(

@@ -117,9 +117,13 @@ class LoraSettings(StageConfig):
 
 
 class PromptSettings(StageConfig):
-    """Prompt tuning: learned virtual tokens before every example, the model frozen."""
+    """Virtual tokens before every example, the model frozen."""
 
     num_virtual_tokens: int = Field(20, ge=1)
+    kind: Literal["prompt", "prefix"] = "prompt"
+    """``prompt``: prompt tuning, their embeddings learnt; ``prefix``: prefix tuning, the keys
+    and values every layer's attention reads at them learnt (rayllm finetune sets it from
+    ``method``)."""
 
 
 def check_qlora_layout(parallel: ParallelConfig) -> None:
@@ -134,8 +138,10 @@ def check_qlora_layout(parallel: ParallelConfig) -> None:
 
 
 PROMPT_NEEDS_DATA_PARALLEL = (
-    "prompt tuning trains with data parallelism (ddp, fsdp or zero): its virtual tokens extend "
-    "the token embedding, which tensor parallelism splits by vocabulary; set tp to 1"
+    "prompt and prefix tuning train with data parallelism (ddp, fsdp or zero): the virtual "
+    "tokens are found from the token ids, which only the first pipeline stage reads, and extend "
+    "the embedding or the key and value projections, which tensor parallelism splits; set tp "
+    "and pp to 1"
 )
 
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -163,8 +169,9 @@ class TrainConfig(StageConfig):
     lora: LoraSettings | None = None
     """Train LoRA adapters only, the model's own weights frozen (with ``init_from``)."""
     prompt: PromptSettings | None = None
-    """Prompt tuning: train virtual tokens only (ids from ``model.vocab_size`` up, which the
-    examples carry; ``rayllm finetune --set method=prompt`` packs them before each)."""
+    """Prompt or prefix tuning: train what virtual tokens add only (their ids are from
+    ``model.vocab_size`` up, which the examples carry; ``rayllm finetune --set method=prompt``
+    or ``prefix`` packs them before each)."""
     objective: Literal["next_token", "dpo", "distill"] = "next_token"
     """``dpo``: Direct Preference Optimization on packed preference pairs (``rayllm
     finetune`` packs them), against the starting weights' log-probabilities; ``distill``:
@@ -250,7 +257,7 @@ class TrainConfig(StageConfig):
             check_qlora_layout(self.parallel)
         if self.prompt is not None and self.lora is not None:
             raise ValueError("prompt and lora each train the one part they add: set one of them")
-        if self.prompt is not None and self.parallel.tp > 1:
+        if self.prompt is not None and (self.parallel.tp > 1 or self.parallel.pp > 1):
             raise ValueError(PROMPT_NEEDS_DATA_PARALLEL)
         if self.objective == "dpo" and (self.init_from is None or self.parallel.pp > 1):
             raise ValueError(

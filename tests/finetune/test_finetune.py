@@ -3,8 +3,8 @@ lifecycle's tiny model in the S3 registry, served with ``max_loras=2``): LoRA ov
 publishes an adapter of that version, which the running app answers with at once; QLoRA trains
 the same adapters over the base held in 4 bits; the same LoRA under ZeRO-3 follows DDP's
 losses; the full fine-tune under FSDP2 publishes a whole model;
-DPO on preference pairs publishes an adapter too, and prompt tuning one the app refuses to
-serve. Each lowers its held-out loss. The adapter is scored through the endpoint, the base
+DPO on preference pairs publishes an adapter too, and prompt and prefix tuning ones the app
+refuses to serve. Each lowers its held-out loss. The adapter is scored through the endpoint, the base
 in Ray tasks with few-shot chain-of-thought prompts; both results land in their manifests,
 and the gate they miss refuses the promotion until it is forced. Bad input is refused before
 any worker starts."""
@@ -44,10 +44,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         "finetune",
         "finetune",
         "finetune",
+        "finetune",
         "serve",
         "chat",
     ]
-    _, lora, qlora, dpo, full, prompt, _, chat = (
+    _, lora, qlora, dpo, full, prompt, prefix, _, chat = (
         block  # the import and serve lines: tests/registry, the session app
     )
     small = {
@@ -127,10 +128,14 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     ) as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
 
-    # Prompt tuning: 20 virtual tokens of the model's width, at the README's learning rate.
+    # Prompt tuning: 20 virtual tokens of the model's width, at the README's learning rates.
     prompted = finetune(prompt, f"{MODEL}-prompt", learning_rate=0.03)
     assert prompted["adapter"] == {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 20}
     assert prompted["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["dim"]
+    # Prefix tuning: 20 keys and values of every layer (one KV head of 32).
+    prefixed = finetune(prefix, f"{MODEL}-prefix", learning_rate=0.01)
+    assert prefixed["adapter"] == {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 20}
+    assert prefixed["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["n_layers"] * 2 * 32
 
     # The served app answers with the new adapter without a redeploy, pinned to its version.
     key = API_KEYS.split(",")[0]

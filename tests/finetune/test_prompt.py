@@ -1,5 +1,6 @@
-"""Prompt tuning on rayllm's decoder: virtual tokens before every packed example compute what
-peft computes for the saved adapter on the Hugging Face base, one example at a time."""
+"""Prompt and prefix tuning on rayllm's decoder: virtual tokens before every packed example
+compute what peft computes for the saved adapter on the Hugging Face base, one example at a
+time."""
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from rayllm.registry.store import Registry
 from rayllm.train.config import PromptSettings, TrainConfig
 from rayllm.train.engine import build_model
 from rayllm.train.lora import trainable_parameters
-from rayllm.train.prompt import save_prompt_adapter, virtual_tokens
+from rayllm.train.prompt import save_virtual_token_adapter, virtual_tokens
 
 SHAPE = ModelConfig(
     vocab_size=64, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=96, tie_embeddings=True
@@ -26,16 +27,23 @@ SHAPE = ModelConfig(
 PROMPT = PromptSettings(num_virtual_tokens=3)
 
 
-def test_packed_examples_with_virtual_tokens_are_what_peft_computes_alone(tmp_path):
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_packed_examples_with_virtual_tokens_are_what_peft_computes_alone(tmp_path, kind):
     torch.manual_seed(0)
     base = Transformer(SHAPE)
     save_hf_model(tmp_path / "base", SHAPE, base.state_dict(), bos_token_id=0, eos_token_id=0)
-    config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=PROMPT)
+    settings = PROMPT.model_copy(update={"kind": kind})
+    config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=settings)
     model = build_model(config, torch.device("cpu"))
-    assert trainable_parameters(model) == 3 * SHAPE.dim  # the virtual tokens alone
-    assert model.lm_head.weight is model.embed_tokens.embedding.weight  # still tied
-    with torch.no_grad():  # away from the vocabulary rows they start as
-        model.embed_tokens.prompt_embeddings.normal_()
+    learned = [p for p in model.parameters() if p.requires_grad]
+    if kind == "prompt":  # 3 embeddings; a head tied to the embedding stays tied
+        assert trainable_parameters(model) == 3 * SHAPE.dim
+        assert model.lm_head.weight is model.embed_tokens.embedding.weight
+    else:  # 3 keys and values of every layer
+        assert trainable_parameters(model) == 3 * SHAPE.n_layers * 2 * SHAPE.head_size
+    with torch.no_grad():  # away from the vocabulary's they start as
+        for param in learned:
+            param.normal_()
 
     virtual = virtual_tokens(SHAPE.vocab_size, PROMPT)
     assert virtual == [64, 65, 66]
@@ -47,16 +55,17 @@ def test_packed_examples_with_virtual_tokens_are_what_peft_computes_alone(tmp_pa
     with torch.no_grad():
         ours = model(torch.as_tensor(packed.inputs), torch.as_tensor(packed.segments))
 
-    save_prompt_adapter(model, tmp_path / "adapter", base=str(tmp_path / "base"))
+    save_virtual_token_adapter(model, settings, tmp_path / "adapter", str(tmp_path / "base"))
     hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     peft_model = PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
     start = 0
     for ids, _ in examples:
         with torch.no_grad():
-            alone = peft_model(input_ids=torch.tensor([ids])).logits  # virtual tokens first
+            alone = peft_model(input_ids=torch.tensor([ids])).logits
         end = start + len(virtual) + len(ids)
+        # peft's prompt tuning answers for the virtual tokens too; its prefix is a cache
         torch.testing.assert_close(
-            ours[:, start + len(virtual) : end], alone[:, 3:], atol=1e-4, rtol=0
+            ours[:, start + len(virtual) : end], alone[:, -len(ids) :], atol=1e-4, rtol=0
         )
         start = end
     with torch.no_grad():
@@ -65,8 +74,10 @@ def test_packed_examples_with_virtual_tokens_are_what_peft_computes_alone(tmp_pa
 
 
 def test_prompt_tuning_is_refused_where_it_cannot_train():
-    with pytest.raises(ValueError, match="prompt tuning trains with data parallelism"):
+    with pytest.raises(ValueError, match="prompt and prefix tuning train with data parallelism"):
         FinetuneConfig(base="m", method="prompt", train={"parallel": {"strategy": "fsdp", "tp": 2}})
+    with pytest.raises(ValueError, match="prompt.kind follows method"):
+        FinetuneConfig(base="m", method="prompt", prompt={"kind": "prefix"})
     with pytest.raises(ValueError, match="set one of them"):
         TrainConfig(prompt=PROMPT, lora={})
     with pytest.raises(ValueError, match="train.prompt: set by rayllm finetune"):
@@ -81,7 +92,8 @@ def test_a_prompt_adapter_publishes_against_a_base_of_its_width_and_eval_says_it
         tmp_path / "base", SHAPE, Transformer(SHAPE).state_dict(), bos_token_id=0, eos_token_id=0
     )
     config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=PROMPT)
-    save_prompt_adapter(build_model(config, torch.device("cpu")), tmp_path / "adapter", "base:1")
+    model = build_model(config, torch.device("cpu"))
+    save_virtual_token_adapter(model, PROMPT, tmp_path / "adapter", "base:1")
     registry = Registry(str(tmp_path / "registry"))
     registry.publish("base", tmp_path / "base", {"architecture": "LlamaForCausalLM"})
     wider = SHAPE.model_copy(update={"dim": 128, "n_heads": 4, "n_kv_heads": 2})
@@ -92,7 +104,10 @@ def test_a_prompt_adapter_publishes_against_a_base_of_its_width_and_eval_says_it
 
     version = import_adapter(registry, "prompted", tmp_path / "adapter", "base:1")
     assert version.lineage["adapter"] == {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}
-    with pytest.raises(RayllmError, match="prompt_embeddings .3, 64. does not fit wider:1"):
+    with pytest.raises(
+        RayllmError,
+        match=r"prompt_embeddings .3, 64. do not fit wider:1 \(its embedding: 128 wide\)",
+    ):
         import_adapter(registry, "misfit", tmp_path / "adapter", "wider:1")
     with pytest.raises(RayllmError, match="PROMPT_TUNING adapter, which does not merge"):
         load_model(str(tmp_path / "registry"), "prompted:1")
