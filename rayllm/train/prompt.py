@@ -28,8 +28,8 @@ def virtual_tokens(vocab_size: int, settings: PromptSettings) -> list[int]:
 def add_virtual_tokens(model: Transformer, settings: PromptSettings) -> Transformer:
     """Every weight frozen; what ``settings.kind`` learns added. Both start from the base's
     own view of vocabulary tokens drawn with the run's seed (peft's ``SAMPLE_VOCAB`` for
-    prompts; for prefixes, those tokens' keys and values, the initialisation Li and Liang
-    found stable), not from random vectors outside the range the model reads."""
+    prompts; for prefixes, those tokens' keys and values, as Li and Liang recommend), not
+    from random vectors outside the range the model reads."""
     model.requires_grad_(False)
     rows = torch.randint(0, model.config.vocab_size, (settings.num_virtual_tokens,))
     if settings.kind == "prompt":
