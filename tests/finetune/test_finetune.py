@@ -128,12 +128,15 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     ) as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
 
-    # Prompt tuning: 20 virtual tokens of the model's width, at the README's learning rates.
-    prompted = finetune(prompt, f"{MODEL}-prompt", learning_rate=0.03)
+    # Prompt tuning: 20 virtual tokens of the model's width. The README's learning rates are
+    # SmolLM2's; the session's model, a few steps from unigram statistics, reads little context
+    # and gains little from either: prompts take the other runs' rate (0.03 overshoots it),
+    # prefixes 0.03.
+    prompted = finetune(prompt, f"{MODEL}-prompt")
     assert prompted["adapter"] == {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 20}
     assert prompted["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["dim"]
     # Prefix tuning: 20 keys and values of every layer (one KV head of 32).
-    prefixed = finetune(prefix, f"{MODEL}-prefix", learning_rate=0.01)
+    prefixed = finetune(prefix, f"{MODEL}-prefix", learning_rate=0.03)
     assert prefixed["adapter"] == {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 20}
     assert prefixed["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["n_layers"] * 2 * 32
 
