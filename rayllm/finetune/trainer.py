@@ -170,7 +170,8 @@ def prepare_examples(
     config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase, virtual: list[int]
 ) -> tuple[dict[str, PackedExamples], Counts]:
     """The conversations (or preference pairs) rendered, each example after the ``virtual``
-    tokens of prompt tuning (none otherwise), split (a seeded share held out) and packed."""
+    tokens of prompt or prefix tuning (none otherwise), split (a seeded share held out) and
+    packed."""
     counts = Counts()
     options = {"strict": config.strict, "counts": counts}
     pad = tokenizer.eos_token_id
