@@ -173,9 +173,11 @@ def pack(
     *,
     strict: bool = False,
     counts: Counts | None = None,
+    virtual: list[int] | None = None,
 ) -> PackedExamples:
     """Supervised examples, each whole in one row (see :func:`pack_units`)."""
-    return pack_units([[e] for e in examples], seq_len, pad_id, strict=strict, counts=counts)
+    options = {"strict": strict, "counts": counts, "virtual": virtual}
+    return pack_units([[e] for e in examples], seq_len, pad_id, **options)
 
 
 def pack_units(
@@ -185,10 +187,12 @@ def pack_units(
     *,
     strict: bool = False,
     counts: Counts | None = None,
+    virtual: list[int] | None = None,
 ) -> PackedExamples:
     """Units of examples in order (one example, or a preference pair: chosen then rejected),
     each unit whole in one row, a row filled until the next unit does not fit; segments are
     numbered from 1 in each row, so pair ``k`` of a row is segments ``2k + 1`` and ``2k + 2``.
+    Each example starts with the ``virtual`` tokens of prompt or prefix tuning, if any.
     An example longer than ``seq_len`` is cut to what its unit leaves room for (counted), or
     refused under ``strict``; a unit with an example left with nothing to train on is dropped
     (counted)."""
@@ -199,7 +203,7 @@ def pack_units(
         counts.examples += 1
         room = seq_len // len(unit)
         kept = []
-        for ids, trained in unit:
+        for ids, trained in (with_virtual_tokens(example, virtual or []) for example in unit):
             if len(ids) > room:
                 if strict:
                     raise RayllmError(
@@ -240,7 +244,8 @@ def pack_units(
 
 
 def with_virtual_tokens(example: Example, virtual: list[int]) -> Example:
-    """``example`` read after prompt tuning's ``virtual`` tokens, which are not trained on."""
+    """``example`` read after the ``virtual`` tokens of prompt or prefix tuning, which are not
+    trained on."""
     ids, trained = example
     return virtual + ids, [False] * len(virtual) + trained
 

@@ -36,7 +36,6 @@ from rayllm.finetune.examples import (
     read_preferences,
     render,
     render_pair,
-    with_virtual_tokens,
 )
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import from_hf_config, save_hf_model, weights_dtype
@@ -173,7 +172,7 @@ def prepare_examples(
     tokens of prompt or prefix tuning (none otherwise), split (a seeded share held out) and
     packed."""
     counts = Counts()
-    options = {"strict": config.strict, "counts": counts}
+    options = {"strict": config.strict, "counts": counts, "virtual": virtual}
     pad = tokenizer.eos_token_id
     if config.objective == "dpo":
         pairs = read_preferences(config.data, config.train.seed)
@@ -181,13 +180,7 @@ def prepare_examples(
         kept = kept[: config.max_examples]
         return {
             split: pack_units(
-                [
-                    [with_virtual_tokens(e, virtual) for e in render_pair(tokenizer, pairs[i])]
-                    for i in picked
-                ],
-                config.seq_len,
-                pad,
-                **options,
+                [render_pair(tokenizer, pairs[i]) for i in picked], config.seq_len, pad, **options
             )
             for split, picked in (("val", held), ("train", kept))
         }, counts
@@ -200,12 +193,7 @@ def prepare_examples(
         config.train.seed,
     )
     return {
-        split: pack(
-            [with_virtual_tokens(render(tokenizer, c), virtual) for c in chosen],
-            config.seq_len,
-            pad,
-            **options,
-        )
+        split: pack([render(tokenizer, c) for c in chosen], config.seq_len, pad, **options)
         for split, chosen in splits.items()
     }, counts
 

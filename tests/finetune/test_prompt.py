@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from rayllm.errors import RayllmError
 from rayllm.eval.models import load_model
 from rayllm.finetune.config import FinetuneConfig
-from rayllm.finetune.examples import pack, with_virtual_tokens
+from rayllm.finetune.examples import pack
 from rayllm.model.config import ModelConfig
 from rayllm.model.hf import save_hf_model
 from rayllm.model.model import IGNORED, Transformer
@@ -48,7 +48,7 @@ def test_packed_examples_with_virtual_tokens_are_what_peft_computes_alone(tmp_pa
     virtual = virtual_tokens(SHAPE.vocab_size, PROMPT)
     assert virtual == [64, 65, 66]
     examples = [([5, 9, 12, 7], [False, False, True, True]), ([3, 8, 30], [False, True, True])]
-    packed = pack([with_virtual_tokens(e, virtual) for e in examples], 16, pad_id=0)
+    packed = pack(examples, 16, pad_id=0, virtual=virtual)
     (row,) = packed.inputs
     assert list(row[:7]) == [*virtual, 5, 9, 12, 7]
     assert list(packed.targets[0, :6]) == [IGNORED] * 4 + [12, 7]  # virtual tokens: no target
