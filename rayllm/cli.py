@@ -509,6 +509,27 @@ def registry_publish(
     console.print(f"published {version.ref}")
 
 
+@registry_app.command("merge")
+def registry_merge(
+    adapter: Annotated[
+        str, typer.Argument(help="A LoRA adapter version (name, name:N, name@alias).")
+    ],
+    name: Annotated[str, typer.Argument(help="The model the merged weights publish to.")],
+    root: RootOption = None,
+) -> None:
+    """Publish a LoRA adapter merged into its base as the next full version of NAME (the
+    base's dtype and tokenizer; the adapter as its parent)."""
+    from rayllm.registry.merge import publish_merged
+
+    version, check = publish_merged(_registry(root), adapter, name)
+    console.print(
+        f"published {version.ref}: {version.lineage['parent']} merged into "
+        f"{version.lineage['source']['base']} ({check['dtype']}), next-token agreement with the "
+        f"adapter {check['top1_agreement']:.0%}, largest logit difference "
+        f"{check['max_logit_difference']:.3g}"
+    )
+
+
 @registry_app.command("import")
 def registry_import(
     name: str,

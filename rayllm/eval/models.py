@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rayllm.errors import RayllmError
-from rayllm.registry.store import Registry
+from rayllm.registry.store import Registry, Version
 
 
 def load_causal_lm(folder: Path, dtype: torch.dtype):
@@ -28,7 +28,7 @@ def load_causal_lm(folder: Path, dtype: torch.dtype):
 def load_model(registry: str, model: str):
     """``(model, tokenizer)`` of ``model`` (a folder or a registry reference), fp32, in eval
     mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if Path(model).is_dir():
         loaded = load_causal_lm(Path(model), torch.float32)
@@ -38,16 +38,24 @@ def load_model(registry: str, model: str):
     if "adapter" not in version.lineage:
         loaded = load_causal_lm(folder, torch.float32)
         return loaded.eval(), AutoTokenizer.from_pretrained(folder)
+    loaded, base = adapter_model(store, version, folder)
+    return loaded.merge_and_unload().eval(), AutoTokenizer.from_pretrained(base)
+
+
+def adapter_model(store: Registry, version: Version, folder: Path):
+    """``(PeftModel, base folder)``: the LoRA adapter ``version`` (read from ``folder``) on its
+    base, fp32, not merged. Prompt and prefix adapters are refused: their virtual tokens are
+    read by the model, not added to its weights, so they have no merged form."""
+    from peft import PeftModel
+
     kind = version.lineage["adapter"].get("peft_type")
     if kind != "LORA":
         raise RayllmError(
-            f"{version.ref} is a {kind} adapter, which does not merge into its base; rayllm "
-            "eval scores full models and LoRA adapters (its held-out loss is in its lineage: "
-            f"rayllm registry show {version.ref})"
+            f"{version.ref} is a {kind} adapter, which does not merge into its base (its "
+            "virtual tokens are read by the model, not added to its weights); only LoRA "
+            f"adapters merge. Its held-out loss is in its lineage: rayllm registry show "
+            f"{version.ref}"
         )
-    from peft import PeftModel
-
     _, base = store.local_path(version.lineage["parent"])
-    loaded = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    loaded = PeftModel.from_pretrained(loaded, folder).merge_and_unload()
-    return loaded.eval(), AutoTokenizer.from_pretrained(base)
+    loaded = PeftModel.from_pretrained(load_causal_lm(base, torch.float32), folder)
+    return loaded, base

@@ -15,7 +15,9 @@ import math
 import httpx
 import pytest
 import torch
+from peft import PeftModel
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 from rayllm.finetune.examples import built_preferences, read_conversations
 from rayllm.registry.store import Registry
@@ -45,10 +47,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         "finetune",
         "finetune",
         "finetune",
+        "registry",
         "serve",
         "chat",
     ]
-    _, lora, qlora, dpo, full, prompt, prefix, _, chat = (
+    _, lora, qlora, dpo, full, prompt, prefix, merge, _, chat = (
         block  # the import and serve lines: tests/registry, the session app
     )
     small = {
@@ -88,6 +91,24 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     assert adapter["finetune"]["examples"]["examples"] > 1000  # the built-in chat corpus
     refused = rayllm("finetune", "--set", f"base={MODEL}-chat", env={"RAYLLM_REGISTRY": root})
     assert refused.returncode == 2 and "is an adapter" in refused.stdout + refused.stderr
+
+    # The adapter merged into its base: a full version computing what peft's adapter does.
+    merged = rayllm_ok(
+        *(a.replace("smollm2", MODEL) for a in merge), env=env | {"RAYLLM_REGISTRY": root}
+    )
+    assert f"published {MODEL}-chat-merged:1: {MODEL}-chat:1 merged into {base}" in merged
+    assert registry.resolve(f"{MODEL}-chat-merged:1").lineage["parent"] == f"{MODEL}-chat:1"
+    _, base_folder = registry.local_path(base)
+    _, adapter_folder = registry.local_path(f"{MODEL}-chat:1")
+    _, merged_folder = registry.local_path(f"{MODEL}-chat-merged:1")
+    plain = AutoModelForCausalLM.from_pretrained(base_folder)
+    tokens = torch.randint(0, plain.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        unadapted = plain(tokens).logits
+        expected = PeftModel.from_pretrained(plain, adapter_folder)(tokens).logits
+        got = AutoModelForCausalLM.from_pretrained(merged_folder)(tokens).logits
+    assert not torch.allclose(expected, unadapted, atol=1e-4)  # the adapter changes the model
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
     # QLoRA: the same adapters over a base held in 4 bits on each of the 2 DDP ranks.
     quantized = finetune(qlora, f"{MODEL}-qlora")

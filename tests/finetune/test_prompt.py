@@ -15,6 +15,7 @@ from rayllm.model.config import ModelConfig
 from rayllm.model.hf import save_hf_model
 from rayllm.model.model import IGNORED, Transformer
 from rayllm.registry.importers import import_adapter
+from rayllm.registry.merge import publish_merged
 from rayllm.registry.store import Registry
 from rayllm.train.config import PromptSettings, TrainConfig
 from rayllm.train.engine import build_model
@@ -109,5 +110,12 @@ def test_a_prompt_adapter_publishes_against_a_base_of_its_width_and_eval_says_it
         match=r"prompt_embeddings .3, 64. do not fit wider:1 \(its embedding: 128 wide\)",
     ):
         import_adapter(registry, "misfit", tmp_path / "adapter", "wider:1")
-    with pytest.raises(RayllmError, match="PROMPT_TUNING adapter, which does not merge"):
-        load_model(str(tmp_path / "registry"), "prompted:1")
+    for merge in (
+        lambda: load_model(str(tmp_path / "registry"), "prompted:1"),
+        lambda: publish_merged(registry, "prompted:1", "merged"),
+    ):
+        with pytest.raises(RayllmError, match="PROMPT_TUNING adapter, which does not merge"):
+            merge()
+    with pytest.raises(RayllmError, match="base:1 is a full model, not an adapter"):
+        publish_merged(registry, "base:1", "merged")
+    assert registry.versions("merged") == []
