@@ -120,11 +120,6 @@ class FinetuneConfig(StageConfig):
             check_qlora_layout(self.train.parallel)
         if self.safety_mixture and self.objective != "sft":
             raise ValueError("safety_mixture mixes supervised examples: it needs objective sft")
-        if self.train.parallel.pp > 1:
-            raise ValueError(
-                "fine-tuning packs several examples into a row with attention kept inside each, "
-                "which the pipeline schedules do not pass between stages: set parallel.pp to 1"
-            )
         return self
 
     def base_version(self) -> Version:

@@ -269,13 +269,14 @@ class TrainConfig(StageConfig):
                 "objective distill needs a teacher (a Hugging Face folder or URL) and no "
                 "pipeline parallelism (the last stage would need the teacher's logits)"
             )
-        if self.model.tie_embeddings and (self.parallel.tp > 1 or self.parallel.pp > 1):
+        if self.model.tie_embeddings and self.parallel.pp > 1 and self.lora is None:
             raise ValueError(
                 "the model ties its output head to its embedding (model.tie_embeddings), which "
-                "tensor parallelism splits differently and pipeline stages hold apart: set tp "
-                "and pp to 1 (data parallel strategies and ZeRO train it), or train it untied "
-                "(model.tie_embeddings=false: the head starts as a copy of init_from's "
-                "embedding; rayllm finetune: untie_embeddings=true)"
+                "the first and last pipeline stages each hold: they would train it apart. Train "
+                "adapters on it (lora: the tied matrix stays frozen), set pp to 1 (every other "
+                "layout trains it as one matrix), or train it untied (model.tie_embeddings="
+                "false: the head starts as a copy of init_from's embedding; rayllm finetune: "
+                "untie_embeddings=true)"
             )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")

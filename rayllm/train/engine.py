@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rayllm.errors import RayllmError
 from rayllm.model.hf import read_hf_model
-from rayllm.model.model import Transformer, next_token_loss
+from rayllm.model.model import IGNORED, Transformer, next_token_loss
 from rayllm.train.adapters import with_adapters
 from rayllm.train.batches import Batch
 from rayllm.train.config import TrainConfig
@@ -166,13 +166,12 @@ class TorchEngine:
         self.device = device
         self.memory: dict[str, int] = {}
         if shape.pp > 1:
-            self.loss_scale = config.parallel.microbatches * config.grad_accum_steps
             self.schedule = build_schedule(
                 [(index, part) for (index, _), part in zip(stages, self.parts, strict=True)],
                 pp_mesh,
                 device,
                 config.parallel,
-                loss_fn=lambda logits, targets: next_token_loss(logits, targets) / self.loss_scale,
+                loss_fn=self._microbatch_loss,
             )
 
     def parameters(self) -> list[nn.Parameter]:
@@ -265,12 +264,31 @@ class TorchEngine:
         return sum(losses).detach() * self.accum if losses else torch.zeros((), device=self.device)
 
     def _run_pipeline(self, batch: Batch, losses: list, run) -> None:
-        """The first stage feeds the token ids, the last one the targets; others relay."""
+        """The first stage feeds the token ids, the last one the targets; others relay. Every
+        stage is given the segments of packed examples (its attention mask and positions)."""
         inputs = (batch[0],) if self.first_stage else ()
+        packed = {"segments": batch[2]} if len(batch) > 2 else {}
         if self.last_stage:
-            run(*inputs, target=batch[1], losses=losses, return_outputs=False)
+            trained = (batch[1] != IGNORED).sum().clamp(min=1)
+            run(
+                *inputs,
+                target=batch[1],
+                losses=losses,
+                return_outputs=False,
+                loss_kwargs={"trained": trained},
+                **packed,
+            )
         else:
-            run(*inputs)
+            run(*inputs, **packed)
+
+    def _microbatch_loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, trained: torch.Tensor
+    ) -> torch.Tensor:
+        """A micro-batch's share of the batch's mean next-token loss: its summed cross-entropy
+        over the ``trained`` targets of the whole batch, so the shares add up to what the
+        whole batch gives at once however its trained targets fall (fine-tuning trains on
+        responses only), divided by the accumulation steps as the other engines' losses are."""
+        return next_token_loss(logits, targets, reduction="sum") / trained / self.accum
 
     def _from_last_stage(self, loss: torch.Tensor) -> torch.Tensor:
         """Pipelines know the loss on their last stage only; share it with the others."""

@@ -61,7 +61,8 @@ def parallelize(
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Megatron-style: q/k/v and gate/up split by output (column-wise, whole heads per rank),
     o and down split by input (row-wise) so each block needs one all-reduce per half; the
-    embedding split by vocabulary, the head by vocabulary and gathered. With sequence
+    embedding split by vocabulary, the head by vocabulary and gathered (a tied head is the
+    embedding's matrix, split the same way). With sequence
     parallelism the norms and residual stream are split along the sequence instead of
     replicated. What was frozen (LoRA's base) stays frozen."""
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
@@ -76,6 +77,10 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
         if sequence_parallel:
             ends["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, ends)
+    if model.config.tie_embeddings and model.embed_tokens is not None and model.lm_head is not None:
+        # Both split the one [vocab, dim] matrix by vocabulary (Shard(0)); the plan gave each a
+        # copy of its own, so tie them again: one matrix, its gradient the sum of both uses.
+        model.lm_head.weight = model.embed_tokens.weight
     for block in model.layers.values():
         for name in COLUMN_WISE + ROW_WISE:
             split_projection(block.get_submodule(name), tp_mesh, name in ROW_WISE, between_blocks)

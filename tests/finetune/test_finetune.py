@@ -214,10 +214,13 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     assert f"{MODEL}-chat@production: None -> 1" in forced
 
 
-def test_a_tied_base_fine_tunes_untied_under_tensor_parallelism(tiny_run, ray_cluster, tmp_path):
+def test_a_tied_base_fine_tunes_untied_under_tensor_and_pipeline_parallelism(
+    tiny_run, ray_cluster, tmp_path
+):
     """A base whose head is its embedding (as SmolLM2's is), with the session's tokenizer and
     two KV heads: ``untie_embeddings`` lets a full fine-tune split it over 2 tensor-parallel
-    workers, the head starting as the embedding's copy, and the result has a head of its own."""
+    ranks and its 2 layers over 2 pipeline stages (the packed examples' segments passed to
+    each), the head starting as the embedding's copy, and the result has a head of its own."""
     root = tiny_run["settings"]["registry"]["root"]
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
     registry = Registry(root)
@@ -231,10 +234,11 @@ def test_a_tied_base_fine_tunes_untied_under_tensor_parallelism(tiny_run, ray_cl
         "max_examples": 64,
         "train": {
             "steps": 2,
+            "num_workers": 4,
             "micro_batch_size": 2,
             "cpus_per_worker": 0.5,
             "learning_rate": 0.003,
-            "parallel": {"strategy": "fsdp", "tp": 2},
+            "parallel": {"strategy": "fsdp", "tp": 2, "pp": 2},
             "log_every": 1,
             "eval_every": 2,
             "eval_batches": 1,
