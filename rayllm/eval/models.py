@@ -1,14 +1,14 @@
 """A model to score as a ``transformers`` model: a model folder, a registry version, or an
-adapter version merged into its base (registry versions read from verified local copies)."""
+adapter version on its base (registry versions read from verified local copies)."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
-from rayllm.errors import RayllmError
 from rayllm.registry.store import Registry, Version
 
 
@@ -27,7 +27,8 @@ def load_causal_lm(folder: Path, dtype: torch.dtype):
 
 def load_model(registry: str, model: str):
     """``(model, tokenizer)`` of ``model`` (a folder or a registry reference), fp32, in eval
-    mode."""
+    mode: a LoRA adapter merged into its base, a prompt- or prefix-tuning adapter read by its
+    base as peft reads it."""
     from transformers import AutoTokenizer
 
     if Path(model).is_dir():
@@ -39,23 +40,40 @@ def load_model(registry: str, model: str):
         loaded = load_causal_lm(folder, torch.float32)
         return loaded.eval(), AutoTokenizer.from_pretrained(folder)
     loaded, base = adapter_model(store, version, folder)
-    return loaded.merge_and_unload().eval(), AutoTokenizer.from_pretrained(base)
+    if version.lineage["adapter"]["peft_type"] == "LORA":
+        loaded = loaded.merge_and_unload()
+    else:
+        loaded = VirtualTokenModel(loaded)
+    return loaded.eval(), AutoTokenizer.from_pretrained(base)
 
 
 def adapter_model(store: Registry, version: Version, folder: Path):
-    """``(PeftModel, base folder)``: the LoRA adapter ``version`` (read from ``folder``) on its
-    base, fp32, not merged. Prompt and prefix adapters are refused: their virtual tokens are
-    read by the model, not added to its weights, so they have no merged form."""
+    """``(PeftModel, base folder)``: the adapter ``version`` (read from ``folder``) on its
+    base, fp32, not merged."""
     from peft import PeftModel
 
-    kind = version.lineage["adapter"].get("peft_type")
-    if kind != "LORA":
-        raise RayllmError(
-            f"{version.ref} is a {kind} adapter, which does not merge into its base (its "
-            "virtual tokens are read by the model, not added to its weights); only LoRA "
-            f"adapters merge. Its held-out loss is in its lineage: rayllm registry show "
-            f"{version.ref}"
-        )
     _, base = store.local_path(version.lineage["parent"])
-    loaded = PeftModel.from_pretrained(load_causal_lm(base, torch.float32), folder)
-    return loaded, base
+    return PeftModel.from_pretrained(load_causal_lm(base, torch.float32), folder), base
+
+
+class VirtualTokenModel(torch.nn.Module):
+    """A prompt- or prefix-tuning adapter on its base (a ``PeftModel``), scored like any causal
+    LM: its logits are the real tokens' only (peft's prompt tuning also answers for the
+    virtual tokens it puts first; a prefix is a cache and has none), and it generates as
+    peft does. Such adapters do not merge: the base reads their virtual tokens."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+        config = peft_model.peft_config["default"]
+        self.virtual = config.num_virtual_tokens if config.peft_type == "PROMPT_TUNING" else 0
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        output = self.peft_model(input_ids=input_ids, **kwargs)
+        output.logits = output.logits[:, self.virtual :]
+        return output
+
+    def generate(self, **kwargs) -> torch.Tensor:
+        with warnings.catch_warnings():  # generate passes position ids, which peft ignores
+            warnings.filterwarnings("ignore", "Position ids are not supported")
+            return self.peft_model.generate(**kwargs)

@@ -39,6 +39,13 @@ def publish_merged(registry: Registry, ref: str, name: str) -> tuple[Version, di
             f"{adapter.ref} is a full model, not an adapter; rayllm registry merge takes a LoRA "
             "adapter version (its base is the adapter's parent)"
         )
+    kind = adapter.lineage["adapter"].get("peft_type")
+    if kind != "LORA":
+        raise RayllmError(
+            f"{adapter.ref} is a {kind} adapter, which does not merge into its base (its "
+            "virtual tokens are read by the model, not added to its weights); only LoRA "
+            "adapters merge. rayllm eval scores it as it is (peft reads it on its base)"
+        )
     model, base = adapter_model(registry, adapter, folder)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = torch.tensor([tokenizer(PROBE)["input_ids"]])

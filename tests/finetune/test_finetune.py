@@ -206,6 +206,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     )
     assert 0 <= evaluations["qa"]["f1"] <= 1 and 0 <= evaluations["qa"]["bleu"] <= 100
     assert "qa-3shot-cot" in registry.resolve(base).manifest["evaluations"]
+    # A prompt-tuning adapter is scored as peft reads it on its base (it does not merge).
+    prompt_eval = ["--set", f"model={MODEL}-prompt", "--set", "tasks=[qa]", "--set", "workers=1"]
+    scored = rayllm_ok("eval", *prompt_eval, "--set", "max_examples=4", *small[2:], env=env)
+    assert f"{MODEL}-prompt:1: qa: exact match" in scored
+    assert "qa" in registry.resolve(f"{MODEL}-prompt:1").manifest["evaluations"]
 
     rayllm_ok(*ours(gate), env=env)  # qa.f1 >= 0.2: beyond a model this small and brief
     refused = rayllm(*ours(promote), env=env)
