@@ -137,6 +137,26 @@ def check_qlora_layout(parallel: ParallelConfig) -> None:
         )
 
 
+NF4_BLOCK = 64
+"""Weights per 4-bit block of QLoRA's NF4 base, each block with its own scale."""
+
+
+def check_nf4_blocks(model: ModelConfig) -> None:
+    """QLoRA's 4-bit base holds every projection of the decoder blocks in whole blocks."""
+    q_width, kv_width = model.n_heads * model.head_size, model.n_kv_heads * model.head_size
+    sizes = {
+        "q_proj and o_proj": model.dim * q_width,
+        "k_proj and v_proj": model.dim * kv_width,
+        "gate_proj, up_proj and down_proj": model.dim * model.ffn_dim,
+    }
+    for names, size in sizes.items():
+        if size % NF4_BLOCK:
+            raise ValueError(
+                f"lora.quantize_base: {names} have {size} weights each, not a multiple of NF4's "
+                f"blocks of {NF4_BLOCK}; train this model without quantize_base"
+            )
+
+
 PROMPT_NEEDS_DATA_PARALLEL = (
     "prompt and prefix tuning train with data parallelism (ddp, fsdp or zero): the virtual "
     "tokens are found from the token ids, which only the first pipeline stage reads, and extend "
@@ -255,6 +275,7 @@ class TrainConfig(StageConfig):
             )
         if self.lora is not None and self.lora.quantize_base:
             check_qlora_layout(self.parallel)
+            check_nf4_blocks(self.model)
         if self.prompt is not None and self.lora is not None:
             raise ValueError("prompt and lora each train the one part they add: set one of them")
         if self.prompt is not None and (self.parallel.tp > 1 or self.parallel.pp > 1):

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from rayllm.errors import RayllmError
 from rayllm.model.model import Transformer
-from rayllm.train.config import LoraSettings
+from rayllm.train.config import NF4_BLOCK, LoraSettings
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -61,10 +60,6 @@ def _errors_only(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
 
 
-NF4_BLOCK = 64
-"""Weights per 4-bit block, each block with its own scale (QLoRA's block size)."""
-
-
 def quantize_frozen_base(model: Transformer) -> None:
     """QLoRA's base: each frozen linear weight of the decoder blocks becomes torchao's
     ``NF4Tensor``, which ``F.linear`` dequantizes for the matmul and its backward (the weight
@@ -72,15 +67,10 @@ def quantize_frozen_base(model: Transformer) -> None:
     where a layer has fewer."""
     from torchao.quantization import to_nf4
 
-    for name, module in model.layers.named_modules():
+    for module in model.layers.modules():
         if not isinstance(module, torch.nn.Linear) or module.weight.requires_grad:
             continue
-        blocks, rest = divmod(module.weight.numel(), NF4_BLOCK)
-        if rest:
-            raise RayllmError(
-                f"lora.quantize_base: layers.{name} has {module.weight.numel()} weights, not a "
-                f"multiple of NF4's blocks of {NF4_BLOCK}; train it without quantize_base"
-            )
+        blocks = module.weight.numel() // NF4_BLOCK  # whole blocks: TrainConfig checks it
         group = 256
         while blocks % group:
             group //= 2

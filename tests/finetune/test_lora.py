@@ -67,6 +67,14 @@ def test_qlora_under_tensor_or_pipeline_parallelism_is_refused(parallel):
         TrainConfig(lora=LoraSettings(quantize_base=True), parallel=parallel)
 
 
+def test_qlora_of_weights_not_in_whole_nf4_blocks_is_refused_before_any_worker():
+    odd = {"dim": 32, "n_heads": 1, "n_kv_heads": 1, "ffn_dim": 33}  # 1,056 MLP weights
+    ddp = {"strategy": "ddp"}
+    TrainConfig(model=odd, lora=LoraSettings(), parallel=ddp)
+    with pytest.raises(ValueError, match="gate_proj, up_proj and down_proj have 1056 weights"):
+        TrainConfig(model=odd, lora=LoraSettings(quantize_base=True), parallel=ddp)
+
+
 def test_unknown_target_modules_are_refused():
     with pytest.raises(ValueError, match="lora.target_modules"):
         LoraSettings(target_modules=["attn"])
