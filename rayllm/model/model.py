@@ -168,11 +168,7 @@ IGNORED = -100
 """A target that is not trained on (a prompt token of fine-tuning data, or padding)."""
 
 
-def next_token_loss(
-    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    """Cross-entropy of predicting ``targets`` (the inputs shifted by one), over the targets
-    that are not :data:`IGNORED`: their mean, or with ``reduction="sum"`` their sum."""
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORED, reduction=reduction
-    )
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``targets`` (the inputs shifted by one), over the
+    targets that are not :data:`IGNORED`."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORED)

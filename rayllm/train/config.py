@@ -280,16 +280,12 @@ class TrainConfig(StageConfig):
             raise ValueError("prompt and lora each train the one part they add: set one of them")
         if self.prompt is not None and (self.parallel.tp > 1 or self.parallel.pp > 1):
             raise ValueError(PROMPT_NEEDS_DATA_PARALLEL)
-        if self.objective == "dpo" and (self.init_from is None or self.parallel.pp > 1):
+        if self.objective == "dpo" and self.init_from is None:
             raise ValueError(
-                "objective dpo needs init_from (the starting weights are its reference) and "
-                "no pipeline parallelism"
+                "objective dpo needs init_from (the starting weights are its reference)"
             )
-        if self.objective == "distill" and (self.teacher is None or self.parallel.pp > 1):
-            raise ValueError(
-                "objective distill needs a teacher (a Hugging Face folder or URL) and no "
-                "pipeline parallelism (the last stage would need the teacher's logits)"
-            )
+        if self.objective == "distill" and self.teacher is None:
+            raise ValueError("objective distill needs a teacher (a Hugging Face folder or URL)")
         if self.model.tie_embeddings and self.parallel.pp > 1 and self.lora is None:
             raise ValueError(
                 "the model ties its output head to its embedding (model.tie_embeddings), which "

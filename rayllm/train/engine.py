@@ -26,13 +26,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rayllm.errors import RayllmError
 from rayllm.model.hf import read_hf_model
-from rayllm.model.model import IGNORED, Transformer, next_token_loss
+from rayllm.model.model import Transformer
 from rayllm.train.adapters import with_adapters
 from rayllm.train.batches import Batch
 from rayllm.train.config import TrainConfig
 from rayllm.train.mesh import MeshShape, build_mesh
 from rayllm.train.metrics import held_bytes, optimizer_state_bytes
-from rayllm.train.objectives import Objective, distillation, dpo, language_modelling
+from rayllm.train.objectives import (
+    Objective,
+    distillation,
+    dpo,
+    language_modelling,
+    loss_units,
+)
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
 from rayllm.train.pipeline import build_schedule, cut_stage, stage_indices
@@ -46,8 +52,9 @@ class Engine(Protocol):
     def evaluate(self, batch: Batch) -> torch.Tensor:
         """The loss of ``batch``, without gradients, on every rank."""
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """The logits of ``batch``, without gradients (not with pipeline parallelism)."""
+    def forward(self, batch: Batch) -> torch.Tensor | None:
+        """The logits of ``batch``, without gradients; with pipeline parallelism on the last
+        stage only (None on the others)."""
 
     def learning_rate(self) -> float: ...
 
@@ -206,13 +213,19 @@ class TorchEngine:
                     return self.held_out(self.parts[0](*model_inputs(batch)), batch)
             losses: list[torch.Tensor] = []
             with self._precision():
-                self._run_pipeline(batch, losses, self.schedule.eval)
+                self._run_pipeline(batch, self.schedule.eval, self.held_out, losses)
             loss = sum(losses) * self.accum if losses else torch.zeros((), device=self.device)
             return self._from_last_stage(loss)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor | None:
         with torch.no_grad(), self._precision():
-            return self.parts[0](*model_inputs(batch))
+            if self.schedule is None:
+                return self.parts[0](*model_inputs(batch))
+            # The schedule computes a loss on the last stage; the next-token one needs nothing
+            # more than any batch holds (DPO's needs the reference this may be computing).
+            return self._run_pipeline(
+                batch, self.schedule.eval, language_modelling, [], outputs=True
+            )
 
     def learning_rate(self) -> float:
         return self.schedulers[0].get_last_lr()[0]
@@ -260,35 +273,45 @@ class TorchEngine:
             return loss.detach()
         losses: list[torch.Tensor] = []
         with self._precision():
-            self._run_pipeline(batch, losses, self.schedule.step)
+            self._run_pipeline(batch, self.schedule.step, self.objective, losses)
         return sum(losses).detach() * self.accum if losses else torch.zeros((), device=self.device)
 
-    def _run_pipeline(self, batch: Batch, losses: list, run) -> None:
-        """The first stage feeds the token ids, the last one the targets; others relay. Every
-        stage is given the segments of packed examples (its attention mask and positions)."""
+    def _run_pipeline(
+        self, batch: Batch, run, objective: Objective, losses: list, outputs: bool = False
+    ) -> torch.Tensor | None:
+        """The first stage feeds the token ids; every stage is given the segments of packed
+        examples (its attention mask and positions); others relay. The last stage's target is
+        the batch's row indices, which the schedule splits into micro-batches as it splits the
+        rows, so the loss of each micro-batch reads its own rows of the whole batch (targets,
+        segments, DPO's reference, the token ids a teacher reads). Returns the last stage's
+        logits with ``outputs``."""
         inputs = (batch[0],) if self.first_stage else ()
         packed = {"segments": batch[2]} if len(batch) > 2 else {}
-        if self.last_stage:
-            trained = (batch[1] != IGNORED).sum().clamp(min=1)
-            run(
-                *inputs,
-                target=batch[1],
-                losses=losses,
-                return_outputs=False,
-                loss_kwargs={"trained": trained},
-                **packed,
-            )
-        else:
+        if not self.last_stage:
             run(*inputs, **packed)
+            return None
+        return run(
+            *inputs,
+            target=torch.arange(len(batch[0]), device=batch[0].device),
+            losses=losses,
+            return_outputs=outputs,
+            loss_kwargs={"batch": batch, "objective": objective},
+            **packed,
+        )
 
     def _microbatch_loss(
-        self, logits: torch.Tensor, targets: torch.Tensor, trained: torch.Tensor
+        self, logits: torch.Tensor, rows: torch.Tensor, batch: Batch, objective: Objective
     ) -> torch.Tensor:
-        """A micro-batch's share of the batch's mean next-token loss: its summed cross-entropy
-        over the ``trained`` targets of the whole batch, so the shares add up to what the
-        whole batch gives at once however its trained targets fall (fine-tuning trains on
-        responses only), divided by the accumulation steps as the other engines' losses are."""
-        return next_token_loss(logits, targets, reduction="sum") / trained / self.accum
+        """A micro-batch's share of the whole batch's loss: its own loss weighted by its share
+        of what the batch's loss averages over (trained targets, or DPO's pairs), so the shares
+        add up to the batch's loss however those fall over the micro-batches (fine-tuning
+        trains on responses only), divided by the accumulation steps as the other engines'
+        losses are."""
+        mine = tuple(part[rows] for part in batch)
+        units = loss_units(mine)
+        if units == 0:  # nothing to learn from in these rows: no loss, no gradient
+            return logits.sum() * 0.0
+        return objective(logits, mine) * units / loss_units(batch) / self.accum
 
     def _from_last_stage(self, loss: torch.Tensor) -> torch.Tensor:
         """Pipelines know the loss on their last stage only; share it with the others."""

@@ -167,10 +167,13 @@ def _evaluation(
             / config.eval_batches
         )
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
-    totals = torch.zeros(4, device=device)
+    totals = torch.zeros(4, device=device)  # summed over every rank: ratios are what count
     for index in range(config.eval_batches):
         batch = to_device(val.get(index), device)
-        rewards, policy = preference_margins(engine.forward(batch), batch, config.dpo_beta)
+        logits = engine.forward(batch)
+        if logits is None:  # a pipeline stage before the last
+            continue
+        rewards, policy = preference_margins(logits, batch, config.dpo_beta)
         totals += torch.stack(
             [
                 -torch.nn.functional.logsigmoid(rewards).sum(),
@@ -191,7 +194,8 @@ def _evaluation(
 def add_reference(engine: Engine, reader: ExampleBatches, device: torch.device) -> None:
     """DPO: every row's reference log-probability per segment, computed once from the engine's
     current (starting) weights. The data-parallel ranks split the rows, every rank running the
-    same number of forward passes (sharded layouts need all of them), and share the results."""
+    same number of forward passes (sharded layouts need all of them), and share the results
+    (under pipeline parallelism, the last stage's)."""
     packed = reader.packed
     rows, count = len(packed["inputs"]), int(packed["segments"].max())
     values = np.full((rows, count), np.nan, dtype=np.float32)
@@ -199,9 +203,9 @@ def add_reference(engine: Engine, reader: ExampleBatches, device: torch.device) 
         first = start + reader.dp_rank * reader.batch
         mine = np.arange(first, min(first + reader.batch, rows))
         batch = to_device(reader.pick(mine if len(mine) else np.array([0])), device)
-        logps = segment_logprobs(engine.forward(batch), batch, count).cpu().numpy()
-        if len(mine):
-            values[mine] = logps
+        logits = engine.forward(batch)  # None on pipeline stages before the last
+        if logits is not None and len(mine):
+            values[mine] = segment_logprobs(logits, batch, count).cpu().numpy()
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, values)
     reference = np.fmax.reduce(gathered)  # NaN only where no rank computed it

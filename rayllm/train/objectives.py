@@ -26,6 +26,14 @@ def language_modelling(logits: torch.Tensor, batch: tuple[torch.Tensor, ...]) ->
     return next_token_loss(logits, batch[1])
 
 
+def loss_units(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """What a batch's loss is the mean over: its DPO pairs (a batch with a reference), else its
+    trained targets."""
+    if len(batch) > 3:
+        return (~torch.isnan(batch[3][:, 0::2])).sum()
+    return (batch[1] != IGNORED).sum()
+
+
 def segment_logprobs(
     logits: torch.Tensor, batch: tuple[torch.Tensor, ...], count: int
 ) -> torch.Tensor:
