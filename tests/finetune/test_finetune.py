@@ -1,13 +1,13 @@
 """The README's fine-tuning and evaluation commands, on the session's served model (the
 lifecycle's tiny model in the S3 registry, served with ``max_loras=2``): LoRA over DDP
-publishes an adapter of that version, which the running app answers with at once; QLoRA trains
-the same adapters over the base held in 4 bits; the same LoRA under ZeRO-3 follows DDP's
-losses; the full fine-tune under FSDP2 publishes a whole model;
-DPO on preference pairs publishes an adapter too, and prompt and prefix tuning ones the app
-refuses to serve. Each lowers its held-out loss. The adapter is scored through the endpoint, the base
-in Ray tasks with few-shot chain-of-thought prompts; both results land in their manifests,
-and the gate they miss refuses the promotion until it is forced. Bad input is refused before
-any worker starts."""
+publishes an adapter of that version, which the running app answers with at once, and which
+merges into a full version; QLoRA trains the same adapters over the base held in 4 bits; the
+same LoRA under ZeRO-3 follows DDP's losses; the full fine-tune under FSDP2 publishes a whole
+model; DPO on preference pairs (over 2 pipeline stages) publishes an adapter too, and prompt
+and prefix tuning ones the app refuses to serve and rayllm eval scores. Each lowers its
+held-out loss. The adapter is scored through the endpoint, the base in Ray tasks with few-shot
+chain-of-thought prompts; both results land in their manifests, and the gate they miss
+refuses the promotion until it is forced. Bad input is refused before any worker starts."""
 
 import json
 import math
@@ -136,7 +136,10 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
             for p, c, r in built
         )
     )
-    preferred = finetune(dpo, f"{MODEL}-dpo", data=str(pairs))
+    # Over 2 pipeline stages: the reference log-probabilities come from the last stage.
+    preferred = finetune(
+        dpo, f"{MODEL}-dpo", data=str(pairs), parallel={"strategy": "ddp", "pp": 2}
+    )
     assert preferred["finetune"]["objective"] == "dpo" and preferred["adapter"]["r"] == 8
     assert preferred["metrics"]["base_val_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert 0 <= preferred["metrics"]["preference_accuracy"] <= 1
