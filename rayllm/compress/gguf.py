@@ -165,6 +165,8 @@ def loaded_back(folder: Path, path: Path) -> dict:
     next token agrees, and the largest logit difference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rayllm.eval.models import agreement
+
     source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(folder)(PROBE)["input_ids"]
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -174,8 +176,4 @@ def loaded_back(folder: Path, path: Path) -> dict:
     with torch.no_grad():
         expected = source(torch.tensor([ids])).logits[0]
         got = loaded(torch.tensor([ids])).logits[0]
-    return {
-        "same_tokens": loaded_ids == ids,
-        "top1_agreement": (expected.argmax(-1) == got.argmax(-1)).float().mean().item(),
-        "max_logit_difference": (expected - got).abs().max().item(),
-    }
+    return {"same_tokens": loaded_ids == ids} | agreement(expected, got)

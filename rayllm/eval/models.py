@@ -25,6 +25,15 @@ def load_causal_lm(folder: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
 
 
+def agreement(expected: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+    """How closely the logits ``got`` follow ``expected`` (``[positions, vocabulary]``): the
+    share of positions whose most likely next token agrees, and the largest difference."""
+    return {
+        "top1_agreement": (expected.argmax(-1) == got.argmax(-1)).float().mean().item(),
+        "max_logit_difference": (expected - got).abs().max().item(),
+    }
+
+
 def load_model(registry: str, model: str):
     """``(model, tokenizer)`` of ``model`` (a folder or a registry reference), fp32, in eval
     mode: a LoRA adapter merged into its base, a prompt- or prefix-tuning adapter read by its

@@ -29,7 +29,7 @@ def publish_merged(registry: Registry, ref: str, name: str) -> tuple[Version, di
     the largest logit difference."""
     from transformers import AutoTokenizer
 
-    from rayllm.eval.models import adapter_model, load_causal_lm
+    from rayllm.eval.models import adapter_model, agreement, load_causal_lm
     from rayllm.model.hf import weights_dtype
 
     check_name(name)
@@ -57,11 +57,7 @@ def publish_merged(registry: Registry, ref: str, name: str) -> tuple[Version, di
         tokenizer.save_pretrained(out)
         with torch.no_grad():
             got = load_causal_lm(Path(out), torch.float32).eval()(ids).logits[0]
-        check = {
-            "top1_agreement": (expected.argmax(-1) == got.argmax(-1)).float().mean().item(),
-            "max_logit_difference": (expected - got).abs().max().item(),
-            "dtype": str(dtype).removeprefix("torch."),
-        }
+        check = agreement(expected, got) | {"dtype": str(dtype).removeprefix("torch.")}
         if check["top1_agreement"] < AGREEMENT:
             raise RayllmError(
                 f"{adapter.ref} merged into {adapter.lineage['parent']} does not compute what "

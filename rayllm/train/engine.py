@@ -295,23 +295,28 @@ class TorchEngine:
             target=torch.arange(len(batch[0]), device=batch[0].device),
             losses=losses,
             return_outputs=outputs,
-            loss_kwargs={"batch": batch, "objective": objective},
+            loss_kwargs={"batch": batch, "units": loss_units(batch), "objective": objective},
             **packed,
         )
 
     def _microbatch_loss(
-        self, logits: torch.Tensor, rows: torch.Tensor, batch: Batch, objective: Objective
+        self,
+        logits: torch.Tensor,
+        rows: torch.Tensor,
+        batch: Batch,
+        units: torch.Tensor,
+        objective: Objective,
     ) -> torch.Tensor:
         """A micro-batch's share of the whole batch's loss: its own loss weighted by its share
-        of what the batch's loss averages over (trained targets, or DPO's pairs), so the shares
-        add up to the batch's loss however those fall over the micro-batches (fine-tuning
-        trains on responses only), divided by the accumulation steps as the other engines'
-        losses are."""
+        of the ``units`` the batch's loss averages over (trained targets, or DPO's pairs), so
+        the shares add up to the batch's loss however those fall over the micro-batches
+        (fine-tuning trains on responses only), divided by the accumulation steps as the other
+        engines' losses are."""
         mine = tuple(part[rows] for part in batch)
-        units = loss_units(mine)
-        if units == 0:  # nothing to learn from in these rows: no loss, no gradient
+        share = loss_units(mine)
+        if share == 0:  # nothing to learn from in these rows: no loss, no gradient
             return logits.sum() * 0.0
-        return objective(logits, mine) * units / loss_units(batch) / self.accum
+        return objective(logits, mine) * share / units / self.accum
 
     def _from_last_stage(self, loss: torch.Tensor) -> torch.Tensor:
         """Pipelines know the loss on their last stage only; share it with the others."""
