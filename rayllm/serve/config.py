@@ -193,6 +193,13 @@ class ServeConfig(ReplicaSettings):
     Kubernetes Secret); combined with ``api_keys_file`` when both are set."""
     log_level: str = "WARNING"
     """Log level of Serve replicas and the vLLM engine (INFO shows every request)."""
+    ingress: Literal["app", "direct"] = "app"
+    """How requests reach the replicas. ``app``: through rayllm's OpenAI ingress deployment
+    (several models, LoRA adapters, adapter versions in /v1/models, 503 for a lost replica).
+    ``direct``: the app's one model answers HTTP in its replicas with vLLM's own OpenAI
+    server, and Serve's HAProxy sends each request straight to a replica (one hop instead of
+    three); needs a cluster in Serve's HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1`` where Ray
+    and the app are started) and serves no adapters."""
 
     @model_validator(mode="after")
     def _check_app(self) -> ServeConfig:
@@ -200,6 +207,16 @@ class ServeConfig(ReplicaSettings):
             raise ValueError("route_prefix must start with '/'")
         if self.model is not None and self.models:
             raise ValueError("set either model (one model) or models (several), not both")
+        if self.ingress == "direct" and len(self.models) > 1:
+            raise ValueError(
+                "ingress=direct serves one model (its replicas are the ingress); serve "
+                "several models with ingress=app, or deploy one app per model"
+            )
+        if self.ingress == "direct" and any(entry.max_loras for entry in self.entries()):
+            raise ValueError(
+                "ingress=direct serves no LoRA adapters (rayllm's ingress pins them to "
+                "registry versions); set max_loras=0 or ingress=app"
+            )
         return self
 
     def registry_root(self) -> str:

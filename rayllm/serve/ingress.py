@@ -5,9 +5,10 @@ and a retryable 503 where Serve would answer 500 for a model replica lost mid-re
 
 The ingress class, its deployment options and ``make_fastapi_ingress`` are public in Ray 2.60
 (``ray.serve.llm.ingress``); the FastAPI app that carries Ray's own middleware (request ids,
-error bodies, HTTP metrics) and the model cards are built by ``ray.llm._internal`` helpers.
-This module is the only place that imports them; ``tests/serve/test_app.py`` pins them
-through the served app.
+error bodies, HTTP metrics), the model cards and the direct-ingress app (Ray's "direct
+streaming") are built by ``ray.llm._internal`` helpers. This module is the only place that
+imports them; ``tests/serve/test_app.py`` and ``tests/serve/test_direct.py`` pin them through
+the served apps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     CompletionRequest,
     ModelList,
     to_model_metadata,
+)
+from ray.llm._internal.serve.core.ingress.builder import (
+    _build_direct_streaming_llm_deployment,
+    _build_openai_ingress_request_router,
 )
 from ray.llm._internal.serve.core.ingress.ingress import init as ray_llm_fastapi_app
 from ray.serve.deployment import Application
@@ -191,3 +196,17 @@ def openai_app(
         model_cards={c.model_id: _model_card(c) for c in llm_configs},
         serve_config=serve_config,
     )
+
+
+def direct_app(
+    llm_config: LLMConfig, key_digests: list[str], serve_config: dict[str, Any]
+) -> Application:
+    """One model with no ingress deployment (``ingress: direct``): each replica
+    (``ModelServer``) answers the OpenAI routes with vLLM's own server, and Serve's HAProxy
+    sends each request straight to the replica that Ray's LLM request router picks. What
+    ``ray.serve.llm.build_openai_app`` builds under ``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING``,
+    with rayllm's replica, keys and config."""
+    kwargs = {"key_digests": key_digests, "serve_config": serve_config}
+    server = _build_direct_streaming_llm_deployment(llm_config, bind_kwargs=kwargs)
+    router = _build_openai_ingress_request_router(server=server, llm_config=llm_config)
+    return server._with_ingress_request_router(router)

@@ -1,7 +1,7 @@
 """The model replica: ``ray.serve.llm``'s ``LLMServer`` (the vLLM engine behind Serve) that loads
 LoRA adapters from the registry, tells Serve's autoscaler how full its engine is, for
-``rayllm.serve.autoscaling.EngineLoadPolicy``, and runs a one-rank CPU model without a worker
-process."""
+``rayllm.serve.autoscaling.EngineLoadPolicy``, runs a one-rank CPU model without a worker
+process, and, in an app with ``ingress: direct``, answers HTTP itself behind rayllm's checks."""
 
 from __future__ import annotations
 
@@ -36,12 +36,39 @@ class ModelEngine(VLLMEngine):
 
 class ModelServer(LLMServer):
     """A ``ray.serve.llm`` replica whose adapters come from the registry and which reports its
-    engine's load with its autoscaling stats."""
+    engine's load with its autoscaling stats.
 
-    async def __init__(self, llm_config: LLMConfig):
+    Served with ``ingress: direct`` it is the app's ingress (``rayllm.serve.ingress.direct_app``)
+    and gets the key digests and the pinned ServeConfig the app was built from; otherwise
+    rayllm's ingress holds them."""
+
+    async def __init__(
+        self,
+        llm_config: LLMConfig,
+        key_digests: list[str] | None = None,
+        serve_config: dict[str, Any] | None = None,
+    ):
         await super().__init__(
             llm_config, engine_cls=ModelEngine, model_downloader=RegistryAdapters
         )
+        self._key_digests, self._serve_config = key_digests or [], serve_config
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"engine_load": engine_load()}
+
+    async def serve_config(self) -> dict[str, Any] | None:
+        """The pinned ServeConfig of a direct-ingress app, for ``rayllm serve rollout`` and
+        ``rayllm serve status``."""
+        return self._serve_config
+
+    async def __serve_build_asgi_app__(self):
+        """Direct ingress: vLLM's own OpenAI app (as ``ray.serve.llm`` builds it), behind the
+        same API-key and JSON-body checks as rayllm's ingress."""
+        from rayllm.serve.ingress import ApiKeyCheck, JsonBodiesOnly
+
+        app = await super().__serve_build_asgi_app__()
+        app.middleware_stack = None  # vLLM built its stack; Starlette rebuilds it with these
+        app.add_middleware(JsonBodiesOnly)
+        if self._key_digests:
+            app.add_middleware(ApiKeyCheck, digests=self._key_digests)  # added last: runs first
+        return app

@@ -205,18 +205,19 @@ BAD_REQUESTS = [  # (a request without "model" is not among them: one served mod
 ]
 
 
-@pytest.mark.parametrize(("route", "body"), BAD_REQUESTS)
-def test_a_bad_request_gets_an_openai_error_and_no_5xx(tiny_run, route, body):
-    endpoint = tiny_run["report"]["serve"]
+def send_bad_request(url: str, body, model: str, headers: dict | None = None) -> httpx.Response:
+    """POST one of BAD_REQUESTS to ``url``, its "M" standing for ``model``."""
     body, content_type = body if isinstance(body, tuple) else (body, "application/json")
     if isinstance(body, dict):
-        body = json.dumps({k: "tiny-shakespeare" if v == "M" else v for k, v in body.items()})
-    answer = httpx.post(
-        f"{endpoint['url']}{route}",
-        content=body,
-        headers={"Content-Type": content_type},
-        timeout=60,
-    )
+        body = json.dumps({k: model if v == "M" else v for k, v in body.items()})
+    headers = {"Content-Type": content_type} | (headers or {})
+    return httpx.post(url, content=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(("route", "body"), BAD_REQUESTS)
+def test_a_bad_request_gets_an_openai_error_and_no_5xx(tiny_run, route, body):
+    url = tiny_run["report"]["serve"]["url"]
+    answer = send_bad_request(f"{url}{route}", body, "tiny-shakespeare")
     assert 400 <= answer.status_code < 500, answer.text
     assert answer.json()["error"]["message"], answer.text
 

@@ -1,0 +1,157 @@
+"""``ingress: direct`` on the session cluster (which runs Serve's HAProxy mode): the session's
+model served with no ingress deployment, each replica answering the OpenAI routes with vLLM's
+own server behind rayllm's key check. Same answers as rayllm's ingress app, the OpenAI SDK
+unchanged, keys checked in the replica, bad requests answered 4xx, and the pinned config there
+for ``rayllm serve rollout``."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from rayllm.errors import RayllmError
+from rayllm.serve.app import HAPROXY_MODE, check_haproxy_mode, running_config
+from rayllm.serve.config import ServeConfig
+from tests.conftest import API_KEYS, BIN, overrides
+from tests.serve.test_app import BAD_REQUESTS, send_bad_request
+from tests.test_cli import rayllm_ok
+from tests.test_readme import block_with
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny-shakespeare"
+KEY = API_KEYS.split(",")[0]
+GREEDY = {"max_tokens": 8, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_run, ray_cluster, serve_port, tmp_path_factory):
+    """The README's ``rayllm serve ... --set ingress=direct`` line on the session cluster
+    (which, like the README's, runs Serve in HAProxy mode), the session's model behind a key."""
+    folder = tmp_path_factory.mktemp("direct")
+    (folder / "keys").write_text(f"{KEY}\n")
+    line = block_with("--set ingress=direct").strip().splitlines()[-1]
+    words = shlex.split(line)
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "COLUMNS": "200"}
+    while "=" in words[0]:
+        name, value = words.pop(0).split("=", 1)
+        env |= {name: value}
+    assert words[:2] == ["rayllm", "serve"] and env[HAPROXY_MODE] == "1", line
+    settings = {
+        "registry": tiny_run["settings"]["registry"]["root"],
+        "model": tiny_run["report"]["registry"]["ref"],
+        "app_name": "direct",
+        "route_prefix": "/direct",
+        "port": serve_port,
+        "api_keys_file": "keys",
+        "max_replicas": 1,
+        "max_num_seqs": 4,
+    }
+    log = folder / "serve.log"  # a file, not a pipe: the replica's logs must never block it
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(BIN / "rayllm"), *words[1:], *overrides(settings)],
+            cwd=folder,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 400
+        while f"as {MODEL} at" not in log.read_text():
+            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        yield f"http://127.0.0.1:{serve_port}/direct"
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the app is removed
+        assert server.wait(timeout=180) == 0, log.read_text()[-3000:]  # replicas drain 30 s
+
+
+def _complete(url: str, prompt: str) -> list[float]:
+    body = {"model": MODEL, "prompt": prompt} | GREEDY
+    headers = {"Authorization": f"Bearer {KEY}"}
+    answer = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+
+def test_the_replica_answers_as_the_ingress_app_does(direct, tiny_run):
+    ingress_app = tiny_run["report"]["serve"]["url"]
+    for prompt in ("KING.\n", "ROMEO.\n"):
+        ours, theirs = _complete(direct, prompt), _complete(ingress_app, prompt)
+        assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < 1e-3
+
+
+def test_the_openai_sdk_streams_a_chat_with_the_key(direct):
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{direct}/v1", api_key=KEY)
+    assert [model.id for model in sdk.models.list()] == [MODEL]
+    stream = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Speak."}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_the_replica_checks_the_key_before_anything_else(direct):
+    body = {"model": MODEL, "prompt": "KING.", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        answer = httpx.post(f"{direct}/v1/completions", json=body, headers=headers)
+        assert answer.status_code == 401, answer.text
+        assert answer.json()["error"]["code"] == "invalid_api_key"
+
+
+WIZARD = {"role": "wizard", "content": "hi"}
+"""A role OpenAI's API does not have: rayllm's ingress refuses it, vLLM's server passes it to
+the chat template (README: what direct ingress does not check)."""
+
+
+REFUSED_BY_VLLM = [
+    (route, body)
+    for route, body in BAD_REQUESTS
+    if not (isinstance(body, dict) and body.get("messages") == [WIZARD])
+]
+
+
+@pytest.mark.parametrize(("route", "body"), REFUSED_BY_VLLM)
+def test_a_bad_request_gets_a_4xx_from_the_replica(direct, route, body):
+    answer = send_bad_request(f"{direct}{route}", body, MODEL, {"Authorization": f"Bearer {KEY}"})
+    assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
+    assert "error" in answer.json() or "detail" in answer.json()
+
+
+def test_the_replica_still_answers_after_the_bad_requests(direct):
+    assert len(_complete(direct, "KING.\n")) == GREEDY["max_tokens"]
+
+
+def test_status_and_rollout_read_the_pinned_config_from_the_replica(direct, ray_cluster):
+    config = running_config("direct")  # what `rayllm serve rollout --app direct` starts from
+    assert config.ingress == "direct"
+    assert [entry.version for entry in config.models] == [f"{MODEL}:1"]
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]}
+    (app,) = json.loads(rayllm_ok("serve", "status", "--app", "direct", "--json", env=env))
+    (model,) = app["models"]
+    assert app["status"] == "RUNNING" and model["version"] == f"{MODEL}:1", app
+    assert model["replicas"] == {"RUNNING": 1}, model
+
+
+def test_direct_ingress_is_refused_where_it_cannot_work(monkeypatch):
+    with pytest.raises(ValueError, match="ingress=direct serves one model"):
+        ServeConfig(ingress="direct", models=["bard", "scribe"])
+    with pytest.raises(ValueError, match="ingress=direct serves no LoRA adapters"):
+        ServeConfig(ingress="direct", model="bard", max_loras=2)
+    monkeypatch.delenv(HAPROXY_MODE)
+    with pytest.raises(RayllmError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
+        check_haproxy_mode()
