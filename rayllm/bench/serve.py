@@ -2,10 +2,11 @@
 Face ``generate``, on the same model, prompts and CPUs, one system at a time.
 
 - ``rayllm``: the app ``rayllm serve`` deploys (Ray Serve, ``ray.serve.llm``, vLLM), on a Ray
-  cluster this benchmark starts in Serve's HAProxy mode, one replica;
+  cluster this benchmark starts in Serve's HAProxy mode with its workers at normal priority,
+  one replica;
 - ``rayllm direct``: the same with ``ingress: direct`` (the replica answers HTTP itself);
 - ``ray.serve.llm defaults``: the same app as ``rayllm`` on Ray's defaults: Serve's Python
-  proxy, and tokens held 50 ms and streamed in batches;
+  proxy, workers at low priority, and tokens held 50 ms and streamed in batches;
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the same registry version,
   with the same engine settings (dtype, KV cache, max sequences, eager mode);
 - ``hf generate``: ``transformers`` in this process, one request at a time.
@@ -45,13 +46,18 @@ from rayllm.serve.config import ServeConfig
 
 BENCH_MODEL_NAME = "bench-28m"
 SYSTEMS = ("rayllm", "rayllm direct", "ray.serve.llm defaults", "vllm", "hf generate")
+WORKER_PRIORITY = "RAY_worker_niceness"
+"""Ray's setting for its worker processes' nice value (15 by default: below this benchmark's
+load generator, and below vLLM's own server, which runs at 0)."""
+RAYLLM_CLUSTER = {HAPROXY_MODE: "1", WORKER_PRIORITY: "0"}
 RAY_SYSTEMS = {
-    "rayllm": ({}, "1"),
-    "rayllm direct": ({"ingress": "direct"}, "1"),
-    "ray.serve.llm defaults": ({"stream_batching_ms": 50}, "0"),
+    "rayllm": ({}, RAYLLM_CLUSTER),
+    "rayllm direct": ({"ingress": "direct"}, RAYLLM_CLUSTER),
+    "ray.serve.llm defaults": ({"stream_batching_ms": 50}, {HAPROXY_MODE: "0"}),
 }
-"""Each Ray Serve system: its settings over rayllm's defaults, and its Serve proxy (HAProxy,
-1, or Serve's Python proxy, 0: Ray's default)."""
+"""Each Ray Serve system: its settings over rayllm's defaults, and the environment its cluster
+starts with: Serve's HAProxy (1) or Python proxy (0, Ray's default), and the workers at the
+priority of every other process here, or Ray's lower default."""
 VARIANT_SETTINGS = ("kv_cache_gib", "prefix_caching", "max_num_seqs", "max_model_len")
 """The engine settings ``--variant`` may change, for rayllm's app and vLLM's server alike."""
 OWN_CLUSTER = (
@@ -175,23 +181,27 @@ def _running(system: str, registry: Registry, settings: ServeConfig) -> Iterator
 
 @contextmanager
 def _ray_app(settings: ServeConfig, system: str) -> Iterator[str]:
-    """The app on a cluster of its own, whose Serve proxy is the system's (the cluster's
-    processes read the environment the cluster starts with)."""
+    """The app on a cluster of its own, started with the system's environment (the cluster's
+    processes read it when they start)."""
     from ray import serve
 
     from rayllm.serve.app import deploy
 
-    changes, proxy = RAY_SYSTEMS[system]
-    settings = settings.model_copy(update=changes)
-    driver_proxy, os.environ[HAPROXY_MODE] = os.environ[HAPROXY_MODE], proxy
+    changes, environment = RAY_SYSTEMS[system]
+    before = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     try:
         with own_cluster(os.cpu_count() or 1, OWN_CLUSTER):
             try:
-                yield deploy(settings).url
+                yield deploy(settings.model_copy(update=changes)).url
             finally:
                 serve.shutdown()
     finally:
-        os.environ[HAPROXY_MODE] = driver_proxy
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
