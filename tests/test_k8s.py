@@ -182,6 +182,19 @@ def test_a_users_export_becomes_the_services_serve_config(registry, tmp_path):
     assert "rayservice.yaml" not in render(tmp_path, "serve_app=null")
 
 
+def test_a_direct_ingress_app_runs_serve_in_haproxy_mode_on_every_node(registry, tmp_path):
+    keyed = ["host=0.0.0.0", "api_keys_env=RAYLLM_API_KEYS"]
+    direct = export(registry, tmp_path / "direct.yaml", *keyed, "ingress=direct")
+    service = render(tmp_path, f"serve_app={direct}")["rayservice.yaml"]
+    validate(service)
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
+    app = export(registry, tmp_path / "app.yaml", *keyed)
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in str(render(tmp_path, f"serve_app={app}"))
+
+
 def test_pods_take_object_storage_credentials_from_a_secret(registry, tmp_path):
     """An s3:// registry: every pod of every object (cluster, jobs' clusters, service) reads
     the credentials from one Secret, and the objects still pass their CRDs."""
