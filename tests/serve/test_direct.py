@@ -5,9 +5,7 @@ unchanged, keys checked in the replica, bad requests answered 4xx, and the pinne
 for ``rayllm serve rollout``."""
 
 import json
-import os
 import shlex
-import signal
 import subprocess
 import time
 
@@ -69,7 +67,7 @@ def direct(tiny_run, ray_cluster, serve_port, tmp_path_factory):
             time.sleep(1)
         yield f"http://127.0.0.1:{serve_port}/direct"
     finally:
-        os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the app is removed
+        server.terminate()  # as `ray job stop` or a pod's shutdown: the app is removed
         assert server.wait(timeout=180) == 0, log.read_text()[-3000:]  # replicas drain 30 s
 
 
