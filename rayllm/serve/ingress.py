@@ -100,6 +100,14 @@ class JsonBodiesOnly:
         await self.app(scope, receive, send)
 
 
+def add_request_checks(app: Any, key_digests: list[str]) -> None:
+    """The checks every rayllm front end runs before anything else: the API key (when keys are
+    configured), then a JSON body."""
+    app.add_middleware(JsonBodiesOnly)
+    if key_digests:
+        app.add_middleware(ApiKeyCheck, digests=key_digests)  # added last: runs first
+
+
 async def _http_error(request: Request, error: HTTPException) -> Response:
     """Unknown models, routes and methods, in OpenAI's error shape instead of FastAPI's."""
     return openai_error(error.status_code, str(error.detail))
@@ -186,9 +194,7 @@ def openai_app(
     ``serve_config`` is the pinned ServeConfig the app is built from, as JSON."""
     app = ray_llm_fastapi_app()
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_middleware(JsonBodiesOnly)
-    if key_digests:
-        app.add_middleware(ApiKeyCheck, digests=key_digests)  # added last: runs first
+    add_request_checks(app, key_digests)
     options = Ingress.get_deployment_options(llm_configs)
     options |= {"ray_actor_options": {"num_cpus": 0}, "max_surge_percent": 100}
     return serve.deployment(make_fastapi_ingress(Ingress, app=app), **options).bind(

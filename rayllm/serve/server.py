@@ -64,11 +64,9 @@ class ModelServer(LLMServer):
     async def __serve_build_asgi_app__(self):
         """Direct ingress: vLLM's own OpenAI app (as ``ray.serve.llm`` builds it), behind the
         same API-key and JSON-body checks as rayllm's ingress."""
-        from rayllm.serve.ingress import ApiKeyCheck, JsonBodiesOnly
+        from rayllm.serve.ingress import add_request_checks
 
         app = await super().__serve_build_asgi_app__()
         app.middleware_stack = None  # vLLM built its stack; Starlette rebuilds it with these
-        app.add_middleware(JsonBodiesOnly)
-        if self._key_digests:
-            app.add_middleware(ApiKeyCheck, digests=self._key_digests)  # added last: runs first
+        add_request_checks(app, self._key_digests)
         return app
