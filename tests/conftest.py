@@ -37,6 +37,11 @@ os.environ["RAY_AUTH_MODE"] = "token"  # clients send it only when told to (READ
 # Serve's HAProxy mode on the session cluster and in this driver (Serve reads it once), which
 # `ingress: direct` needs (README, Serving): the apps of every test run behind HAProxy.
 os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+# In that mode a stopping ingress replica stays reachable 30 s (Ray's default) so that load
+# balancers in front of the cluster deregister it; here Serve's HAProxy is the only one, on
+# the same host: 5 s, and each app removal and rollout of the session is 25 s shorter. The
+# rollout tests, which fail on any refused or dropped request, hold it to that.
+os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
 
 API_KEYS = "key-one,key-two"
 """The cluster's serving keys, as the README's serving section exports them: apps built on the

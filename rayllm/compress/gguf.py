@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rayllm.errors import RayllmError
+from rayllm.model.hf import head_width
 from rayllm.registry.store import Registry
 
 TYPES = {
@@ -39,7 +40,7 @@ def write_gguf(folder: Path, path: Path, kind: str) -> None:
         )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_width(config.to_dict())
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(folder.name)
     writer.add_context_length(config.max_position_embeddings)

@@ -20,6 +20,7 @@ import torch
 from rayllm.compress.calibration import calibration_pass
 from rayllm.compress.config import PruneSettings
 from rayllm.errors import RayllmError
+from rayllm.model.hf import head_width
 
 
 def prune_model(
@@ -144,7 +145,7 @@ def _prune_heads(model: torch.nn.Module, energies: list[torch.Tensor], sparsity:
     """Remove the same number of key-value head groups (a KV head and the query heads that
     share it) from every layer."""
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_width(config.to_dict())
     groups = config.num_key_value_heads
     per_group = config.num_attention_heads // groups
     removed = {}

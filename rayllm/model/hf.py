@@ -61,6 +61,12 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return state
 
 
+def head_width(hf_config: dict[str, Any]) -> int:
+    """The width of one attention head of a Llama ``config.json``: its ``head_dim``, or the
+    model's width split over its heads where it names none."""
+    return hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+
+
 def from_hf_config(hf_config: dict[str, Any]) -> ModelConfig:
     """The rayllm shape of a Hugging Face Llama ``config.json``; other architectures (and Llama
     variants rayllm's decoder does not compute: biases, rope scaling) are refused."""
@@ -77,7 +83,7 @@ def from_hf_config(hf_config: dict[str, Any]) -> ModelConfig:
             + (f" with {', '.join(unsupported)}" if unsupported else "")
         )
     dim, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or dim // heads
+    head_dim = head_width(hf_config)
     return ModelConfig(
         vocab_size=hf_config["vocab_size"],
         dim=dim,

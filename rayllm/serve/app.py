@@ -119,7 +119,9 @@ def build_app(args: dict[str, Any]):
     config = pin(ServeConfig.model_validate(args))
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     configs = [llm_config(entry, config, has_gpus) for entry in config.models]
-    digests, pinned = api_key_digests(config), config.model_dump(mode="json")
+    if config.api_key_digests is None:  # read once, where the app is first built
+        config = config.model_copy(update={"api_key_digests": api_key_digests(config)})
+    digests, pinned = config.api_key_digests, config.model_dump(mode="json")
     if config.ingress == "direct":
         check_haproxy_mode()
         return direct_app(configs[0], digests, pinned)

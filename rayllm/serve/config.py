@@ -4,6 +4,7 @@ the CLI checks a config before anything starts."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -191,6 +192,10 @@ class ServeConfig(ReplicaSettings):
     api_keys_env: str | None = None
     """The name of an environment variable holding comma-separated API keys (e.g. from a
     Kubernetes Secret); combined with ``api_keys_file`` when both are set."""
+    api_key_digests: list[str] | None = None
+    """The SHA-256 digests (hex) of the keys the app was built with; rayllm sets it in the
+    config the running app holds, so that ``rayllm serve rollout``, wherever it runs, keeps
+    the app's keys without reading them again. Keys change with a new ``rayllm serve``."""
     log_level: str = "WARNING"
     """Log level of Serve replicas and the vLLM engine (INFO shows every request)."""
     ingress: Literal["app", "direct"] = "app"
@@ -205,6 +210,8 @@ class ServeConfig(ReplicaSettings):
     def _check_app(self) -> ServeConfig:
         if not self.route_prefix.startswith("/"):
             raise ValueError("route_prefix must start with '/'")
+        if not all(re.fullmatch("[0-9a-f]{64}", d) for d in self.api_key_digests or ()):
+            raise ValueError("api_key_digests are SHA-256 digests: 64 lowercase hex digits each")
         if self.model is not None and self.models:
             raise ValueError("set either model (one model) or models (several), not both")
         if self.ingress == "direct" and len(self.models) > 1:

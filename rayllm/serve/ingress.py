@@ -14,6 +14,7 @@ the served apps.
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Awaitable
 from typing import Any
 
@@ -100,6 +101,61 @@ class JsonBodiesOnly:
         await self.app(scope, receive, send)
 
 
+def unknown_role(messages: Any) -> str | None:
+    """Why a chat request's ``messages`` cannot be answered, if one has no role or one OpenAI's
+    API does not have (vLLM would pass it to the chat template); other faults are vLLM's to
+    tell."""
+    for number, message in enumerate(messages if isinstance(messages, list) else ()):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            return (
+                f"messages[{number}].role is {role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"
+            )
+    return None
+
+
+class KnownChatRolesOnly:
+    """ASGI middleware for a replica answering HTTP itself (``ingress: direct``): a chat
+    request with a message in an unknown role gets a 400, as rayllm's ingress answers it. The
+    body (a chat request's: small) is read whole, checked, and handed on unchanged."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if not (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].endswith("/chat/completions")
+        ):
+            await self.app(scope, receive, send)
+            return
+        chunks, message = [], {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        try:
+            refused = unknown_role(json.loads(body).get("messages"))
+        except (ValueError, AttributeError):  # not a JSON object: vLLM answers it
+            refused = None
+        if refused:
+            await openai_error(400, refused)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 def add_request_checks(app: Any, key_digests: list[str]) -> None:
     """The checks every rayllm front end runs before anything else: the API key (when keys are
     configured), then a JSON body."""
@@ -163,11 +219,9 @@ class Ingress(OpenAiIngress):
         return refused or await unless_replica_lost(super().completions(body, request))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        for number, message in enumerate(body.messages):
-            role = message.get("role")
-            if role not in CHAT_ROLES:
-                known = ", ".join(sorted(CHAT_ROLES))
-                return openai_error(400, f"messages[{number}].role is {role!r}; use one of {known}")
+        role = unknown_role(body.messages)
+        if role:
+            return openai_error(400, role)
         refused = await self._pinned(body)
         return refused or await unless_replica_lost(super().chat(body, request))
 

@@ -63,10 +63,11 @@ class ModelServer(LLMServer):
 
     async def __serve_build_asgi_app__(self):
         """Direct ingress: vLLM's own OpenAI app (as ``ray.serve.llm`` builds it), behind the
-        same API-key and JSON-body checks as rayllm's ingress."""
-        from rayllm.serve.ingress import add_request_checks
+        same API-key, JSON-body and chat-role checks as rayllm's ingress."""
+        from rayllm.serve.ingress import KnownChatRolesOnly, add_request_checks
 
         app = await super().__serve_build_asgi_app__()
         app.middleware_stack = None  # vLLM built its stack; Starlette rebuilds it with these
+        app.add_middleware(KnownChatRolesOnly)  # runs after the key and JSON checks
         add_request_checks(app, self._key_digests)
         return app

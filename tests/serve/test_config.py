@@ -131,6 +131,14 @@ def test_api_keys_come_from_a_file_and_the_environment(tmp_path, monkeypatch):
         api_key_digests(ServeConfig(api_keys_env="TEST_KEYS"))
 
 
+def test_key_digests_are_sha256_hex():
+    digests = [key_digest("alpha")]
+    assert ServeConfig(api_key_digests=digests).api_key_digests == digests
+    for wrong in (["alpha"], [key_digest("alpha").upper()], [key_digest("alpha")[:-1]]):
+        with pytest.raises(ValueError, match="64 lowercase hex digits"):
+            ServeConfig(api_key_digests=wrong)
+
+
 def test_the_exported_file_is_a_serve_config_with_every_model_pinned(registry):
     config = ServeConfig(registry=registry.url, models=["bard@production", "scribe"], port=8100)
     exported = serve_config_file(config)

@@ -1,8 +1,8 @@
 """``ingress: direct`` on the session cluster (which runs Serve's HAProxy mode): the session's
 model served with no ingress deployment, each replica answering the OpenAI routes with vLLM's
 own server behind rayllm's key check. Same answers as rayllm's ingress app, the OpenAI SDK
-unchanged, keys checked in the replica, bad requests answered 4xx, and the pinned config there
-for ``rayllm serve rollout``."""
+unchanged, keys checked in the replica, bad requests answered 4xx, the pinned config there
+for ``rayllm serve rollout``, and a rollout under a steady stream that fails no request."""
 
 import json
 import shlex
@@ -13,10 +13,17 @@ import httpx
 import pytest
 
 from rayllm.errors import RayllmError
-from rayllm.serve.app import HAPROXY_MODE, check_haproxy_mode, running_config
+from rayllm.serve.app import (
+    HAPROXY_MODE,
+    check_haproxy_mode,
+    key_digest,
+    model_deployment,
+    running_config,
+)
 from rayllm.serve.config import ServeConfig
-from tests.conftest import API_KEYS, BIN, overrides
+from tests.conftest import API_KEYS, BIN, overrides, publish_random_model
 from tests.serve.test_app import BAD_REQUESTS, send_bad_request
+from tests.serve.test_rollout import Stream, same_weights, steady_stream
 from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with
 
@@ -25,6 +32,8 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny-shakespeare"
 KEY = API_KEYS.split(",")[0]
 GREEDY = {"max_tokens": 8, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+WIZARD = {"role": "wizard", "content": "hi"}
+"""A role OpenAI's API does not have: vLLM's server would pass it to the chat template."""
 
 
 @pytest.fixture(scope="module")
@@ -111,23 +120,20 @@ def test_the_replica_checks_the_key_before_anything_else(direct):
         assert answer.json()["error"]["code"] == "invalid_api_key"
 
 
-WIZARD = {"role": "wizard", "content": "hi"}
-"""A role OpenAI's API does not have: rayllm's ingress refuses it, vLLM's server passes it to
-the chat template (README: what direct ingress does not check)."""
-
-
-REFUSED_BY_VLLM = [
-    (route, body)
-    for route, body in BAD_REQUESTS
-    if not (isinstance(body, dict) and body.get("messages") == [WIZARD])
-]
-
-
-@pytest.mark.parametrize(("route", "body"), REFUSED_BY_VLLM)
+@pytest.mark.parametrize(("route", "body"), BAD_REQUESTS)
 def test_a_bad_request_gets_a_4xx_from_the_replica(direct, route, body):
     answer = send_bad_request(f"{direct}{route}", body, MODEL, {"Authorization": f"Bearer {KEY}"})
     assert 400 <= answer.status_code < 500, (answer.status_code, answer.text[:300])
     assert "error" in answer.json() or "detail" in answer.json()
+
+
+def test_a_chat_message_in_an_unknown_role_is_refused_as_the_ingress_refuses_it(direct):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}, WIZARD]}
+    answer = httpx.post(
+        f"{direct}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"].startswith("messages[1].role is 'wizard'; use one of")
 
 
 def test_the_replica_still_answers_after_the_bad_requests(direct):
@@ -143,6 +149,42 @@ def test_status_and_rollout_read_the_pinned_config_from_the_replica(direct, ray_
     (model,) = app["models"]
     assert app["status"] == "RUNNING" and model["version"] == f"{MODEL}:1", app
     assert model["replicas"] == {"RUNNING": 1}, model
+
+
+def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_cluster, tmp_path):
+    """The README's ``rayllm serve rollout`` onto another version while a client sends
+    requests without retrying: the new replica starts beside the old one, HAProxy moves to it,
+    and the old one drains and stops. No request fails; the answers switch to the new weights.
+    The stream runs until the old replica is gone, through the whole drain."""
+    from ray import serve
+
+    other = publish_random_model(tiny_run, f"{MODEL}-direct", tmp_path / "other")
+    env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "COLUMNS": "200"}
+    with httpx.Client(base_url=f"{direct}/v1", headers={"Authorization": f"Bearer {KEY}"}) as http:
+        old_answer = Stream(direct).ask(http)
+
+    def replicas() -> dict[str, int]:
+        deployments = serve.status().applications["direct"].deployments
+        return deployments[model_deployment(deployments, MODEL)].replica_states
+
+    with steady_stream(direct) as stream:
+        moved = rayllm_ok(
+            "serve", "rollout", "--app", "direct", "--model", f"{MODEL}={other}", env=env
+        )
+        deadline = time.time() + 120
+        while replicas() != {"RUNNING": 1}:
+            assert time.time() < deadline, f"the old replica did not stop: {replicas()}"
+            time.sleep(1)
+    assert f"{MODEL}: {MODEL}:1 -> {other} (follows {other})" in moved, moved
+    assert not stream.failures, stream.failures
+    assert same_weights(stream.answers[0], old_answer)
+    assert not same_weights(stream.answers[-1], old_answer)  # the new weights answer now
+    running = running_config("direct")
+    assert running.models[0].version == other
+    # The keys came along (the rollout ran where the app's key file is not): digests only.
+    assert running.api_key_digests == [key_digest(KEY)]
+    unkeyed = httpx.post(f"{direct}/v1/completions", json={"model": MODEL, "prompt": "KING."})
+    assert unkeyed.status_code == 401, unkeyed.text
 
 
 def test_direct_ingress_is_refused_where_it_cannot_work(monkeypatch):
