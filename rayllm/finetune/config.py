@@ -69,8 +69,8 @@ class FinetuneConfig(StageConfig):
     """method prompt or prefix: ``num_virtual_tokens`` (``kind`` follows ``method``)."""
     untie_embeddings: bool = False
     """method full, on a base whose output head is its token embedding (SmolLM2): train the
-    head as its own matrix, starting as a copy of the embedding, so tensor parallelism can
-    split the two apart; the result has its own head (vocabulary x dim more weights)."""
+    head as its own matrix, starting as a copy of the embedding; the result has its own head
+    (vocabulary x dim more weights). Off: the tied matrix trains as one, under any layout."""
     seq_len: int = Field(256, ge=8)
     """Tokens per packed row; every example fits in one row (or is cut to it)."""
     strict: bool = False

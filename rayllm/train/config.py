@@ -286,15 +286,6 @@ class TrainConfig(StageConfig):
             )
         if self.objective == "distill" and self.teacher is None:
             raise ValueError("objective distill needs a teacher (a Hugging Face folder or URL)")
-        if self.model.tie_embeddings and self.parallel.pp > 1 and self.lora is None:
-            raise ValueError(
-                "the model ties its output head to its embedding (model.tie_embeddings), which "
-                "the first and last pipeline stages each hold: they would train it apart. Train "
-                "adapters on it (lora: the tied matrix stays frozen), set pp to 1 (every other "
-                "layout trains it as one matrix), or train it untied (model.tie_embeddings="
-                "false: the head starts as a copy of init_from's embedding; rayllm finetune: "
-                "untie_embeddings=true)"
-            )
         if self.recompute_every < 1:
             raise ValueError("recompute_every must be at least 1")
         if not 0 < self.decay_fraction <= 1:

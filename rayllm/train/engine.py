@@ -41,7 +41,14 @@ from rayllm.train.objectives import (
 )
 from rayllm.train.optim import build_optimizer, clip_grad_norm, lr_schedule
 from rayllm.train.parallelize import parallelize
-from rayllm.train.pipeline import build_schedule, cut_stage, stage_indices
+from rayllm.train.pipeline import (
+    build_schedule,
+    cut_stage,
+    end_stages_group,
+    stage_indices,
+    sum_tied_gradients,
+    tied_copy,
+)
 
 
 class Engine(Protocol):
@@ -159,14 +166,21 @@ class TorchEngine:
             ]
             self.first_stage, self.last_stage = rank == 0, rank == shape.pp - 1
         self.parts = [parallelize(part, mesh, shape, config) for _, part in stages]
+        self.tied_group, self.tied_copies = None, []
+        if shape.pp > 1 and config.model.tie_embeddings:
+            self.tied_group = end_stages_group(mesh)
+            self.tied_copies = [c for c in map(tied_copy, self.parts) if c is not None]
         self.optimizers = [build_optimizer([part], config) for part in self.parts]
         self.schedulers = [
             torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
             for optimizer in self.optimizers
         ]
         self.accum, self.grad_clip = config.grad_accum_steps, config.grad_clip
-        self.objective = objective(config, device)
         self.held_out = held_out_objective(config)
+        # The loss is computed where the logits are, on the last pipeline stage: a
+        # distillation teacher is built there only (other stages never call the objective).
+        computes_loss = shape.pp == 1 or self.last_stage
+        self.objective = objective(config, device) if computes_loss else self.held_out
         # bf16 compute: FSDP2's mixed-precision policy where FSDP2 wraps the model, else autocast.
         fsdp = isinstance(self.parts[0], FSDPModule)
         self.autocast = config.precision == "bf16" and not fsdp
@@ -189,8 +203,12 @@ class TorchEngine:
         for index, batch in enumerate(batches):
             with self._gradient_sync(last=index == len(batches) - 1):
                 total += self._forward_backward(batch)
+        if self.tied_copies:
+            sum_tied_gradients(self.tied_copies, self.tied_group)
         params = self.parameters()
-        norm = clip_grad_norm(params, self.grad_clip, self.pp_group)
+        # The tied matrix counts once in the norm: the first stage's copy.
+        held_twice = self.tied_copies if self.tied_copies and self.last_stage else []
+        norm = clip_grad_norm(params, self.grad_clip, self.pp_group, held_twice)
         first = not self.memory  # the state is allocated by the first step, then steady
         if first:
             self.memory = {

@@ -4,7 +4,7 @@ gradient clipping whose norm spans every shard and pipeline stage."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,13 +67,19 @@ def warmup_cosine(steps: int, warmup: int, floor: float) -> Callable[[int], floa
 
 
 def clip_grad_norm(
-    params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None
+    params: list[nn.Parameter],
+    max_norm: float,
+    pp_group: dist.ProcessGroup | None,
+    counted_elsewhere: Sequence[nn.Parameter] = (),
 ) -> float:
     """Clip to ``max_norm`` by the norm over all gradients of the model, wherever they live:
     sharded or tensor-parallel gradients (DTensors) reduce over their mesh, and pipeline
-    stages add their parts over ``pp_group``. Returns the norm before clipping."""
+    stages add their parts over ``pp_group``; ``counted_elsewhere`` are clipped but counted by
+    another stage (the second copy of a tied matrix). Returns the norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    squared = sum((norm**2 for norm in _group_norms(grads)), torch.zeros(()))
+    elsewhere = {id(p) for p in counted_elsewhere}
+    counted = [p.grad for p in params if p.grad is not None and id(p) not in elsewhere]
+    squared = sum((norm**2 for norm in _group_norms(counted)), torch.zeros(()))
     if pp_group is not None:
         dist.all_reduce(squared, group=pp_group)
     norm = squared.sqrt().item()

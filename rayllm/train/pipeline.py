@@ -3,7 +3,10 @@ layers, one stage per ``pp`` rank (two with interleaving), and drive micro-batch
 GPipe, 1F1B or interleaved 1F1B schedule.
 
 Each stage is the whole model with the parts other stages run deleted, so its parameters
-keep the names they have in the whole model (checkpoints and consolidation rely on it).
+keep the names they have in the whole model (checkpoints and consolidation rely on it). A head
+tied to the embedding is held twice, by the first stage (the embedding) and the last (the
+head); ``sum_tied_gradients`` keeps the two copies one matrix, as Megatron's embedding group
+does.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
@@ -19,6 +23,7 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
 )
+from torch.distributed.tensor import DTensor
 
 from rayllm.model.model import Transformer
 from rayllm.train.config import ParallelConfig
@@ -50,6 +55,37 @@ def cut_stage(model: Transformer, index: int, stages: int) -> Transformer:
         model.norm = None
         model.lm_head = None
     return model
+
+
+def end_stages_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
+    """This rank's group of first- and last-stage peers (same data- and tensor-parallel
+    coordinates), which hold the two copies of a tied embedding and head. Every rank creates
+    every group, as ``new_group`` requires; ranks of middle stages belong to none."""
+    ranks = mesh.mesh.reshape(mesh.mesh.shape[0], -1)
+    mine = None
+    for pair in zip(ranks[0].tolist(), ranks[-1].tolist(), strict=True):
+        group = dist.new_group(list(pair))
+        if dist.get_rank() in pair:
+            mine = group
+    return mine
+
+
+def tied_copy(stage: nn.Module) -> nn.Parameter | None:
+    """A pipeline stage's copy of a tied embedding and head, if it trains one: the first
+    stage's embedding matrix, the last stage's head."""
+    for end in (stage.embed_tokens, stage.lm_head):
+        if end is not None and end.weight.requires_grad:
+            return end.weight
+    return None
+
+
+def sum_tied_gradients(copies: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Both copies of the tied matrix get the sum of their gradients (the embedding's use and
+    the head's), so that both take the same step from the same values: one matrix trained."""
+    with torch.no_grad():
+        for copy in copies:
+            grad = copy.grad
+            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
 
 
 def stage_indices(rank: int, ranks: int, per_rank: int) -> list[int]:

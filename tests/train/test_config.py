@@ -190,12 +190,3 @@ def test_the_scale_plans_layouts_fit_their_models_and_gpus():
         )
         expected = {"pp": 1, "dp_replicate": 1, "tp": 1} | sizes
         assert mesh_shape(config) == MeshShape(**expected), (model, gpus, layout)
-
-
-def test_a_trained_tied_head_is_refused_under_pipeline_parallelism_only():
-    tied = {"model": {"tie_embeddings": True}, "num_workers": 2}
-    with pytest.raises(ValueError, match="ties its output head .* set pp to 1"):
-        TrainConfig.model_validate(tied | {"parallel": {"strategy": "ddp", "pp": 2}})
-    TrainConfig.model_validate(tied | {"parallel": {"strategy": "ddp", "pp": 2}, "lora": {}})
-    TrainConfig.model_validate(tied | {"parallel": {"strategy": "fsdp", "tp": 2}})
-    TrainConfig.model_validate(tied)

@@ -7,8 +7,10 @@
 - DPO (reference log-probabilities from the pipeline's last stage, a loss over whole pairs)
   and distillation (the teacher read on the last stage) under pipeline parallelism;
 - a head tied to the embedding (SmolLM2's) under tensor parallelism, trained as one matrix or
-  frozen under LoRA, and under pipeline parallelism with LoRA (each end stage holds the frozen
-  matrix).
+  frozen under LoRA, and under pipeline parallelism, where the first stage holds the matrix as
+  the embedding and the last as the head: trained as one (the two copies' gradients summed,
+  counted once in the gradient norm) under GPipe and interleaved 1F1B, plain or as FSDP2's
+  DTensors, or frozen under LoRA.
 
 The 2 ranks are one process group spawned once (no Ray: what is checked is the engine)."""
 
@@ -58,8 +60,14 @@ LAYOUTS = [
     Layout({"pp": 2, "pp_schedule": "interleaved_1f1b"}, objective="distill"),
     TIED_TP := Layout({"tp": 2}, tied=True),
     Layout({"tp": 2, "sequence_parallel": True}, "lora", tied=True),
+    TIED_PP := Layout({"pp": 2}, tied=True),
+    Layout({"pp": 2, "pp_schedule": "interleaved_1f1b"}, tied=True),
+    # FSDP2 wraps a data-parallel size of one when it offloads: the copies are DTensors.
+    Layout({"pp": 2, "strategy": "fsdp", "fsdp_offload": True}, tied=True),
     Layout({"pp": 2}, "lora", tied=True),
 ]
+CHECKPOINTED = [(TIED_TP, "tied-tp"), (TIED_PP, "tied-pp")]
+"""Layouts whose last state is saved as a checkpoint (in that folder) and consolidated."""
 
 
 def packed_rows(seed: int, pairs: bool) -> dict[str, np.ndarray]:
@@ -138,7 +146,7 @@ def _two_ranks(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     folder = Path(folder)
     traces = [
-        train(layout, folder, folder / "tied-tp" if layout == TIED_TP else None)[0]
+        train(layout, folder, next((folder / f for x, f in CHECKPOINTED if x == layout), None))[0]
         for layout in LAYOUTS
     ]
     dist.destroy_process_group()
@@ -177,14 +185,20 @@ def test_objectives_and_tied_heads_train_over_two_ranks_as_on_one(tmp_path):
             msg=str(layout),
         )
 
-    # The tied head trained under tensor parallelism consolidates to one matrix, the one rank's.
-    _, state, _ = consolidate(tmp_path / "tied-tp")
-    assert torch.equal(state["lm_head.weight"], state["embed_tokens.weight"])
-    expected = alone[str(TIED_TP.alone())][1].parts[0].state_dict()
-    assert state.keys() == expected.keys()
-    for name, weight in expected.items():
-        # Adam's steps (up to 0.01 each) turn last-digit differences of tiny gradients into
-        # differences of up to about 1e-4, a hundredth of a step.
-        torch.testing.assert_close(
-            state[name], weight, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
-        )
+    # The tied head trained under tensor or pipeline parallelism consolidates to one matrix
+    # (the pipeline's two copies equal), the one rank's.
+    for layout, folder in CHECKPOINTED:
+        _, state, _ = consolidate(tmp_path / folder)
+        assert torch.equal(state["lm_head.weight"], state["embed_tokens.weight"]), folder
+        expected = alone[str(layout.alone())][1].parts[0].state_dict()
+        assert state.keys() == expected.keys()
+        for name, weight in expected.items():
+            # Adam's steps (up to 0.01 each) turn last-digit differences of tiny gradients into
+            # differences of up to about 1e-4, a hundredth of a step.
+            torch.testing.assert_close(
+                state[name],
+                weight,
+                rtol=1e-4,
+                atol=1e-4,
+                msg=lambda m, name=name, folder=folder: f"{folder}: {name}: {m}",
+            )
