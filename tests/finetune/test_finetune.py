@@ -222,22 +222,29 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     assert f"{MODEL}-chat@production: None -> 1" in forced
 
 
-def test_a_tied_base_fine_tunes_untied_under_tensor_and_pipeline_parallelism(
-    tiny_run, ray_cluster, tmp_path
+@pytest.mark.parametrize("untie", [False, True], ids=["tied", "untied"])
+def test_a_tied_base_fine_tunes_under_tensor_and_pipeline_parallelism(
+    tiny_run, ray_cluster, tmp_path, untie
 ):
     """A base whose head is its embedding (as SmolLM2's is), with the session's tokenizer and
-    two KV heads: ``untie_embeddings`` lets a full fine-tune split it over 2 tensor-parallel
-    ranks and its 2 layers over 2 pipeline stages (the packed examples' segments passed to
-    each), the head starting as the embedding's copy, and the result has a head of its own."""
+    two KV heads, fully fine-tuned over 2 tensor-parallel ranks and its 2 layers over 2
+    pipeline stages (the packed examples' segments passed to each): the matrix trained as one
+    (split by vocabulary under tensor parallelism, its two pipeline copies' gradients summed)
+    and published tied, or with ``untie_embeddings`` a head of its own starting as the
+    embedding's copy."""
     root = tiny_run["settings"]["registry"]["root"]
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
     registry = Registry(root)
-    tied = publish_random_model(tiny_run, f"{MODEL}-tied", tmp_path / "tied", tie_embeddings=True)
+    tied = f"{MODEL}-tied:1"
+    if f"{MODEL}-tied" not in registry.models():
+        publish_random_model(tiny_run, f"{MODEL}-tied", tmp_path / "tied", tie_embeddings=True)
+    name = f"{MODEL}-tied-{'untied' if untie else 'tied'}-sft"
 
     settings = {
         "base": tied,
+        "name": name,
         "method": "full",
-        "untie_embeddings": True,
+        "untie_embeddings": untie,
         "seq_len": 96,
         "max_examples": 64,
         "train": {
@@ -255,16 +262,19 @@ def test_a_tied_base_fine_tunes_untied_under_tensor_and_pipeline_parallelism(
         },
     }
     out = rayllm_ok("finetune", *overrides(settings), env=env, timeout=900)
-    assert f"published {MODEL}-tied-sft:1" in out, out
-    lineage = registry.resolve(f"{MODEL}-tied-sft:1").lineage
+    assert f"published {name}:1" in out, out
+    lineage = registry.resolve(f"{name}:1").lineage
     assert lineage["metrics"]["val_loss"] < lineage["metrics"]["base_val_loss"]
-    _, tuned = registry.local_path(f"{MODEL}-tied-sft:1")
-    assert json.loads((tuned / "config.json").read_text())["tie_word_embeddings"] is False
+    _, tuned = registry.local_path(f"{name}:1")
+    assert json.loads((tuned / "config.json").read_text())["tie_word_embeddings"] is not untie
     with safe_open(tuned / "model.safetensors", "pt") as weights:
-        head, embedding = (
-            weights.get_tensor(f"{n}.weight") for n in ("lm_head", "model.embed_tokens")
-        )
-    assert head.shape == embedding.shape and not torch.equal(head, embedding)
+        names = list(weights.keys())
+        assert ("lm_head.weight" in names) is untie  # a tied head is stored once
+        if untie:
+            head, embedding = (
+                weights.get_tensor(f"{n}.weight") for n in ("lm_head", "model.embed_tokens")
+            )
+            assert head.shape == embedding.shape and not torch.equal(head, embedding)
 
 
 @pytest.mark.parametrize(
