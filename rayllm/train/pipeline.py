@@ -85,7 +85,11 @@ def sum_tied_gradients(copies: list[nn.Parameter], group: dist.ProcessGroup) -> 
     with torch.no_grad():
         for copy in copies:
             grad = copy.grad
-            dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=group)
+            if isinstance(grad, DTensor):
+                if grad.placements != copy.placements:  # the embedding's comes back whole
+                    grad = copy.grad = grad.redistribute(copy.device_mesh, copy.placements)
+                grad = grad.to_local()
+            dist.all_reduce(grad, group=group)
 
 
 def stage_indices(rank: int, ranks: int, per_rank: int) -> list[int]:
