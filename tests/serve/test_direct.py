@@ -77,7 +77,7 @@ def direct(tiny_run, ray_cluster, serve_port, tmp_path_factory):
         yield f"http://127.0.0.1:{serve_port}/direct"
     finally:
         server.terminate()  # as `ray job stop` or a pod's shutdown: the app is removed
-        assert server.wait(timeout=180) == 0, log.read_text()[-3000:]  # replicas drain 30 s
+        assert server.wait(timeout=180) == 0, log.read_text()[-3000:]  # after the drain (conftest)
 
 
 def _complete(url: str, prompt: str) -> list[float]:
