@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 import rayllm
 from rayllm.config import StageConfig, dump_yaml, load_config
 from rayllm.errors import RayllmError
-from rayllm.serve.app import HAPROXY_MODE
+from rayllm.serve.app import DIRECT_INGRESS_CLUSTER
 from rayllm.serve.config import ServeConfig
 
 API_KEYS_ENV = "RAYLLM_API_KEYS"
@@ -317,7 +317,8 @@ def _service(config: K8sConfig, serve_app: Path) -> dict[str, Any]:
         container = template["spec"]["containers"][0]
         container |= _probes()
         if served.ingress == "direct":  # Serve's HAProxy mode on every node (README, Serving)
-            container["env"] = [*container.get("env", []), {"name": HAPROXY_MODE, "value": "1"}]
+            direct = [{"name": name, "value": v} for name, v in DIRECT_INGRESS_CLUSTER.items()]
+            container["env"] = [*container.get("env", []), *direct]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",

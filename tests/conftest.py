@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from rayllm.serve.app import DIRECT_INGRESS_CLUSTER  # imports no Ray: set below before Ray reads it
+
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The session cluster's own token, set before anything imports Ray (which reads it once): a
@@ -34,9 +36,10 @@ TOKEN = Path(tempfile.mkdtemp(prefix="rayllm-test-token-")) / "auth_token"
 TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN)
 os.environ["RAY_AUTH_MODE"] = "token"  # clients send it only when told to (README, On a cluster)
-# Serve's HAProxy mode on the session cluster and in this driver (Serve reads it once), which
-# `ingress: direct` needs (README, Serving): the apps of every test run behind HAProxy.
-os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+# Serve's HAProxy mode on the session cluster and in this driver (Serve reads it once), with
+# the retries of a lost replica's requests, as `ingress: direct` needs them (README, Serving):
+# the apps of every test run behind HAProxy.
+os.environ.update(DIRECT_INGRESS_CLUSTER)
 # In that mode a stopping ingress replica stays reachable 30 s (Ray's default) so that load
 # balancers in front of the cluster deregister it; here Serve's HAProxy is the only one, on
 # the same host: 5 s, and each app removal and rollout of the session is 25 s shorter. The

@@ -190,9 +190,12 @@ def test_a_direct_ingress_app_runs_serve_in_haproxy_mode_on_every_node(registry,
     cluster = service["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         (container,) = group["template"]["spec"]["containers"]
-        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
+        env = {variable["name"]: variable.get("value") for variable in container["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
     app = export(registry, tmp_path / "app.yaml", *keyed)
-    assert "RAY_SERVE_ENABLE_HA_PROXY" not in str(render(tmp_path, f"serve_app={app}"))
+    plain = str(render(tmp_path, f"serve_app={app}"))
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in plain and "RAY_SERVE_HAPROXY_RETRY_ON" not in plain
 
 
 def test_pods_take_object_storage_credentials_from_a_secret(registry, tmp_path):

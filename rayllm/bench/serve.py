@@ -41,7 +41,7 @@ from rayllm.errors import RayllmError
 from rayllm.paths import cache_dir
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry
-from rayllm.serve.app import HAPROXY_MODE
+from rayllm.serve.app import DIRECT_INGRESS_CLUSTER, HAPROXY_MODE
 from rayllm.serve.config import ServeConfig
 
 BENCH_MODEL_NAME = "bench-28m"
@@ -49,15 +49,16 @@ SYSTEMS = ("rayllm", "rayllm direct", "ray.serve.llm defaults", "vllm", "hf gene
 WORKER_PRIORITY = "RAY_worker_niceness"
 """Ray's setting for its worker processes' nice value (15 by default: below this benchmark's
 load generator, and below vLLM's own server, which runs at 0)."""
-RAYLLM_CLUSTER = {HAPROXY_MODE: "1", WORKER_PRIORITY: "0"}
+RAYLLM_CLUSTER = DIRECT_INGRESS_CLUSTER | {WORKER_PRIORITY: "0"}
 RAY_SYSTEMS = {
     "rayllm": ({}, RAYLLM_CLUSTER),
     "rayllm direct": ({"ingress": "direct"}, RAYLLM_CLUSTER),
     "ray.serve.llm defaults": ({"stream_batching_ms": 50}, {HAPROXY_MODE: "0"}),
 }
 """Each Ray Serve system: its settings over rayllm's defaults, and the environment its cluster
-starts with: Serve's HAProxy (1) or Python proxy (0, Ray's default), and the workers at the
-priority of every other process here, or Ray's lower default."""
+starts with: Serve's HAProxy (1, as direct ingress needs it) or Python proxy (0, Ray's
+default), and the workers at the priority of every other process here, or Ray's lower
+default."""
 VARIANT_SETTINGS = ("kv_cache_gib", "prefix_caching", "max_num_seqs", "max_model_len")
 """The engine settings ``--variant`` may change, for rayllm's app and vLLM's server alike."""
 OWN_CLUSTER = (

