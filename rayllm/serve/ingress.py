@@ -1,7 +1,8 @@
 """The OpenAI front end: ``ray.serve.llm``'s ingress, with rayllm's API-key check in front
 and OpenAI-style errors for the requests it would otherwise answer in FastAPI's own shape
 (unknown model or route), with a 500 (a body that is not JSON) or not at all (unknown roles),
-and a retryable 503 where Serve would answer 500 for a model replica lost mid-request.
+the engine's own message (with no traceback logged) for a request the engine refuses, and a
+retryable 503 where Serve would answer 500 for a model replica lost mid-request.
 
 The ingress class, its deployment options and ``make_fastapi_ingress`` are public in Ray 2.60
 (``ray.serve.llm.ingress``); the FastAPI app that carries Ray's own middleware (request ids,
@@ -24,6 +25,7 @@ from ray.llm._internal.serve.core.configs.openai_api_models import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelList,
+    OpenAIHTTPException,
     to_model_metadata,
 )
 from ray.llm._internal.serve.core.ingress.builder import (
@@ -37,6 +39,7 @@ from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from vllm.exceptions import VLLMClientError
 
 from rayllm.serve.adapters import AdapterNames, AdapterRefused
 from rayllm.serve.app import key_digest
@@ -169,13 +172,27 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
     return openai_error(error.status_code, str(error.detail))
 
 
-async def unless_replica_lost(answer: Awaitable[Response]) -> Response:
-    """``answer``, or a 503 if the model replica died or became unreachable before its first
-    answer: clients retry a 503 (Serve would answer 500), and Serve routes the retry to another
-    replica or the one replacing it. A stream cut after its first chunk stays cut: its text
-    was already sent."""
+async def _client_error(request: Request, error: VLLMClientError) -> Response:
+    """A body vLLM's request model refuses as it is read (no prompt, ``stream_options``
+    without ``stream``), with vLLM's message and without Ray's logged traceback."""
+    return openai_error(400, str(error))
+
+
+async def engine_answer(answer: Awaitable[Response]) -> Response:
+    """``answer``, with two failures answered here instead of by Ray's middleware.
+
+    A request the engine refused (4xx: ``max_tokens`` past the context, a bad sampling value)
+    gets the engine's own message, as vLLM's server sends it; Ray's middleware would wrap it
+    in "Message: ..., Internal exception: ..." and log a traceback for each one. A model
+    replica that died or became unreachable before its first answer gets a 503: clients retry
+    a 503 (Serve would answer 500), and Serve routes the retry to another replica or the one
+    replacing it. A stream cut after its first chunk stays cut: its text was already sent."""
     try:
         return await answer
+    except OpenAIHTTPException as refused:
+        if refused.status_code >= 500:
+            raise
+        return openai_error(refused.status_code, refused.message)
     except RayActorError as lost:
         reason = str(lost).splitlines()[0][:200]
         message = f"the replica serving this request was lost ({reason}); retry it"
@@ -216,14 +233,14 @@ class Ingress(OpenAiIngress):
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         refused = await self._pinned(body)
-        return refused or await unless_replica_lost(super().completions(body, request))
+        return refused or await engine_answer(super().completions(body, request))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         role = unknown_role(body.messages)
         if role:
             return openai_error(400, role)
         refused = await self._pinned(body)
-        return refused or await unless_replica_lost(super().chat(body, request))
+        return refused or await engine_answer(super().chat(body, request))
 
     async def _pinned(self, body: CompletionRequest | ChatCompletionRequest) -> Response | None:
         """Points ``body`` at one adapter version; the error to send if it cannot be served."""
@@ -248,6 +265,7 @@ def openai_app(
     ``serve_config`` is the pinned ServeConfig the app is built from, as JSON."""
     app = ray_llm_fastapi_app()
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(VLLMClientError, _client_error)
     add_request_checks(app, key_digests)
     options = Ingress.get_deployment_options(llm_configs)
     options |= {"ray_actor_options": {"num_cpus": 0}, "max_surge_percent": 100}
