@@ -159,6 +159,46 @@ class KnownChatRolesOnly:
         await self.app(scope, replay, send)
 
 
+class RegistryVersionsInModels:
+    """ASGI middleware for a replica answering HTTP itself (``ingress: direct``): its
+    ``/v1/models`` (vLLM's own listing) and ``/v1/models/{id}`` tell each model's registry
+    version in ``metadata.registry_version``, as rayllm's ingress does. The answer (small) is
+    read whole, the version added, and sent on."""
+
+    def __init__(self, app: Any, versions: dict[str, str]):
+        self.app, self.versions = app, versions
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if not (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and ("/v1/models/" in scope["path"] or scope["path"].endswith("/v1/models"))
+        ):
+            await self.app(scope, receive, send)
+            return
+        start, chunks = {}, []
+
+        async def with_versions(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if start["status"] == 200:
+                listing = json.loads(body)
+                for card in listing.get("data", [listing]):
+                    if card.get("id") in self.versions:
+                        card["metadata"] = {"registry_version": self.versions[card["id"]]}
+                body = json.dumps(listing).encode()
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            await send(start | {"headers": [*headers, (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, with_versions)
+
+
 def add_request_checks(app: Any, key_digests: list[str]) -> None:
     """The checks every rayllm front end runs before anything else: the API key (when keys are
     configured), then a JSON body."""

@@ -52,6 +52,8 @@ class ModelServer(LLMServer):
             llm_config, engine_cls=ModelEngine, model_downloader=RegistryAdapters
         )
         self._key_digests, self._serve_config = key_digests or [], serve_config
+        loading = llm_config.model_loading_config
+        self._versions = {loading.model_id: loading.model_source}  # the pinned `name:N`
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"engine_load": engine_load()}
@@ -63,11 +65,17 @@ class ModelServer(LLMServer):
 
     async def __serve_build_asgi_app__(self):
         """Direct ingress: vLLM's own OpenAI app (as ``ray.serve.llm`` builds it), behind the
-        same API-key, JSON-body and chat-role checks as rayllm's ingress."""
-        from rayllm.serve.ingress import KnownChatRolesOnly, add_request_checks
+        same API-key, JSON-body and chat-role checks as rayllm's ingress, its model listing
+        naming the registry version."""
+        from rayllm.serve.ingress import (
+            KnownChatRolesOnly,
+            RegistryVersionsInModels,
+            add_request_checks,
+        )
 
         app = await super().__serve_build_asgi_app__()
         app.middleware_stack = None  # vLLM built its stack; Starlette rebuilds it with these
+        app.add_middleware(RegistryVersionsInModels, versions=self._versions)
         app.add_middleware(KnownChatRolesOnly)  # runs after the key and JSON checks
         add_request_checks(app, self._key_digests)
         return app

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from rayllm.client import Client
 from rayllm.errors import RayllmError
 from rayllm.serve.app import (
     DIRECT_INGRESS_CLUSTER,
@@ -119,6 +120,14 @@ def test_the_openai_sdk_streams_a_chat_with_the_key(direct):
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_the_model_listing_names_the_registry_version(direct, tiny_run):
+    version = tiny_run["report"]["registry"]["ref"]
+    with Client(direct, MODEL, api_key=KEY) as client:
+        assert client.versions() == {MODEL: version}
+    card = httpx.get(f"{direct}/v1/models/{MODEL}", headers={"Authorization": f"Bearer {KEY}"})
+    assert card.status_code == 200 and card.json()["metadata"]["registry_version"] == version
 
 
 def test_the_replica_checks_the_key_before_anything_else(direct):
@@ -264,6 +273,8 @@ def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_
     assert not same_weights(stream.answers[-1], old_answer)  # the new weights answer now
     running = running_config("direct")
     assert running.models[0].version == other
+    with Client(direct, MODEL, api_key=KEY) as client:
+        assert client.versions() == {MODEL: other}
     # The keys came along (the rollout ran where the app's key file is not): digests only.
     assert running.api_key_digests == [key_digest(KEY)]
     unkeyed = httpx.post(f"{direct}/v1/completions", json={"model": MODEL, "prompt": "KING."})
