@@ -245,24 +245,18 @@ def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_
     requests without retrying: the new replicas start beside the old ones, HAProxy moves to
     them, and the old ones drain and stop. No request fails; the answers switch to the new
     weights. The stream runs until the old replicas are gone, through the whole drain."""
-    from ray import serve
-
     other = publish_random_model(tiny_run, f"{MODEL}-direct", tmp_path / "other")
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "COLUMNS": "200"}
     with httpx.Client(base_url=f"{direct}/v1", headers={"Authorization": f"Bearer {KEY}"}) as http:
         old_answer = Stream(direct).ask(http)
-
-    def replicas() -> dict[str, int]:
-        deployments = serve.status().applications["direct"].deployments
-        return deployments[model_deployment(deployments, MODEL)].replica_states
 
     with steady_stream(direct) as stream:
         moved = rayllm_ok(
             "serve", "rollout", "--app", "direct", "--model", f"{MODEL}={other}", env=env
         )
         deadline = time.time() + 120
-        while replicas() != {"RUNNING": 2}:
-            assert time.time() < deadline, f"the old replicas did not stop: {replicas()}"
+        while (states := _replicas()[1]) != {"RUNNING": 2}:
+            assert time.time() < deadline, f"the old replicas did not stop: {states}"
             time.sleep(1)
     assert f"{MODEL}: {MODEL}:1 -> {other} (follows {other})" in moved, moved
     assert not stream.failures, stream.failures
