@@ -11,6 +11,7 @@ refuses the promotion until it is forced. Bad input is refused before any worker
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -85,7 +86,44 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         assert metrics["val_loss"] < metrics["base_val_loss"]
         return lineage
 
-    adapter = finetune(lora, f"{MODEL}-chat")
+    pairs = tmp_path / "pairs.jsonl"  # the reward-model format, from the chat corpus's answers
+    built = built_preferences(read_conversations("chat"), seed=0)[:160]
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p[-1]["content"], "chosen": c, "rejected": r}) + "\n"
+            for p, c, r in built
+        )
+    )
+    # The seven runs share only their base: two at a time (one alone leaves this machine's two
+    # cores idle a third of the time, while its processes start).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {
+            "lora": pool.submit(finetune, lora, f"{MODEL}-chat"),
+            "qlora": pool.submit(finetune, qlora, f"{MODEL}-qlora"),
+            "zero3": pool.submit(  # the README's `ray job submit` of jobs/finetune.py
+                finetune,
+                readme_job("jobs/finetune.py", str(tmp_path)),
+                f"{MODEL}-chat-zero3",
+                job=True,
+                parallel={"strategy": "zero", "zero_stage": 3},
+            ),
+            # Over 2 pipeline stages: the reference log-probabilities come from the last stage.
+            "dpo": pool.submit(
+                finetune,
+                dpo,
+                f"{MODEL}-dpo",
+                data=str(pairs),
+                parallel={"strategy": "ddp", "pp": 2},
+            ),
+            "full": pool.submit(finetune, full, f"{MODEL}-sft"),  # its own: method full, FSDP2
+            # Prompt tuning: 20 virtual tokens of the model's width. The README's learning
+            # rates are SmolLM2's; the session's model, a few steps from unigram statistics,
+            # reads little context and gains little from either: prompts take the other runs'
+            # rate (0.03 overshoots it), prefixes 0.03.
+            "prompt": pool.submit(finetune, prompt, f"{MODEL}-prompt"),
+            "prefix": pool.submit(finetune, prefix, f"{MODEL}-prefix", learning_rate=0.03),
+        }
+    adapter = runs["lora"].result()
     assert adapter["adapter"]["peft_type"] == "LORA"
     assert adapter["finetune"]["trainable_parameters"] < 10_000
     assert adapter["finetune"]["examples"]["examples"] > 1000  # the built-in chat corpus
@@ -111,7 +149,7 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
     # QLoRA: the same adapters over a base held in 4 bits on each of the 2 DDP ranks.
-    quantized = finetune(qlora, f"{MODEL}-qlora")
+    quantized = runs["qlora"].result()
     assert quantized["finetune"]["settings"]["lora"]["quantize_base"] is True
     assert (
         quantized["finetune"]["trainable_parameters"] == adapter["finetune"]["trainable_parameters"]
@@ -121,30 +159,16 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
         adapter["metrics"]["base_val_loss"], abs=0.1
     )
 
-    job = readme_job("jobs/finetune.py", str(tmp_path))
-    zero3 = finetune(
-        job, f"{MODEL}-chat-zero3", job=True, parallel={"strategy": "zero", "zero_stage": 3}
-    )
+    zero3 = runs["zero3"].result()  # ZeRO-3 follows DDP's run
     for key in ("base_val_loss", "val_loss", "loss"):
         assert zero3["metrics"][key] == pytest.approx(adapter["metrics"][key], abs=1e-4)
 
-    pairs = tmp_path / "pairs.jsonl"  # the reward-model format, from the chat corpus's answers
-    built = built_preferences(read_conversations("chat"), seed=0)[:160]
-    pairs.write_text(
-        "".join(
-            json.dumps({"prompt": p[-1]["content"], "chosen": c, "rejected": r}) + "\n"
-            for p, c, r in built
-        )
-    )
-    # Over 2 pipeline stages: the reference log-probabilities come from the last stage.
-    preferred = finetune(
-        dpo, f"{MODEL}-dpo", data=str(pairs), parallel={"strategy": "ddp", "pp": 2}
-    )
+    preferred = runs["dpo"].result()
     assert preferred["finetune"]["objective"] == "dpo" and preferred["adapter"]["r"] == 8
     assert preferred["metrics"]["base_val_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert 0 <= preferred["metrics"]["preference_accuracy"] <= 1
 
-    whole = finetune(full, f"{MODEL}-sft")  # its own overrides: method full, FSDP2
+    whole = runs["full"].result()
     assert "adapter" not in whole and whole["finetune"]["method"] == "full"
     assert whole["finetune"]["trainable_parameters"] > 100_000
     with registry.fs.open(
@@ -152,15 +176,11 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     ) as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
 
-    # Prompt tuning: 20 virtual tokens of the model's width. The README's learning rates are
-    # SmolLM2's; the session's model, a few steps from unigram statistics, reads little context
-    # and gains little from either: prompts take the other runs' rate (0.03 overshoots it),
-    # prefixes 0.03.
-    prompted = finetune(prompt, f"{MODEL}-prompt")
+    prompted = runs["prompt"].result()
     assert prompted["adapter"] == {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 20}
     assert prompted["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["dim"]
     # Prefix tuning: 20 keys and values of every layer (one KV head of 32).
-    prefixed = finetune(prefix, f"{MODEL}-prefix", learning_rate=0.03)
+    prefixed = runs["prefix"].result()
     assert prefixed["adapter"] == {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 20}
     assert prefixed["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["n_layers"] * 2 * 32
 
