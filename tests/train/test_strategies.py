@@ -3,11 +3,13 @@
 One worker group of 4 ranks runs them all in turn (DDP, ZeRO-1/2/3, ZeRO-3 with optimizer and
 parameter offload, FSDP2, FSDP2 with CPU offload, HSDP, FSDP2 x TP with and without sequence
 parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B; then LoRA
-adapters under DDP, FSDP2 x TP with and without sequence parallelism and DDP x PP), and one of
-8 ranks the 3-D layout PP x TP x FSDP2, 10 steps each on the same global batches in fp32; then
-each layout's sharded checkpoint is consolidated and compared (LoRA's with DDP's LoRA), and the
-memory each rank holds is checked.
+adapters under DDP, FSDP2 x TP with and without sequence parallelism and DDP x PP), and beside
+it one of 8 ranks the 3-D layout PP x TP x FSDP2, 10 steps each on the same global batches in
+fp32; then each layout's sharded checkpoint is consolidated and compared (LoRA's with DDP's
+LoRA), and the memory each rank holds is checked.
 """
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -44,22 +46,26 @@ def compared(tiny_run, tmp_path_factory):
     common = {"global_batch": 8, "steps": 10, "model": MODEL}
     data = str(tiny_run["workdir"] / "data")
     layouts = [layout for layout in LAYOUTS if layout != THREE_D] + LORA_LAYOUTS
-    results = compare_strategies(
-        data,
-        layouts,
-        workers=WORKERS,
-        cpus_per_worker=0.5,
-        checkpoints=str(checkpoints / "4"),
-        **common,
-    )
-    results |= compare_strategies(
-        data,
-        [THREE_D],
-        workers=8,
-        cpus_per_worker=0.25,
-        checkpoints=str(checkpoints / "8"),
-        **common,
-    )
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two worker groups side by side
+        four = pool.submit(
+            compare_strategies,
+            data,
+            layouts,
+            workers=WORKERS,
+            cpus_per_worker=0.5,
+            checkpoints=str(checkpoints / "4"),
+            **common,
+        )
+        eight = pool.submit(
+            compare_strategies,
+            data,
+            [THREE_D],
+            workers=8,
+            cpus_per_worker=0.25,
+            checkpoints=str(checkpoints / "8"),
+            **common,
+        )
+    results = four.result() | eight.result()
     folders = [checkpoints / "4" / str(index) for index in range(len(layouts))]
     return results, layouts + [THREE_D], folders + [checkpoints / "8" / "0"]
 
