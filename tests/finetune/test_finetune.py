@@ -242,59 +242,64 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     assert f"{MODEL}-chat@production: None -> 1" in forced
 
 
-@pytest.mark.parametrize("untie", [False, True], ids=["tied", "untied"])
 def test_a_tied_base_fine_tunes_under_tensor_and_pipeline_parallelism(
-    tiny_run, ray_cluster, tmp_path, untie
+    tiny_run, ray_cluster, tmp_path
 ):
     """A base whose head is its embedding (as SmolLM2's is), with the session's tokenizer and
     two KV heads, fully fine-tuned over 2 tensor-parallel ranks and its 2 layers over 2
     pipeline stages (the packed examples' segments passed to each): the matrix trained as one
     (split by vocabulary under tensor parallelism, its two pipeline copies' gradients summed)
-    and published tied, or with ``untie_embeddings`` a head of its own starting as the
-    embedding's copy."""
+    and published tied, and beside it with ``untie_embeddings`` a head of its own starting as
+    the embedding's copy."""
     root = tiny_run["settings"]["registry"]["root"]
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "RAYLLM_REGISTRY": root}
     registry = Registry(root)
     tied = f"{MODEL}-tied:1"
     if f"{MODEL}-tied" not in registry.models():
         publish_random_model(tiny_run, f"{MODEL}-tied", tmp_path / "tied", tie_embeddings=True)
-    name = f"{MODEL}-tied-{'untied' if untie else 'tied'}-sft"
 
-    settings = {
-        "base": tied,
-        "name": name,
-        "method": "full",
-        "untie_embeddings": untie,
-        "seq_len": 96,
-        "max_examples": 64,
-        "train": {
-            "steps": 2,
-            "num_workers": 4,
-            "micro_batch_size": 2,
-            "cpus_per_worker": 0.5,
-            "learning_rate": 0.003,
-            "parallel": {"strategy": "fsdp", "tp": 2, "pp": 2},
-            "log_every": 1,
-            "eval_every": 2,
-            "eval_batches": 1,
-            "checkpoint_every": 2,
-            "storage": str(tmp_path / "runs"),
-        },
-    }
-    out = rayllm_ok("finetune", *overrides(settings), env=env, timeout=900)
-    assert f"published {name}:1" in out, out
-    lineage = registry.resolve(f"{name}:1").lineage
-    assert lineage["metrics"]["val_loss"] < lineage["metrics"]["base_val_loss"]
-    _, tuned = registry.local_path(f"{name}:1")
-    assert json.loads((tuned / "config.json").read_text())["tie_word_embeddings"] is not untie
-    with safe_open(tuned / "model.safetensors", "pt") as weights:
-        names = list(weights.keys())
-        assert ("lm_head.weight" in names) is untie  # a tied head is stored once
-        if untie:
-            head, embedding = (
-                weights.get_tensor(f"{n}.weight") for n in ("lm_head", "model.embed_tokens")
-            )
-            assert head.shape == embedding.shape and not torch.equal(head, embedding)
+    def finetune(untie: bool) -> None:
+        name = f"{MODEL}-tied-{'untied' if untie else 'tied'}-sft"
+        settings = {
+            "base": tied,
+            "name": name,
+            "method": "full",
+            "untie_embeddings": untie,
+            "seq_len": 96,
+            "max_examples": 64,
+            "train": {
+                "steps": 2,
+                "num_workers": 4,
+                "micro_batch_size": 2,
+                "cpus_per_worker": 0.5,
+                "learning_rate": 0.003,
+                "parallel": {"strategy": "fsdp", "tp": 2, "pp": 2},
+                "log_every": 1,
+                "eval_every": 2,
+                "eval_batches": 1,
+                "checkpoint_every": 2,
+                "storage": str(tmp_path / "runs"),
+            },
+        }
+        out = rayllm_ok("finetune", *overrides(settings), env=env, timeout=900)
+        assert f"published {name}:1" in out, out
+        lineage = registry.resolve(f"{name}:1").lineage
+        assert lineage["metrics"]["val_loss"] < lineage["metrics"]["base_val_loss"]
+        _, tuned = registry.local_path(f"{name}:1")
+        assert json.loads((tuned / "config.json").read_text())["tie_word_embeddings"] is not untie
+        with safe_open(tuned / "model.safetensors", "pt") as weights:
+            names = list(weights.keys())
+            assert ("lm_head.weight" in names) is untie  # a tied head is stored once
+            if untie:
+                head, embedding = (
+                    weights.get_tensor(f"{n}.weight") for n in ("lm_head", "model.embed_tokens")
+                )
+                assert head.shape == embedding.shape and not torch.equal(head, embedding)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [pool.submit(finetune, untie) for untie in (False, True)]
+    for run in runs:
+        run.result()
 
 
 @pytest.mark.parametrize(
