@@ -166,10 +166,21 @@ def stop(node: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def serve_port(ray_head) -> int:
+def serve_port(ray_cluster) -> int:
     """The HTTP port of the cluster's one Serve proxy: every app of the session uses it (Serve
-    keeps the port it started with)."""
-    return free_port()
+    keeps the port it started with). Serve starts here with its proxy on the head node only:
+    the nodes of ``worker_nodes`` share this host, where a proxy of their own cannot bind the
+    same port, and Serve would restart it every few seconds for as long as they live (on a
+    cluster, each node has its own address and the README's apps a proxy on every node)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": "127.0.0.1", "port": port},
+        logging_config={"log_level": "WARNING"},  # rayllm serve's own
+    )
+    return port
 
 
 @pytest.fixture(scope="session")
