@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -333,6 +334,21 @@ def tiny_run(ray_cluster, s3, serve_port, tmp_path_factory):
         "job_output": job.stdout,
         "settings": settings,
     }
+
+
+def replica_actors(app: str, deployment: str) -> dict[str, Any]:
+    """The live actors of the replicas of one of a Serve app's deployments, by actor id."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.actor_id: a for a in actors if a.class_name == f"ServeReplica:{app}:{deployment}"}
+
+
+def replica_states(app: str, deployment: str) -> dict[str, int]:
+    """The replicas of one of a Serve app's deployments by state, as Serve counts them."""
+    from ray import serve
+
+    return serve.status().applications[app].deployments[deployment].replica_states
 
 
 def publish_random_model(tiny_run, name: str, folder: Path, tie_embeddings: bool = False) -> str:

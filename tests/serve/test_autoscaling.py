@@ -8,13 +8,11 @@ import time
 import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
-from ray.util.state import list_actors
-from ray.util.state.common import ActorState
 
 from rayllm.serve.app import ENGINE_LOAD_POLICY, autoscaling
 from rayllm.serve.autoscaling import EngineLoadPolicy
 from rayllm.serve.config import ModelEntry, ServeConfig
-from tests.conftest import WORKER_NODE, overrides
+from tests.conftest import WORKER_NODE, overrides, replica_actors, replica_states
 from tests.test_jobs import readme_job, submit, wait
 
 
@@ -124,7 +122,7 @@ def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
                 jobs.get_job_logs(job)[-3000:]
             )
             time.sleep(1)
-        assert _replicas(serve) == 0
+        assert _replicas() == 0
 
         async def cold_start_then_burst() -> tuple[float, int]:
             stop = asyncio.Event()
@@ -142,18 +140,19 @@ def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
                         )
 
                 users = [asyncio.create_task(user()) for _ in range(USERS)]
-                await _until(lambda: _replicas(serve, "RUNNING") == 2, "no second replica")
-                replicas = _replica_actors()
+                await _until(lambda: _replicas("RUNNING") == 2, "no second replica")
+                replicas = replica_actors("scaling", DEPLOYMENT)
                 placed = {replica.node_id for replica in replicas.values()}
                 assert placed == set(worker_nodes.alive().values())
                 assert ray.get_runtime_context().get_node_id() not in placed
                 # The node lost is one without the app's ingress (Serve placed it anywhere).
-                ingress = {actor.node_id for actor in _replica_actors("Ingress").values()}
+                ingress = {a.node_id for a in replica_actors("scaling", "Ingress").values()}
                 lost = next(r for r in replicas.values() if r.node_id not in ingress)
                 await asyncio.to_thread(worker_nodes.remove, lost.node_id)
                 await _until(
                     lambda: (
-                        lost.actor_id not in _replica_actors() and _replicas(serve, "RUNNING") == 1
+                        lost.actor_id not in replica_actors("scaling", DEPLOYMENT)
+                        and _replicas("RUNNING") == 1
                     ),
                     "the lost replica is still counted as running",
                 )
@@ -168,7 +167,7 @@ def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
         print(f"cold start {cold_start:.1f} s, {served} requests in the burst")
         assert served > 0
         deadline = time.time() + 180
-        while _replicas(serve) > 0:
+        while _replicas() > 0:
             assert time.time() < deadline, "the replicas did not go after the burst"
             time.sleep(2)
         jobs.stop_job(job)  # the job's end is the app's (a Serve app outlives its driver)
@@ -192,20 +191,11 @@ async def _until(condition, failure: str, timeout_s: float = 420) -> None:
         await asyncio.sleep(1)
 
 
-def _replicas(serve, *states: str) -> int:
+DEPLOYMENT = "ModelServer:tiny-shakespeare"
+
+
+def _replicas(*states: str) -> int:
     """The model's replicas in ``states``; running or starting (what the autoscaler has asked
     for) by default."""
-    app = serve.status().applications["scaling"]
-    deployment = next(
-        d for name, d in app.deployments.items() if name.endswith(":tiny-shakespeare")
-    )
-    return sum(
-        deployment.replica_states.get(state, 0) for state in states or ("RUNNING", "STARTING")
-    )
-
-
-def _replica_actors(deployment: str = "ModelServer:tiny-shakespeare") -> dict[str, ActorState]:
-    """The live replica actors of one of the app's deployments (the model's), by id."""
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    prefix = f"ServeReplica:scaling:{deployment}"
-    return {a.actor_id: a for a in actors if a.class_name.startswith(prefix)}
+    counted = replica_states("scaling", DEPLOYMENT)
+    return sum(counted.get(state, 0) for state in states or ("RUNNING", "STARTING"))

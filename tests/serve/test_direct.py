@@ -28,7 +28,14 @@ from rayllm.serve.app import (
     running_config,
 )
 from rayllm.serve.config import ServeConfig
-from tests.conftest import API_KEYS, BIN, overrides, publish_random_model
+from tests.conftest import (
+    API_KEYS,
+    BIN,
+    overrides,
+    publish_random_model,
+    replica_actors,
+    replica_states,
+)
 from tests.serve.test_app import BAD_REQUESTS, send_bad_request
 from tests.serve.test_rollout import Stream, same_weights, steady_stream
 from tests.test_cli import rayllm_ok
@@ -199,13 +206,9 @@ def test_a_replica_lost_under_load_is_replaced_and_fails_no_request(direct, capl
 def _replicas() -> tuple[list, dict[str, int]]:
     """The model's live replica actors, and its replicas by state as Serve counts them."""
     from ray import serve
-    from ray.util.state import list_actors
 
-    deployments = serve.status().applications["direct"].deployments
-    name = model_deployment(deployments, MODEL)
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    replicas = [a for a in actors if a.class_name == f"ServeReplica:direct:{name}"]
-    return replicas, deployments[name].replica_states
+    name = model_deployment(serve.status().applications["direct"].deployments, MODEL)
+    return list(replica_actors("direct", name).values()), replica_states("direct", name)
 
 
 class BusyClients:
