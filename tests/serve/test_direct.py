@@ -203,11 +203,16 @@ def test_a_replica_lost_under_load_is_replaced_and_fails_no_request(direct, capl
     print(f"{clients.answered} answered; retried: {retried}")  # HAProxy's reloads drop a few
 
 
-def _replicas() -> tuple[list, dict[str, int]]:
-    """The model's live replica actors, and its replicas by state as Serve counts them."""
+def _deployment() -> str:
+    """The name of the direct app's model deployment."""
     from ray import serve
 
-    name = model_deployment(serve.status().applications["direct"].deployments, MODEL)
+    return model_deployment(serve.status().applications["direct"].deployments, MODEL)
+
+
+def _replicas() -> tuple[list, dict[str, int]]:
+    """The model's live replica actors, and its replicas by state as Serve counts them."""
+    name = _deployment()
     return list(replica_actors("direct", name).values()), replica_states("direct", name)
 
 
@@ -258,7 +263,7 @@ def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_
             "serve", "rollout", "--app", "direct", "--model", f"{MODEL}={other}", env=env
         )
         deadline = time.time() + 120
-        while (states := _replicas()[1]) != {"RUNNING": 2}:
+        while (states := replica_states("direct", _deployment())) != {"RUNNING": 2}:
             assert time.time() < deadline, f"the old replicas did not stop: {states}"
             time.sleep(1)
     assert f"{MODEL}: {MODEL}:1 -> {other} (follows {other})" in moved, moved
