@@ -46,6 +46,11 @@ os.environ.update(DIRECT_INGRESS_CLUSTER)
 # the same host: 5 s, and each app removal and rollout of the session is 25 s shorter. The
 # rollout tests, which fail on any refused or dropped request, hold it to that.
 os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
+# Ray Train's controller polls its workers every 2 s (Ray's default), and a run's end waits on
+# about three polls: 0.25 s here (read by every driver of the session, and passed on to the
+# controllers they start), and each training run of the session ends ~5 s sooner. A poll that
+# misses its interval is waited on, not counted as a failure.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
 
 API_KEYS = "key-one,key-two"
 """The cluster's serving keys, as the README's serving section exports them: apps built on the
