@@ -231,6 +231,7 @@ def autoscaling(entry: ModelEntry) -> dict[str, Any]:
         "max_replicas": entry.max_replicas,
         "upscale_delay_s": entry.upscale_delay_s,
         "downscale_delay_s": entry.downscale_delay_s,
+        "look_back_period_s": entry.look_back_period_s,
         "target_ongoing_requests": entry.target_ongoing_requests,
     }
     if entry.autoscale_on == "engine_load":

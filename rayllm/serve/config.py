@@ -84,6 +84,10 @@ class ReplicaSettings(EngineSettings):
     """How long the load must stay above the target before a replica is added."""
     downscale_delay_s: float = 600.0
     """How long the load must stay below the target before a replica is removed."""
+    look_back_period_s: float = 30.0
+    """The window of reported load each decision averages, in seconds: shorter follows a
+    burst's start and end sooner, longer rides out brief spikes. Serve needs it above its
+    10 s metrics interval."""
     max_surge_percent: int = 100
     """Replicas a rollout may start beyond the model's current count, in percent of it: at
     100 every old replica serves until its replacement is ready (the cluster needs room for
@@ -102,6 +106,10 @@ class ReplicaSettings(EngineSettings):
     def _check_replicas(self) -> ReplicaSettings:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ValueError("need 0 <= min_replicas <= max_replicas and max_replicas >= 1")
+        if self.look_back_period_s <= 10:
+            raise ValueError(
+                "look_back_period_s must be above 10 (Serve's metrics interval, in seconds)"
+            )
         if not 0 < self.target_engine_load <= 1:
             raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
         if self.stream_batching_ms < 0:

@@ -4,6 +4,7 @@ surviving a lost node and falling after it."""
 
 import asyncio
 import time
+import warnings
 
 import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID
@@ -49,13 +50,18 @@ def test_replicas_follow_the_mean_engine_load_against_the_target():
 
 
 def test_the_app_config_names_the_policy_and_its_delays():
-    entry = ModelEntry(model="m", target_engine_load=0.6, upscale_delay_s=5, max_replicas=3)
+    entry = ModelEntry(
+        model="m", target_engine_load=0.6, upscale_delay_s=5, look_back_period_s=12, max_replicas=3
+    )
     config = autoscaling(entry)
     assert config["policy"] == {
         "policy_function": ENGINE_LOAD_POLICY,
         "policy_kwargs": {"target_engine_load": 0.6},
     }
-    assert AutoscalingConfig(**config).upscale_delay_s == 5  # Serve accepts it as it is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Serve accepts it as it is, without a warning
+        accepted = AutoscalingConfig(**config)
+    assert (accepted.upscale_delay_s, accepted.look_back_period_s) == (5, 12)
     requests = autoscaling(ModelEntry(model="m", autoscale_on="requests"))
     assert "policy" not in requests and requests["target_ongoing_requests"] == 8
 
@@ -64,6 +70,11 @@ def test_the_app_config_names_the_policy_and_its_delays():
 def test_the_target_is_a_fraction(target):
     with pytest.raises(ValueError, match="target_engine_load is a fraction"):
         ServeConfig(target_engine_load=target)
+
+
+def test_the_window_is_longer_than_serves_metrics_interval():
+    with pytest.raises(ValueError, match="look_back_period_s must be above 10"):
+        ServeConfig(look_back_period_s=10)
 
 
 def test_a_model_may_scale_to_zero_but_not_be_capped_at_zero():
@@ -109,6 +120,7 @@ def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
         "target_engine_load": 0.5,
         "upscale_delay_s": 2,
         "downscale_delay_s": 5,
+        "look_back_period_s": 11,
         "target_ongoing_requests": 100,  # Serve's own policy would never add a replica here
         "replica_resources": {WORKER_NODE: 1},
     }
