@@ -53,8 +53,8 @@ os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
 # Serve's replicas and handles report their load to the controller every 10 s (Ray's default):
 # 2 s here, and the autoscaling test's replicas follow its burst, and its end, that much sooner.
-for reporter in ("REPLICA", "HANDLE"):
-    os.environ[f"RAY_SERVE_{reporter}_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
+os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
+os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
 
 API_KEYS = "key-one,key-two"
 """The cluster's serving keys, as the README's serving section exports them: apps built on the

@@ -2,6 +2,8 @@
 compute what peft computes for the saved adapter on the Hugging Face base, one example at a
 time."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -30,14 +32,21 @@ SHAPE = ModelConfig(
 PROMPT = PromptSettings(num_virtual_tokens=3)
 
 
+def with_virtual_tokens(folder: Path, settings: PromptSettings) -> Transformer:
+    """A seeded random base, saved in ``folder / "base"``, loaded frozen with ``settings``'
+    virtual tokens to train, as a fine-tuning rank builds it."""
+    torch.manual_seed(0)
+    save_hf_model(
+        folder / "base", SHAPE, Transformer(SHAPE).state_dict(), bos_token_id=0, eos_token_id=0
+    )
+    config = TrainConfig(model=SHAPE, init_from=str(folder / "base"), prompt=settings)
+    return build_model(config, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_packed_examples_with_virtual_tokens_are_what_peft_computes_alone(tmp_path, kind):
-    torch.manual_seed(0)
-    base = Transformer(SHAPE)
-    save_hf_model(tmp_path / "base", SHAPE, base.state_dict(), bos_token_id=0, eos_token_id=0)
     settings = PROMPT.model_copy(update={"kind": kind})
-    config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=settings)
-    model = build_model(config, torch.device("cpu"))
+    model = with_virtual_tokens(tmp_path, settings)
     learned = [p for p in model.parameters() if p.requires_grad]
     if kind == "prompt":  # 3 embeddings; a head tied to the embedding stays tied
         assert trainable_parameters(model) == 3 * SHAPE.dim
@@ -105,12 +114,7 @@ def test_prompt_tuning_is_refused_where_it_cannot_train():
 def test_a_prompt_adapter_publishes_against_a_base_of_its_width_and_does_not_merge(
     tmp_path,
 ):
-    torch.manual_seed(0)
-    save_hf_model(
-        tmp_path / "base", SHAPE, Transformer(SHAPE).state_dict(), bos_token_id=0, eos_token_id=0
-    )
-    config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=PROMPT)
-    model = build_model(config, torch.device("cpu"))
+    model = with_virtual_tokens(tmp_path, PROMPT)
     save_virtual_token_adapter(model, PROMPT, tmp_path / "adapter", "base:1")
     registry = Registry(str(tmp_path / "registry"))
     registry.publish("base", tmp_path / "base", {"architecture": "LlamaForCausalLM"})
@@ -137,17 +141,13 @@ def test_a_prompt_adapter_publishes_against_a_base_of_its_width_and_does_not_mer
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_virtual_tokens_teach_a_frozen_base_an_answer_its_weights_do_not_give(tmp_path, kind):
     """Training the virtual tokens alone lowers the loss of an answer the frozen (random) base
-    does not give, on prompts it never trained on: the gradients reach them. (The README's fine-tuning test runs both methods on
-    the session's model, a few steps from unigram statistics, which reads too little of its
-    context for virtual tokens to move its held-out loss beyond noise.)"""
-    torch.manual_seed(0)
-    save_hf_model(
-        tmp_path / "base", SHAPE, Transformer(SHAPE).state_dict(), bos_token_id=0, eos_token_id=0
-    )
+    does not give, on prompts it never trained on: the gradients reach them. (The README's
+    fine-tuning test runs both methods on the session's model, a few steps from unigram
+    statistics, which reads too little of its context for virtual tokens to move its held-out
+    loss beyond noise.)"""
     settings = PROMPT.model_copy(update={"kind": kind})
-    config = TrainConfig(model=SHAPE, init_from=str(tmp_path / "base"), prompt=settings)
-    model = build_model(config, torch.device("cpu"))
-    virtual = virtual_tokens(SHAPE.vocab_size, PROMPT)
+    model = with_virtual_tokens(tmp_path, settings)
+    virtual = virtual_tokens(SHAPE.vocab_size, settings)
 
     def loss(seed: int) -> torch.Tensor:
         """Eight random prompts, each answered with token 42."""
