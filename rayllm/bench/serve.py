@@ -208,10 +208,10 @@ def _ray_app(settings: ServeConfig, system: str) -> Iterator[str]:
 @contextmanager
 def _bare_vllm(registry: Registry, settings: ServeConfig) -> Iterator[str]:
     """vLLM's own OpenAI server on the version's local folder, with the app's engine settings."""
-    from rayllm.serve.app import cpu_has_bf16
+    from rayllm.serve.node_cpus import local_cpus
 
     version, folder = registry.local_path(settings.model or "")
-    dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    dtype = "bfloat16" if local_cpus().has_bf16 else "float32"
     command = [
         sys.executable,
         "-m",
@@ -261,11 +261,11 @@ def _hf_generate(
     from transformers import AutoTokenizer
 
     from rayllm.eval.models import load_causal_lm
-    from rayllm.serve.app import cpu_has_bf16
+    from rayllm.serve.node_cpus import local_cpus
 
     _, folder = registry.local_path(ref)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    dtype = torch.bfloat16 if local_cpus().has_bf16 else torch.float32
     model = load_causal_lm(folder, dtype).eval()
     latencies, tokens = [], 0
     with Stage(f"bench: hf generate, {requests} requests one at a time"), torch.inference_mode():

@@ -23,6 +23,7 @@ from rayllm.paths import filesystem
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry
 from rayllm.serve.config import ModelEntry, ReplicaSettings, ServeConfig
+from rayllm.serve.node_cpus import NodeCpus, engine_node_cpus
 
 IMPORT_PATH = "rayllm.serve.app:build_app"
 """What a Serve config file names to build the app from its ``args`` (a ServeConfig)."""
@@ -126,7 +127,10 @@ def build_app(args: dict[str, Any]):
 
     config = pin(ServeConfig.model_validate(args))
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    configs = [llm_config(entry, config, has_gpus) for entry in config.models]
+    configs = [
+        llm_config(entry, config, has_gpus, engine_node_cpus(replica_bundle(entry, on_gpu=False)))
+        for entry in config.models
+    ]
     if config.api_key_digests is None:  # read once, where the app is first built
         config = config.model_copy(update={"api_key_digests": api_key_digests(config)})
     digests, pinned = config.api_key_digests, config.model_dump(mode="json")
@@ -147,8 +151,15 @@ def check_haproxy_mode() -> None:
         )
 
 
-def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
-    """The ``ray.serve.llm.LLMConfig`` serving one pinned model, resolved by each replica."""
+def replica_bundle(entry: ModelEntry, on_gpu: bool) -> dict[str, float]:
+    """The resources of one replica (of each tensor-parallel rank)."""
+    bundle = {"CPU": entry.cpus_per_replica, **entry.replica_resources}
+    return bundle | ({"GPU": 1} if on_gpu else {})
+
+
+def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: NodeCpus):
+    """The ``ray.serve.llm.LLMConfig`` serving one pinned model, resolved by each replica;
+    ``cpus``: what the CPUs of the nodes its replicas may run on have in common."""
     from ray.serve.llm import LLMConfig
 
     from rayllm.compress.servable import check_servable
@@ -156,10 +167,9 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     from rayllm.serve.server import ModelServer
 
     on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
-    check_servable(Registry(config.registry).resolve(entry.version), on_gpu)
-    engine = engine_arguments(entry, on_gpu, entry.version or entry.model)
-    bundle = {"CPU": entry.cpus_per_replica, **entry.replica_resources}
-    bundle |= {"GPU": 1} if on_gpu else {}
+    check_servable(Registry(config.registry).resolve(entry.version), on_gpu, cpus)
+    engine = engine_arguments(entry, on_gpu, entry.version or entry.model, cpus)
+    bundle = replica_bundle(entry, on_gpu)
     return LLMConfig(
         model_loading_config={"model_id": entry.model_id, "model_source": entry.version},
         engine_kwargs=engine,
@@ -179,9 +189,11 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool):
     )
 
 
-def engine_arguments(entry: ReplicaSettings, on_gpu: bool, model: str) -> dict[str, Any]:
+def engine_arguments(
+    entry: ReplicaSettings, on_gpu: bool, model: str, cpus: NodeCpus
+) -> dict[str, Any]:
     """vLLM's engine arguments for these settings of ``model``, on GPUs or on the CPU engine
-    (a Serve replica, or a batch-inference worker)."""
+    (a Serve replica, or a batch-inference worker) of nodes with the features ``cpus``."""
     if entry.tensor_parallel_size > 1 and not on_gpu:
         raise RayllmError(
             f"{model}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
@@ -207,7 +219,7 @@ def engine_arguments(entry: ReplicaSettings, on_gpu: bool, model: str) -> dict[s
                     f"runs on the CPU already; set {setting}=0 on CPU"
                 )
         dtype = (
-            ("bfloat16" if cpu_has_bf16() else "float32") if entry.dtype == "auto" else entry.dtype
+            ("bfloat16" if cpus.has_bf16 else "float32") if entry.dtype == "auto" else entry.dtype
         )
         engine |= {
             "dtype": dtype,
@@ -238,14 +250,6 @@ def autoscaling(entry: ModelEntry) -> dict[str, Any]:
         kwargs = {"target_engine_load": entry.target_engine_load}
         config["policy"] = {"policy_function": ENGINE_LOAD_POLICY, "policy_kwargs": kwargs}
     return config
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere vLLM
-    serves float32."""
-    from rayllm.compress.servable import cpu_flags
-
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def deploy(config: ServeConfig) -> Endpoint:

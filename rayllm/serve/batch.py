@@ -65,11 +65,13 @@ def run(config: BatchConfig) -> BatchResult:
 
     from rayllm.compress.servable import check_servable
     from rayllm.serve.app import engine_arguments
+    from rayllm.serve.node_cpus import engine_node_cpus
 
     check_replaceable(config.output, config.overwrite, "batch.output", "output")
     registry = Registry(config.registry_root())
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0 if config.use_gpu is None else config.use_gpu
-    check_servable(registry.resolve(config.model), on_gpu)
+    cpus = engine_node_cpus({"CPU": config.cpus_per_engine})
+    check_servable(registry.resolve(config.model), on_gpu, cpus)
     version, folder = registry.local_path(config.model)
     prompts = read_prompts(config.input)
     chat = "messages" in prompts.columns()
@@ -77,7 +79,7 @@ def run(config: BatchConfig) -> BatchResult:
     processor = build_processor(
         vLLMEngineProcessorConfig(
             model_source=str(folder),
-            engine_kwargs=engine_arguments(config, on_gpu, version.ref),
+            engine_kwargs=engine_arguments(config, on_gpu, version.ref, cpus),
             placement_group_config={"bundles": [bundle] * config.tensor_parallel_size},
             batch_size=config.batch_size,
             concurrency=config.engines,

@@ -25,8 +25,8 @@ class EngineSettings(StageConfig):
     max_model_len: int | None = None
     """Context length; defaults to the model's max_position_embeddings."""
     dtype: str = "auto"
-    """Weights' and activations' dtype; auto: bfloat16 on GPUs and on CPUs that compute it
-    natively, else float32."""
+    """Weights' and activations' dtype; auto: bfloat16 on GPUs and where every node that can
+    host a CPU replica computes it natively (read on those nodes), else float32."""
     kv_cache_gib: float = 1.0
     """KV-cache size per replica on CPU, in GiB (vLLM's kv_cache_memory_bytes): the tokens
     of all running sequences must fit, or the engine queues and preempts; on GPUs vLLM sizes

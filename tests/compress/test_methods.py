@@ -23,6 +23,7 @@ from rayllm.compress.quantize import (
 from rayllm.compress.task import saved_state
 from rayllm.config import load_config
 from rayllm.errors import RayllmError
+from rayllm.serve.node_cpus import NodeCpus, common, local_cpus
 
 
 def small_llama(**changes) -> LlamaForCausalLM:
@@ -183,26 +184,27 @@ def quantized_app(tmp_path, scheme: str):
 def test_serving_refuses_int8_weights_only_where_the_engine_has_no_kernel(tmp_path):
     from rayllm.serve.app import llm_config
 
-    config = quantized_app(tmp_path, "w8a16")
+    config, cpus = quantized_app(tmp_path, "w8a16"), local_cpus()
     with pytest.raises(RayllmError, match="tiny-w8a16:1 is quantized w8a16 .* serve it on GPUs"):
-        llm_config(config.models[0], config, has_gpus=False)
-    assert llm_config(config.models[0], config, has_gpus=True).model_id == "tiny-w8a16"
+        llm_config(config.models[0], config, has_gpus=False, cpus=cpus)
+    assert llm_config(config.models[0], config, has_gpus=True, cpus=cpus).model_id == "tiny-w8a16"
 
 
 def test_int4_is_served_on_cpus_where_the_engine_has_its_kernel(tmp_path):
-    """The rule (AVX-512 on x86) against the library vLLM's CPU platform loads on this machine."""
+    """The rule (AVX-512 on x86) against the library vLLM's CPU platform loads on this machine,
+    then applied to the nodes replicas may run on: one node without AVX-512 refuses it."""
     from vllm.platforms.cpu import CpuPlatform
 
-    from rayllm.compress.servable import cpu_has_int4_kernel
     from rayllm.serve.app import llm_config
 
     CpuPlatform.import_kernels()
     engine_has_it = hasattr(torch.ops._C, "cpu_gemm_wna16")
-    assert cpu_has_int4_kernel() == engine_has_it
+    here = local_cpus()
+    assert here.has_int4_kernel == engine_has_it
     config = quantized_app(tmp_path, "w4a16")
-    if engine_has_it:
-        assert llm_config(config.models[0], config, has_gpus=False).model_id == "tiny-w4a16"
-    else:
-        with pytest.raises(RayllmError, match="tiny-w4a16:1 is quantized w4a16 .* AVX-512"):
-            llm_config(config.models[0], config, has_gpus=False)
-    assert llm_config(config.models[0], config, has_gpus=True).model_id == "tiny-w4a16"
+    avx512 = NodeCpus(frozenset({"avx2", "avx512f"}), frozenset({"x86_64"}), nodes=1)
+    avx2 = NodeCpus(frozenset({"avx2"}), frozenset({"x86_64"}), nodes=1)
+    assert llm_config(config.models[0], config, False, avx512).model_id == "tiny-w4a16"
+    with pytest.raises(RayllmError, match="w4a16 .* AVX-512, which the 2 node.* lack"):
+        llm_config(config.models[0], config, has_gpus=False, cpus=common([avx512, avx2]))
+    assert llm_config(config.models[0], config, True, common([avx2])).model_id == "tiny-w4a16"

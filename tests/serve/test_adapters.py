@@ -18,6 +18,7 @@ from rayllm.registry.store import Registry
 from rayllm.serve.adapters import AdapterNames, AdapterRefused
 from rayllm.serve.app import llm_config, pin
 from rayllm.serve.config import ServeConfig
+from rayllm.serve.node_cpus import local_cpus
 from rayllm.serve.replica_source import RegistryAdapters
 from tests.adapters import random_adapter
 from tests.test_cli import rayllm
@@ -148,7 +149,7 @@ def test_the_replica_loads_a_pinned_adapter_from_the_registry(registry):
     # Ray 2.60's LLMServer takes the adapter loader rayllm.serve.server passes it.
     assert "model_downloader" in inspect.signature(LLMServer.__init__).parameters
     config = pin(ServeConfig(registry=registry.url, model="bard:1", max_loras=3))
-    engine = llm_config(config.models[0], config, has_gpus=False)
+    engine = llm_config(config.models[0], config, has_gpus=False, cpus=local_cpus())
     assert engine.lora_config.max_num_adapters_per_replica == 3
     assert {k: engine.engine_kwargs[k] for k in ("enable_lora", "max_loras", "max_lora_rank")} == {
         "enable_lora": True,

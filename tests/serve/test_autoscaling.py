@@ -88,6 +88,20 @@ USERS = 6
 
 
 @pytest.mark.slow
+def test_cpu_features_are_read_on_every_node_a_replica_may_use(worker_nodes):
+    """What decides a CPU replica's dtype and int4 kernel is read by a task on each alive node
+    whose resources hold a replica: the two worker nodes for ``replica_resources`` naming
+    theirs, the head too for CPUs alone; where none holds one yet, this node's."""
+    from rayllm.serve.node_cpus import engine_node_cpus, local_cpus
+
+    on_workers = engine_node_cpus({"CPU": 1, WORKER_NODE: 1})
+    assert on_workers.nodes == len(worker_nodes.alive()) == 2
+    assert on_workers.flags == local_cpus().flags  # one host here: the same processor
+    assert engine_node_cpus({"CPU": 1}).nodes == 3
+    assert engine_node_cpus({"CPU": 1, "rayllm_test_no_such_node": 1}) == local_cpus()
+
+
+@pytest.mark.slow
 def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
     tiny_run, ray_cluster, serve_port, worker_nodes
 ):

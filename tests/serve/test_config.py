@@ -18,6 +18,7 @@ from rayllm.serve.app import (
     serve_config_file,
 )
 from rayllm.serve.config import ModelEntry, ServeConfig
+from rayllm.serve.node_cpus import NodeCpus, common, local_cpus
 from rayllm.serve.rollout import plan
 from tests.test_cli import rayllm
 
@@ -76,7 +77,9 @@ def test_a_pinned_app_keeps_its_versions_until_a_rollout_resolves_them_again(reg
 
 def test_rollouts_start_replacements_before_stopping_old_replicas(registry):
     config = pin(ServeConfig(registry=registry.url, model="scribe"))
-    options = llm_config(config.models[0], config, has_gpus=False).deployment_config
+    options = llm_config(
+        config.models[0], config, has_gpus=False, cpus=local_cpus()
+    ).deployment_config
     assert DeploymentSchema(name="scribe", **options).max_surge_percent == 100  # Serve's option
     with pytest.raises(ValueError, match="max_surge_percent is a percentage"):
         ServeConfig(max_surge_percent=150)
@@ -98,8 +101,8 @@ def test_pinning_refuses_what_cannot_be_served(registry, settings, message):
 def test_tensor_parallel_needs_gpus(registry):
     config = pin(ServeConfig(registry=registry.url, model="scribe", tensor_parallel_size=2))
     with pytest.raises(RayllmError, match="tensor_parallel_size 2 needs GPUs"):
-        llm_config(config.models[0], config, has_gpus=False)
-    on_gpus = llm_config(config.models[0], config, has_gpus=True)
+        llm_config(config.models[0], config, has_gpus=False, cpus=local_cpus())
+    on_gpus = llm_config(config.models[0], config, has_gpus=True, cpus=local_cpus())
     assert on_gpus.placement_group_config["bundles"] == [{"CPU": 1.0, "GPU": 1}] * 2
     assert on_gpus.engine_kwargs["tensor_parallel_size"] == 2
 
@@ -107,7 +110,9 @@ def test_tensor_parallel_needs_gpus(registry):
 def test_replicas_ask_for_the_custom_resources_of_their_nodes(registry):
     settings = {"registry": registry.url, "model": "scribe", "replica_resources": {"serving": 1}}
     config = pin(ServeConfig(**settings))
-    bundles = llm_config(config.models[0], config, has_gpus=False).placement_group_config
+    bundles = llm_config(
+        config.models[0], config, has_gpus=False, cpus=local_cpus()
+    ).placement_group_config
     assert bundles == {"bundles": [{"CPU": 1.0, "serving": 1}]}
     for wrong in ({"CPU": 2}, {"serving": 0}):
         with pytest.raises(ValueError, match="replica_resources names custom resources"):
@@ -172,14 +177,29 @@ def test_the_cli_exports_without_starting_ray(registry, tmp_path):
 
 def test_memory_settings_reach_the_engine_where_the_platform_has_them(registry):
     config = pin(ServeConfig(registry=registry.url, model="scribe", kv_cache_gib=0.25))
-    on_cpu = llm_config(config.models[0], config, has_gpus=False).engine_kwargs
+    on_cpu = llm_config(config.models[0], config, has_gpus=False, cpus=local_cpus()).engine_kwargs
     assert on_cpu["kv_cache_memory_bytes"] == 2**28 and on_cpu["enable_prefix_caching"] is True
     offloading = config.model_copy(update={"kv_offload_gib": 8, "weight_offload_gib": 2})
     offloading = pin(offloading.model_copy(update={"models": [], "model": "scribe"}))
-    on_gpu = llm_config(offloading.models[0], offloading, has_gpus=True).engine_kwargs
+    on_gpu = llm_config(
+        offloading.models[0], offloading, has_gpus=True, cpus=local_cpus()
+    ).engine_kwargs
     assert (on_gpu["kv_offloading_size"], on_gpu["cpu_offload_gb"]) == (8, 2)
     assert "kv_cache_memory_bytes" not in on_gpu  # GPUs: gpu_memory_utilization sizes it
     with pytest.raises(RayllmError, match="kv_offload_gib offloads GPU memory to the CPU"):
-        llm_config(offloading.models[0], offloading, has_gpus=False)
+        llm_config(offloading.models[0], offloading, has_gpus=False, cpus=local_cpus())
     with pytest.raises(ValueError, match="kv_cache_gib must be above 0"):
         ServeConfig(kv_cache_gib=0)
+
+
+def test_auto_dtype_is_bfloat16_only_where_every_node_for_a_replica_computes_it(registry):
+    config = pin(ServeConfig(registry=registry.url, model="scribe"))
+    amx = NodeCpus(frozenset({"avx512f", "amx_bf16"}), frozenset({"x86_64"}))
+    avx2 = NodeCpus(frozenset({"avx2"}), frozenset({"x86_64"}))
+
+    def dtype(cpus: NodeCpus, **settings) -> str:
+        entry = config.models[0].model_copy(update=settings)
+        return llm_config(entry, config, has_gpus=False, cpus=cpus).engine_kwargs["dtype"]
+
+    assert (dtype(amx), dtype(common([amx, avx2])), dtype(avx2)) == ("bfloat16", *["float32"] * 2)
+    assert dtype(avx2, dtype="bfloat16") == "bfloat16"  # the user's setting is kept

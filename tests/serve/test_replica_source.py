@@ -11,6 +11,7 @@ from ray.llm._internal.common.callbacks.base import CallbackBase, CallbackCtx
 from rayllm.registry.store import Registry
 from rayllm.serve.app import llm_config, pin
 from rayllm.serve.config import ServeConfig
+from rayllm.serve.node_cpus import local_cpus
 from rayllm.serve.replica_source import RegistrySource
 
 
@@ -29,7 +30,7 @@ def test_the_replica_resolves_the_pinned_version_and_skips_rays_download(tmp_pat
     registry.publish("tiny", folder, lineage={})
 
     app = pin(ServeConfig(registry=registry.url))
-    config = llm_config(app.models[0], app, has_gpus=False)
+    config = llm_config(app.models[0], app, has_gpus=False, cpus=local_cpus())
     assert config.callback_config.callback_class is RegistrySource
     assert config.callback_config.callback_kwargs == {"root": registry.url, "ref": "tiny:1"}
     assert config.model_loading_config.model_source == "tiny:1"  # no driver-side path

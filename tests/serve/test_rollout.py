@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from rayllm.client import Client
-from rayllm.compress.servable import cpu_has_int4_kernel
 from rayllm.registry.store import Registry
+from rayllm.serve.node_cpus import local_cpus
 from tests.conftest import API_KEYS, overrides
 from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with, commands
@@ -44,7 +44,7 @@ def publish_compressed(root: str, parent: str, data: str, env: dict) -> str:
     vLLM's CPU build has no int4 kernel (x86 without AVX-512), half of each layer's weights
     pruned instead."""
     settings = {"source": parent, "name": MODEL, "data": data, "registry": root, "eval_rows": 8}
-    if cpu_has_int4_kernel():
+    if local_cpus().has_int4_kernel:
         settings |= {"quantize.algorithm": "rtn", "quantize.group_size": None}
     else:
         settings |= {"method": "prune", "prune.sparsity": 0.5}
