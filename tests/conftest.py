@@ -51,6 +51,9 @@ os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
 # controllers they start), and each training run of the session ends ~5 s sooner. A poll that
 # misses its interval is waited on, not counted as a failure.
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
+# Ray Train starts a preemption watcher (an actor: a process of its own) for every run, to
+# drain a spot node being taken back; no node of the session is: none (~1 s of a core a run).
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 # Serve's replicas and handles report their load to the controller every 10 s (Ray's default):
 # 2 s here, and the autoscaling test's replicas follow its burst, and its end, that much sooner.
 os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"

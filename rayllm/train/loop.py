@@ -80,6 +80,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         _log(rank, f"step {0:>5}/{config.steps}  {_format_eval(before)} (starting weights)")
         if log:
             log.write(before)
+    # Throughput and MFU over the steps since the last logged one (one step's time is noise),
+    # timing only the steps: evaluations and checkpoints in between are not counted.
+    window_tokens, window_seconds = 0, 0.0
     for step in range(start_step, config.steps):
         started = time.perf_counter()
         window = [
@@ -94,14 +97,16 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
                 fs, path = filesystem(f"{run_folder}/{STOPPED}")
                 fs.pipe_file(path, json.dumps({"step": step + 1, "loss": loss_value}).encode())
             return
+        window_tokens += tokens_per_step
+        window_seconds += time.perf_counter() - started
         metrics = {
             "step": step + 1,
             "loss": loss_value,
             "lr": engine.learning_rate(),
             "grad_norm": grad_norm,
         } | step_metrics(
-            tokens=tokens_per_step,
-            seconds=time.perf_counter() - started,
+            tokens=window_tokens,
+            seconds=window_seconds,
             flops_per_token=flops_per_token,
             workers=world,
             peak=peak,
@@ -115,6 +120,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             _log(rank, _format(metrics, config.steps))
             if log:
                 log.write(metrics)
+            window_tokens, window_seconds = 0, 0.0
         if (step + 1) % config.checkpoint_every == 0 or last:
             _report_checkpoint(engine, metrics, rank, layout)
         elif logged:

@@ -9,7 +9,6 @@ start of every training worker, and most runs train no adapter."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,21 +42,12 @@ def peft_config(settings: LoraSettings, base: str = "") -> LoraConfig:
 def add_lora(model: Transformer, settings: LoraSettings) -> Transformer:
     """Adapters on ``settings.target_modules``; every other parameter frozen (and the decoder
     blocks' linear weights in 4 bits with ``quantize_base``)."""
-    # peft imports torchao to look for its tensors, and torchao says at import that its CUDA
-    # kernels do not load and registers types with torch, each at WARNING: noise on a CPU.
-    # (A filter, not a level: torch resets its loggers' levels when its logging starts.)
-    for logger in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(logger).addFilter(_errors_only)
     from peft import inject_adapter_in_model
 
     model = inject_adapter_in_model(peft_config(settings), model)
     if settings.quantize_base:
         quantize_frozen_base(model)
     return model
-
-
-def _errors_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
 
 
 def quantize_frozen_base(model: Transformer) -> None:

@@ -74,7 +74,8 @@ def optimizer_state_bytes(optimizers) -> int:
 def step_metrics(
     *, tokens: int, seconds: float, flops_per_token: float, workers: int, peak: float
 ) -> dict[str, float]:
-    """tokens/s over all workers and per worker, achieved TFLOP/s per worker, and MFU."""
+    """tokens/s over all workers and per worker, achieved TFLOP/s per worker, and MFU, of
+    ``tokens`` trained in ``seconds``."""
     tokens_per_s = tokens / seconds
     tflops = tokens_per_s * flops_per_token / workers / 1e12
     return {
