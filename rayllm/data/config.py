@@ -64,7 +64,7 @@ class DataConfig(StageConfig):
     """How plain-text files are cut into documents."""
     text_field: str = "text"
     max_documents: int | None = None
-    """Keep only the first N documents read (a quick slice for trials and tests)."""
+    """Keep only the corpus's first N documents (a quick slice for trials and tests)."""
     strict: bool = False
     """Fail on the first unreadable record instead of counting and skipping it."""
     output: str | None = None

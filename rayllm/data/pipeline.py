@@ -205,17 +205,20 @@ def run(config: DataConfig, report: bool = True) -> DataResult:
     with Stage("data: reading") as stage:
         files = resolve_source(config.corpus)
         stage.note(f"{len(files)} files from {config.corpus}")
-    docs = ray.data.from_items(
-        [{"path": f, "file_index": index} for index, f in enumerate(files)]
-    ).map_batches(
-        _read,
-        batch_size=1,
-        fn_kwargs={"split": config.split, "text_field": config.text_field, "strict": config.strict},
-    )
-    if config.max_documents:
-        docs = docs.limit(config.max_documents)
-
     with staged_folder(output) as (fs, staging), _data_context(config):
+        docs = ray.data.from_items(
+            [{"path": f, "file_index": index} for index, f in enumerate(files)]
+        ).map_batches(
+            _read,
+            batch_size=1,
+            fn_kwargs={
+                "split": config.split,
+                "text_field": config.text_field,
+                "strict": config.strict,
+            },
+        )
+        if config.max_documents:
+            docs = docs.limit(config.max_documents)
         manifest = _curate(config, docs, files, fs, staging, started, pretrained)
     if report:
         print_stats(manifest["stats"])
@@ -238,11 +241,15 @@ def _data_context(config: DataConfig) -> Iterator[None]:
     previous = {name: getattr(context, name) for name in settings}
     for name, value in settings.items():
         setattr(context, name, value)
+    # max_documents keeps the corpus's first documents, not whichever blocks finish first.
+    execution, kept_order = context.execution_options, context.execution_options.preserve_order
+    execution.preserve_order = kept_order or bool(config.max_documents)
     try:
         yield
     finally:
         for name, value in previous.items():
             setattr(context, name, value)
+        execution.preserve_order = kept_order
 
 
 class _CuratedParquet:

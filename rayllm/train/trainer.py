@@ -109,7 +109,7 @@ def run(config: TrainConfig) -> TrainResult:
     if config.objective == "distill":
         config = with_teacher_vocabulary(config, manifest)
     config = resolve_model_shape(config, manifest)
-    check_shards(config.data, manifest)
+    check_shards(config, manifest, global_batch=shape.dp * config.micro_batch_size)
     layout = run_layout(config, manifest_sha256(config.data), manifest)
     run_folder = f"{config.storage.rstrip('/')}/{config.run_name}"
     started = time.time()
@@ -156,9 +156,13 @@ def fit(
     error inside a worker or a loss that became NaN is raised as the user error it is.
     ``examples``: packed fine-tuning examples per split, read instead of the shard set."""
     extra = {"examples": examples} if examples else {}
-    result = _trainer(config, manifest, layout, run_folder, extra).fit()
-    if result.error:
-        raise _user_error_in(result.error) or result.error
+    try:
+        result = _trainer(config, manifest, layout, run_folder, extra).fit()
+    except ray.train.TrainingFailedError as error:
+        user_error = _user_error_in(error)
+        if user_error is None:
+            raise
+        raise user_error from error
     check_finite(run_folder, result)
     return result
 
@@ -242,17 +246,29 @@ def _datasets(config: TrainConfig) -> dict[str, ray.data.Dataset]:
     return {"train": shard_dataset(config.data, "train")}
 
 
-def check_shards(data: str, manifest: dict[str, Any]) -> None:
-    """Every shard the manifest lists exists with its recorded size (workers check sha256)."""
+def check_shards(config: TrainConfig, manifest: dict[str, Any], global_batch: int) -> None:
+    """Every shard the manifest lists exists with its recorded size (workers check sha256),
+    and each split read in global batches holds one at least."""
+    data = config.data.rstrip("/")
     fs, path = filesystem(data)
     for split in ("train", "val"):
         for entry in manifest["shards"][split]:
             where = f"{path}/{entry['path']}"
             if not fs.exists(where) or fs.size(where) != entry["bytes"]:
                 raise RayllmError(
-                    f"shard {data.rstrip('/')}/{entry['path']} is missing or has the wrong "
+                    f"shard {data}/{entry['path']} is missing or has the wrong "
                     "size; re-run `rayllm data` to rebuild the shard set"
                 )
+        sequences = sum(entry["sequences"] for entry in manifest["shards"][split])
+        streamed = split == "train" and config.data_loader == "ray_data"
+        if sequences < global_batch and not streamed:
+            raise RayllmError(
+                f"{data} holds {sequences} {split} sequences, fewer than one global batch "
+                f"({global_batch}: micro_batch_size {config.micro_batch_size} on each of "
+                f"{global_batch // config.micro_batch_size} data-parallel ranks); lower "
+                "train.micro_batch_size or curate more data"
+                + (" (or a larger data.val_fraction)" if split == "val" else "")
+            )
 
 
 def start_over(run_folder: str, overwrite: bool) -> None:

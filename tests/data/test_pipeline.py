@@ -134,3 +134,26 @@ def test_a_corpus_filtered_to_nothing_leaves_nothing_behind(ray_cluster, tmp_pat
     with pytest.raises(RayllmError, match="every one of the 5 documents .* filtered out"):
         run(config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spam.jsonl"]
+
+
+def test_max_documents_keeps_the_corpus_first_documents(ray_cluster, tmp_path):
+    """A slice of the corpus is its first documents, the same on every run, whichever of the
+    files read in parallel is read first."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for part in range(16):
+        lines = [json.dumps({"text": chapter(1000 * part + n)}) for n in range(1000)]
+        (corpus / f"part-{part:02}.jsonl").write_text("\n".join(lines))
+    settings = {"tokenizer": {"vocab_size": 300}, "seq_len": 32, "val_fraction": 0.3}
+    settings |= {
+        "corpus": str(corpus),
+        "max_documents": 3000,
+        "gopher_repetition": {"enabled": False},  # the generated chapters repeat phrases
+        "fuzzy_dedup": {"enabled": False},  # and are near-duplicates of each other
+    }
+    run(build_config(DataConfig, settings | {"output": str(tmp_path / "out")}))
+    sources = set(pq.read_table(tmp_path / "out" / "curated").column("source").to_pylist())
+    first = {
+        f"{corpus}/part-{part:02}.jsonl:{line}" for part in range(3) for line in range(1, 1001)
+    }
+    assert sources == first

@@ -9,6 +9,7 @@ fp32; then each layout's sharded checkpoint is consolidated and compared (LoRA's
 LoRA), and the memory each rank holds is checked.
 """
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from rayllm.bench.train import LAYOUTS, compare_strategies, layout_name, theory_mb
 from rayllm.train.checkpoint import consolidate
+from tests.conftest import overrides
 from tests.test_cli import rayllm
 from tests.test_readme import block_with, commands
 
@@ -143,3 +145,23 @@ def test_the_readme_gpu_benchmark_is_refused_on_a_cluster_without_gpus(tiny_run,
     assert done.returncode == 2, done.stderr
     assert "--gpu needs 1 GPUs (one per worker) but the Ray cluster has 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_global_batch_larger_than_a_split_is_refused_before_any_worker_starts(
+    tiny_run, ray_cluster, tmp_path
+):
+    """Each split is read in global batches: one that holds fewer sequences than a global
+    batch is named, with the sizes, before Ray Train starts anything."""
+    data = tiny_run["workdir"] / "data"
+    shards = json.loads((data / "manifest.json").read_text())["shards"]
+    val = sum(entry["sequences"] for entry in shards["val"])
+    batch = val // 2 + 1  # on 2 ranks: one more than the val split, far less than train
+    settings = {"data": str(data), "storage": str(tmp_path / "runs"), "micro_batch_size": batch}
+    done = rayllm(
+        "train",
+        *overrides(settings | {"output": str(tmp_path / "model"), "num_workers": 2}),
+        env=ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"]},
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"holds {val} val sequences, fewer than one global batch ({2 * batch}:" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
