@@ -27,6 +27,7 @@ from rayllm.config import load_config
 from rayllm.errors import RayllmError
 from rayllm.eval.models import load_causal_lm
 from rayllm.registry.store import Registry
+from rayllm.serve.node_cpus import local_cpus
 from tests.compress.test_methods import rows, save, small_llama
 
 
@@ -207,7 +208,7 @@ def test_such_a_version_is_neither_served_nor_compressed_again(method, tmp_path)
     store = Registry(str(tmp_path / "registry"))
     version = store.publish("small", str(model_folder), {"compression": {"method": method}})
     with pytest.raises(RayllmError, match="which no vLLM model class loads.*serve its parent"):
-        check_servable(version, on_gpu=True)
+        check_servable(version, on_gpu=True, cpus=local_cpus())
     config = CompressConfig(source="small:1", registry=store.url)
     with pytest.raises(RayllmError, match="compress its parent instead"):
         config.source_version()
