@@ -109,7 +109,7 @@ def run(config: TrainConfig) -> TrainResult:
     if config.objective == "distill":
         config = with_teacher_vocabulary(config, manifest)
     config = resolve_model_shape(config, manifest)
-    check_shards(config, manifest, global_batch=shape.dp * config.micro_batch_size)
+    check_shards(config, manifest, data_parallel=shape.dp)
     layout = run_layout(config, manifest_sha256(config.data), manifest)
     run_folder = f"{config.storage.rstrip('/')}/{config.run_name}"
     started = time.time()
@@ -246,10 +246,11 @@ def _datasets(config: TrainConfig) -> dict[str, ray.data.Dataset]:
     return {"train": shard_dataset(config.data, "train")}
 
 
-def check_shards(config: TrainConfig, manifest: dict[str, Any], global_batch: int) -> None:
+def check_shards(config: TrainConfig, manifest: dict[str, Any], data_parallel: int) -> None:
     """Every shard the manifest lists exists with its recorded size (workers check sha256),
-    and each split read in global batches holds one at least."""
+    and each split read in global batches (over ``data_parallel`` ranks) holds one at least."""
     data = config.data.rstrip("/")
+    global_batch = data_parallel * config.micro_batch_size
     fs, path = filesystem(data)
     for split in ("train", "val"):
         for entry in manifest["shards"][split]:
@@ -265,7 +266,7 @@ def check_shards(config: TrainConfig, manifest: dict[str, Any], global_batch: in
             raise RayllmError(
                 f"{data} holds {sequences} {split} sequences, fewer than one global batch "
                 f"({global_batch}: micro_batch_size {config.micro_batch_size} on each of "
-                f"{global_batch // config.micro_batch_size} data-parallel ranks); lower "
+                f"{data_parallel} data-parallel ranks); lower "
                 "train.micro_batch_size or curate more data"
                 + (" (or a larger data.val_fraction)" if split == "val" else "")
             )
