@@ -44,7 +44,9 @@ class NodeCpus:
 
     @property
     def where(self) -> str:
-        return f"the {self.nodes} node(s) that can host it" if self.nodes else "this node"
+        return (
+            f"the {self.nodes} node(s) that can host it" if self.nodes else "the CPUs of this node"
+        )
 
 
 def local_cpus() -> NodeCpus:
