@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -75,6 +76,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Serve's HAProxy keeps its files in /tmp/haproxy-serve and its stats and metrics on ports 8404
+# and 9101 (Ray's defaults), and outlives a cluster stopped under it, holding those ports: the
+# session's own folder and free ports (so it meets no other cluster of this machine), and the
+# session's end stops the HAProxy left in that folder (``stop_haproxy``). In /tmp, as Ray's: the
+# sockets in it, a node id deeper, must keep to HAProxy's 97 characters.
+HAPROXY_DIR = Path(tempfile.mkdtemp(prefix="rayllm-hap-", dir="/tmp"))
+os.environ |= {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{HAPROXY_DIR}/haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{HAPROXY_DIR}/admin.sock",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{HAPROXY_DIR}/metrics.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(HAPROXY_DIR),
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{HAPROXY_DIR}/server-state",
+    "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+}
+
+
+def stop_haproxy() -> None:
+    """Kill the HAProxy processes the session's nodes started, and remove their folder."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(HAPROXY_DIR) in arg for arg in process.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    shutil.rmtree(HAPROXY_DIR, ignore_errors=True)
 
 
 def wait_for_port(port: int, timeout_s: float = 60) -> None:
@@ -165,6 +194,7 @@ def ray_head(s3):
         "temp_dir": temp,
     }
     stop(head)
+    stop_haproxy()
 
 
 def stop(node: subprocess.Popen) -> None:
