@@ -23,7 +23,7 @@ from rayllm.paths import filesystem
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry
 from rayllm.serve.config import ModelEntry, ReplicaSettings, ServeConfig
-from rayllm.serve.node_cpus import NodeCpus, engine_node_cpus
+from rayllm.serve.node_cpus import NodeCpus, engine_node_cpus, local_cpus
 
 IMPORT_PATH = "rayllm.serve.app:build_app"
 """What a Serve config file names to build the app from its ``args`` (a ServeConfig)."""
@@ -127,10 +127,19 @@ def build_app(args: dict[str, Any]):
 
     config = pin(ServeConfig.model_validate(args))
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    configs = [
-        llm_config(entry, config, has_gpus, engine_node_cpus(replica_bundle(entry, on_gpu=False)))
-        for entry in config.models
-    ]
+    probed: dict[frozenset, NodeCpus] = {}
+
+    def engine_cpus(entry: ModelEntry) -> NodeCpus:
+        """Read once per replica bundle, and not on the nodes for a GPU replica, whose
+        dtype and kernels its CPUs do not decide."""
+        if runs_on_gpu(entry, has_gpus):
+            return local_cpus()
+        bundle = frozenset(replica_bundle(entry, on_gpu=False).items())
+        if bundle not in probed:
+            probed[bundle] = engine_node_cpus(dict(bundle))
+        return probed[bundle]
+
+    configs = [llm_config(entry, config, has_gpus, engine_cpus(entry)) for entry in config.models]
     if config.api_key_digests is None:  # read once, where the app is first built
         config = config.model_copy(update={"api_key_digests": api_key_digests(config)})
     digests, pinned = config.api_key_digests, config.model_dump(mode="json")
@@ -151,6 +160,12 @@ def check_haproxy_mode() -> None:
         )
 
 
+def runs_on_gpu(entry: ModelEntry, has_gpus: bool) -> bool:
+    """Where a model's replicas run: ``use_gpu`` where it is set, else on GPUs when the
+    cluster has any."""
+    return has_gpus if entry.use_gpu is None else entry.use_gpu
+
+
 def replica_bundle(entry: ModelEntry, on_gpu: bool) -> dict[str, float]:
     """The resources of one replica (of each tensor-parallel rank)."""
     bundle = {"CPU": entry.cpus_per_replica, **entry.replica_resources}
@@ -166,7 +181,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: Nod
     from rayllm.serve.replica_source import RegistrySource
     from rayllm.serve.server import ModelServer
 
-    on_gpu = has_gpus if entry.use_gpu is None else entry.use_gpu
+    on_gpu = runs_on_gpu(entry, has_gpus)
     check_servable(Registry(config.registry).resolve(entry.version), on_gpu, cpus)
     engine = engine_arguments(entry, on_gpu, entry.version or entry.model, cpus)
     bundle = replica_bundle(entry, on_gpu)
