@@ -8,6 +8,7 @@ with exit 2 and nothing published. (The session's served app rolls onto a quanti
 tests/serve/test_rollout.py.)"""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -51,7 +52,15 @@ def test_the_readme_compressions_publish_measured_versions(tiny_run, ray_cluster
 
     job = readme_job("jobs/compress.py", str(tmp_path))  # the README's GPTQ int4 recipe
     settings = small | {"registry": root, "name": f"{MODEL}-w4a16"}
-    logs, _ = run_job(ray_cluster["dashboard"], *job, *overrides(settings))
+    # The three read only the source: side by side (one launch alone leaves a core idle while
+    # its processes start).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        gptq = pool.submit(run_job, ray_cluster["dashboard"], *job, *overrides(settings))
+        w8a8_name = small | {"name": f"{MODEL}-w8a8"}
+        w8a8_out = pool.submit(rayllm_ok, *w8a8, *overrides(w8a8_name), env=env)
+        # The pruned version is named by default.
+        pruning_out = pool.submit(rayllm_ok, *pruning, *overrides(small), env=env)
+    logs, _ = gptq.result()
     assert f"published {MODEL}-w4a16:1" in logs, logs
     int4 = published(f"{MODEL}-w4a16")
     assert int4["compression"]["quantization"] == {
@@ -66,12 +75,10 @@ def test_the_readme_compressions_publish_measured_versions(tiny_run, ray_cluster
     again = rayllm("compress", *overrides(small | {"source": f"{MODEL}-w4a16:1"}), env=env)
     assert again.returncode == 2 and "is quantized; compress its parent instead" in again.stderr
 
-    out = rayllm_ok(*w8a8, *overrides(small | {"name": f"{MODEL}-w8a8"}), env=env)
-    assert f"published {MODEL}-w8a8:1" in out
+    assert f"published {MODEL}-w8a8:1" in w8a8_out.result()
     assert published(f"{MODEL}-w8a8")["compression"]["quantization"]["scheme"] == "w8a8"
 
-    out = rayllm_ok(*pruning, *overrides(small), env=env)  # named by default
-    assert f"published {MODEL}-pruned-channels:1" in out
+    assert f"published {MODEL}-pruned-channels:1" in pruning_out.result()
     pruned = published(f"{MODEL}-pruned-channels")
     assert pruned["compression"]["intermediate_size"] == 96  # 128 channels less a quarter
 
@@ -196,9 +203,12 @@ def test_the_readme_low_rank_and_sharing_publish_versions_transformers_runs_and_
     low_rank, share, score = commands(block_with("--set method=low_rank"))
     small = {"source": source, "data": data, "calibration_rows": 32, "eval_rows": 24}
     small |= {"recovery": {"steps": 3, "rows_per_step": 4}}
-    for line, name in ((low_rank, f"{MODEL}-low-rank"), (share, f"{MODEL}-shared")):
-        out = rayllm_ok(*line, *overrides(small), env=env)
-        assert f"published {name}:1" in out, out
+    with ThreadPoolExecutor(max_workers=2) as pool:  # both read only the source
+        outs = [
+            pool.submit(rayllm_ok, *line, *overrides(small), env=env) for line in (low_rank, share)
+        ]
+    for out, name in zip(outs, (f"{MODEL}-low-rank", f"{MODEL}-shared"), strict=True):
+        assert f"published {name}:1" in out.result()
         lineage = registry.resolve(f"{name}:1").lineage
         assert lineage["parent"] == source
         compression = lineage["compression"]

@@ -4,7 +4,7 @@ One worker group of 4 ranks runs them all in turn (DDP, ZeRO-1/2/3, ZeRO-3 with 
 parameter offload, FSDP2, FSDP2 with CPU offload, HSDP, FSDP2 x TP with and without sequence
 parallelism, DDP x PP with GPipe, FSDP2 x PP with 1F1B and with interleaved 1F1B; then LoRA
 adapters under DDP, FSDP2 x TP with and without sequence parallelism and DDP x PP), and beside
-it one of 8 ranks the 3-D layout PP x TP x FSDP2, 10 steps each on the same global batches in
+it one of 8 ranks the 3-D layout PP x TP x FSDP2, 6 steps each on the same global batches in
 fp32; then each layout's sharded checkpoint is consolidated and compared (LoRA's with DDP's
 LoRA), and the memory each rank holds is checked.
 """
@@ -45,7 +45,7 @@ MODEL = {"dim": 64, "n_layers": 4, "n_heads": 2, "n_kv_heads": 2, "ffn_dim": 128
 @pytest.fixture(scope="module")
 def compared(tiny_run, tmp_path_factory):
     checkpoints = tmp_path_factory.mktemp("layouts")
-    common = {"global_batch": 8, "steps": 10, "model": MODEL}
+    common = {"global_batch": 8, "steps": 6, "model": MODEL}
     data = str(tiny_run["workdir"] / "data")
     layouts = [layout for layout in LAYOUTS if layout != THREE_D] + LORA_LAYOUTS
     with ThreadPoolExecutor(max_workers=2) as pool:  # the two worker groups side by side
