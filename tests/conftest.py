@@ -30,6 +30,9 @@ import pytest
 
 from rayllm.serve.app import DIRECT_INGRESS_CLUSTER  # imports no Ray: set below before Ray reads it
 
+# A session started in the background (`make test &`, nohup) inherits SIGINT ignored, and so
+# would every command it starts: the tests that stop `rayllm serve` with Ctrl-C need it back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The session cluster's own token, set before anything imports Ray (which reads it once): a

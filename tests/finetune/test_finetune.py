@@ -97,8 +97,17 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
             for p, c, r in built
         )
     )
-    # The seven runs share only their base: two at a time (one alone leaves this machine's two
-    # cores idle a third of the time, while its processes start).
+    adapter_eval, base_eval, gate, promote = commands(block_with("rayllm registry gate"))
+    key = API_KEYS.split(",")[0]
+    scoring = env | {"RAYLLM_REGISTRY": root, "RAYLLM_API_KEY": key}
+
+    def ours(args: list[str]) -> list[str]:
+        mapped = (a.replace("http://127.0.0.1:8000", url) for a in args)
+        return [a.replace("smollm2-chat", f"{MODEL}-chat").replace("smollm2", base) for a in mapped]
+
+    # The seven runs share only their base, and the base's evaluation reads only the base: two
+    # at a time (one alone leaves this machine's two cores idle a third of the time, while its
+    # processes start), the evaluation last, beside the seventh run.
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = {
             "lora": pool.submit(finetune, lora, f"{MODEL}-chat"),
@@ -129,6 +138,8 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
                 finetune, prefix, f"{MODEL}-prefix", noise=0.02, learning_rate=0.03
             ),
         }
+        few = ["--set", "max_examples=4", "--set", "workers=2"]
+        base_scores = pool.submit(rayllm_ok, *ours(base_eval), *few, env=scoring)
     adapter = runs["lora"].result()
     assert adapter["adapter"]["peft_type"] == "LORA"
     assert adapter["finetune"]["trainable_parameters"] < 10_000
@@ -191,10 +202,9 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     assert prefixed["finetune"]["trainable_parameters"] == 20 * TINY_MODEL["n_layers"] * 2 * 32
 
     # The served app answers with the new adapter without a redeploy, pinned to its version.
-    key = API_KEYS.split(",")[0]
-    ours = {"http://127.0.0.1:8000": url, "smollm2:smollm2-chat": f"{MODEL}:{MODEL}-chat"}
+    session = {"http://127.0.0.1:8000": url, "smollm2:smollm2-chat": f"{MODEL}:{MODEL}-chat"}
     answer = rayllm_ok(
-        *(ours.get(a, a) for a in chat), "--max-tokens", "6", env=env | {"RAYLLM_API_KEY": key}
+        *(session.get(a, a) for a in chat), "--max-tokens", "6", env=env | {"RAYLLM_API_KEY": key}
     )
     assert answer.strip()
     reply = httpx.post(
@@ -212,20 +222,13 @@ def test_the_readme_finetunes_publish_versions_the_served_app_answers_with(
     )
     assert refused.status_code == 400 and "vLLM serves LoRA only" in refused.text
 
-    adapter_eval, base_eval, gate, promote = commands(block_with("rayllm registry gate"))
-
-    def ours(args: list[str]) -> list[str]:
-        mapped = (a.replace("http://127.0.0.1:8000", url) for a in args)
-        return [a.replace("smollm2-chat", f"{MODEL}-chat").replace("smollm2", base) for a in mapped]
-
-    env |= {"RAYLLM_REGISTRY": root, "RAYLLM_API_KEY": key}
+    env = scoring
     small = ["--set", "max_examples=12", "--set", "max_tokens=12"]
     scored = rayllm_ok(*ours(adapter_eval), *small, env=env)
     assert f"{MODEL}-chat:1: qa: exact match" in scored and "over 12 held-out questions" in scored
     assert f"{MODEL}-chat:1: safety: refusal rate" in scored
     assert f"{MODEL}-chat:1: lm-evaluation-harness (lm-eval " in scored
-    scored = rayllm_ok(*ours(base_eval), "--set", "max_examples=4", "--set", "workers=2", env=env)
-    assert f"{base}: qa-3shot-cot: exact match" in scored
+    assert f"{base}: qa-3shot-cot: exact match" in base_scores.result()
     evaluations = registry.resolve(f"{MODEL}-chat:1").manifest["evaluations"]
     assert (
         set(evaluations) == {"qa", "safety", "harness"} and evaluations["safety"]["examples"] == 24
