@@ -35,10 +35,19 @@ from rayllm.serve.app import DIRECT_INGRESS_CLUSTER  # imports no Ray: set below
 signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The session's folder in /tmp (short: the sockets in it must keep to 97 characters): its
+# cluster's token, Ray's temp dirs and Serve's HAProxy files, removed at its end.
+# Ray workers that import a test module (to run a task defined there) import this file too:
+# they find the session's folder in the environment they inherit, and create nothing.
+if "RAYLLM_TEST_SESSION_DIR" not in os.environ:
+    folder = Path(tempfile.mkdtemp(prefix="rayllm-t-", dir="/tmp"))
+    (folder / "auth_token").write_text(secrets.token_hex(32))
+    (folder / "hap").mkdir()
+    os.environ["RAYLLM_TEST_SESSION_DIR"] = str(folder)
+SESSION_DIR = Path(os.environ["RAYLLM_TEST_SESSION_DIR"])
 # The session cluster's own token, set before anything imports Ray (which reads it once): a
 # head that finds a token turns authentication on, as one that finds ~/.ray/auth_token does.
-TOKEN = Path(tempfile.mkdtemp(prefix="rayllm-test-token-")) / "auth_token"
-TOKEN.write_text(secrets.token_hex(32))
+TOKEN = SESSION_DIR / "auth_token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(TOKEN)
 os.environ["RAY_AUTH_MODE"] = "token"  # clients send it only when told to (README, On a cluster)
 # Serve's HAProxy mode on the session cluster and in this driver (Serve reads it once), with
@@ -84,29 +93,29 @@ def free_port() -> int:
 # Serve's HAProxy keeps its files in /tmp/haproxy-serve and its stats and metrics on ports 8404
 # and 9101 (Ray's defaults), and outlives a cluster stopped under it, holding those ports: the
 # session's own folder and free ports (so it meets no other cluster of this machine), and the
-# session's end stops the HAProxy left in that folder (``stop_haproxy``). In /tmp, as Ray's: the
-# sockets in it, a node id deeper, must keep to HAProxy's 97 characters.
-HAPROXY_DIR = Path(tempfile.mkdtemp(prefix="rayllm-hap-", dir="/tmp"))
+# session's end stops what is left of it (``pytest_sessionfinish``).
+HAPROXY_DIR = SESSION_DIR / "hap"
 os.environ |= {
     "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{HAPROXY_DIR}/haproxy.cfg",
     "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{HAPROXY_DIR}/admin.sock",
     "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{HAPROXY_DIR}/metrics.sock",
     "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(HAPROXY_DIR),
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{HAPROXY_DIR}/server-state",
-    "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
 }
+for port in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+    os.environ.setdefault(port, str(free_port()))  # a Ray worker keeps the session's
 
 
-def stop_haproxy() -> None:
-    """Kill the HAProxy processes the session's nodes started, and remove their folder."""
+def pytest_sessionfinish() -> None:
+    """Kill what the session's nodes leave running in its folder (HAProxy outlives them), and
+    remove the folder, cluster or not."""
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
-        if any(str(HAPROXY_DIR) in arg for arg in process.info["cmdline"] or []):
+        if any(str(SESSION_DIR) in arg for arg in process.info["cmdline"] or []):
             with contextlib.suppress(psutil.Error):
                 process.kill()
-    shutil.rmtree(HAPROXY_DIR, ignore_errors=True)
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 def wait_for_port(port: int, timeout_s: float = 60) -> None:
@@ -162,7 +171,7 @@ def s3():
 @pytest.fixture(scope="session")
 def ray_head(s3):
     """``ray start --head`` with its own temp dir, ports and token; stopped at the end."""
-    temp = tempfile.mkdtemp(prefix="rayllm-test-ray-")
+    temp = str(SESSION_DIR / "head")
     port, dashboard, metrics = free_port(), free_port(), free_port()
     env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "RAYLLM_API_KEYS": API_KEYS}
     head = subprocess.Popen(
@@ -197,7 +206,6 @@ def ray_head(s3):
         "temp_dir": temp,
     }
     stop(head)
-    stop_haproxy()
 
 
 def stop(node: subprocess.Popen) -> None:
@@ -263,7 +271,7 @@ class WorkerNodes:
                 "--num-cpus=2",
                 f"--resources={json.dumps({name: 1, WORKER_NODE: 1})}",
                 "--object-store-memory=200000000",
-                f"--temp-dir={tempfile.mkdtemp(prefix=f'rayllm-test-{name}-')}",  # as on a machine of its own
+                f"--temp-dir={SESSION_DIR / name}",  # as on a machine of its own
                 f"--metrics-export-port={free_port()}",
                 f"--dashboard-agent-listen-port={free_port()}",
                 f"--dashboard-agent-grpc-port={free_port()}",
