@@ -75,14 +75,11 @@ def data(config: ConfigOption = None, set: SetOption = None) -> None:
 @app.command()
 def train(config: ConfigOption = None, set: SetOption = None) -> None:
     """Pretrain on finished token shards with Ray Train (DDP, FSDP2, TP, PP or ZeRO)."""
-    from rayllm.data.shards import load_manifest
     from rayllm.train.config import TrainConfig
-    from rayllm.train.mesh import mesh_shape
+    from rayllm.train.preflight import preflight
 
     settings = load_config(TrainConfig, config, set or ()).with_work_paths()
-    mesh_shape(settings)  # a bad layout, missing shards or a bad output fail before Ray starts
-    load_manifest(settings.data)
-    check_replaceable(settings.output, settings.overwrite, "train.output", "output")
+    preflight(settings)  # a bad layout, missing shards or a bad output fail before Ray starts
     from rayllm.cluster import RayConfig, connect
     from rayllm.train.trainer import run
 
@@ -848,7 +845,7 @@ def bench_train(
     import ray
     from rich.table import Table
 
-    from rayllm.bench.train import bench_model, benchmark
+    from rayllm.bench.layouts import bench_model
     from rayllm.cluster import RayConfig, connect
     from rayllm.data.shards import load_manifest
     from rayllm.paths import absolute_url
@@ -865,6 +862,8 @@ def bench_train(
             f"--gpu needs {workers} GPUs (one per worker) but the Ray cluster has {gpus:g}; "
             "lower --workers or leave out --gpu"
         )
+    from rayllm.bench.train import benchmark  # torch and Ray Train: once the settings hold
+
     title, rows = benchmark(
         data,
         workers,

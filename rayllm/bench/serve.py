@@ -79,7 +79,7 @@ def bench_model(registry: Registry) -> str:
         return f"{BENCH_MODEL_NAME}:{registry.versions(BENCH_MODEL_NAME)[-1]}"
     import torch
 
-    from rayllm.bench.train import BENCH_MODEL
+    from rayllm.bench.layouts import BENCH_MODEL
     from rayllm.data.config import TokenizerConfig
     from rayllm.data.tokenizer import save_tokenizer, train_tokenizer, with_chat_template
     from rayllm.model.config import ModelConfig

@@ -13,15 +13,17 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from rayllm.data.corpora import resolve_source
 from rayllm.errors import RayllmError
-from rayllm.model.model import IGNORED
+from rayllm.model.config import IGNORED
 from rayllm.paths import filesystem
+
+if TYPE_CHECKING:  # transformers is imported where examples are rendered, not where read
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 PAIRS = (("prompt", "response"), ("question", "answer"))

@@ -6,6 +6,10 @@ from pydantic import model_validator
 
 from rayllm.config import StageConfig
 
+IGNORED = -100
+"""A target that is not trained on (a prompt token of fine-tuning data, or padding): the loss
+skips it."""
+
 # vLLM's CPU attention kernels accept these head sizes only.
 SERVABLE_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayllm.model.config import ModelConfig
+from rayllm.model.config import IGNORED, ModelConfig
 
 
 def rotary_tables(config: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,10 +162,6 @@ def segment_mask(segments: torch.Tensor) -> torch.Tensor:
     seq = segments.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=segments.device).tril()
     return (segments[:, :, None] == segments[:, None, :]).logical_and(causal).unsqueeze(1)
-
-
-IGNORED = -100
-"""A target that is not trained on (a prompt token of fine-tuning data, or padding)."""
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -41,20 +41,22 @@ def import_folder(
     A folder ``rayllm train`` wrote carries a ``manifest.json`` naming its data, training
     settings and metrics; they become the version's lineage, with ``metrics`` added.
     """
-    from transformers import AutoConfig
-
     folder = Path(folder)
     if (folder / ADAPTER_CONFIG).is_file():
         return import_adapter(registry, name, folder, parent)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise RayllmError(f"{folder} is not a Hugging Face model folder: {err}") from None
+    if not (folder / "config.json").is_file():
+        raise RayllmError(f"{folder} is not a Hugging Face model folder: it has no config.json")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise RayllmError(
             f"{folder} has no tokenizer (tokenizer.json); a served model needs one: save the "
             "tokenizer into the folder (rayllm train does) and publish again"
         )
+    from transformers import AutoConfig  # seconds to import: after the checks of files
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise RayllmError(f"{folder} is not a Hugging Face model folder: {err}") from None
     lineage: dict[str, Any] = {"parent": parent}
     trained = folder / MANIFEST
     if trained.is_file():
@@ -82,8 +84,6 @@ def import_adapter(
     """Publish a peft adapter against the registry version it was trained on: that version,
     pinned, is its lineage's parent, and every adapted weight must fit that version's shape.
     ``details`` (how it was trained) join the lineage."""
-    from peft import PeftConfig
-
     if base is None:
         raise RayllmError(
             f"{folder} is a peft adapter; name the registry version it was trained on with "
@@ -94,6 +94,8 @@ def import_adapter(
         raise RayllmError(
             f"{base_version.ref} is itself an adapter; an adapter's parent is a full model"
         )
+    from peft import PeftConfig  # seconds to import: after the checks of names
+
     try:
         config = PeftConfig.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as err:

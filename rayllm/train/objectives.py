@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rayllm.model.model import IGNORED, next_token_loss
+from rayllm.model.config import IGNORED
+from rayllm.model.model import next_token_loss
 
 Objective = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
 

@@ -17,7 +17,7 @@ from rayllm.model.config import ModelConfig
 from rayllm.model.model import IGNORED, Transformer, next_token_loss
 from rayllm.train.config import TrainConfig
 from rayllm.train.objectives import distillation, softened_kl
-from rayllm.train.trainer import with_teacher_vocabulary
+from rayllm.train.preflight import with_teacher_vocabulary
 
 
 def batch(rows: int = 2, length: int = 6, vocab: int = 11) -> tuple[torch.Tensor, ...]:

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from rayllm.errors import RayllmError
 from rayllm.finetune.examples import Counts, pack, read_conversations, render
-from rayllm.model.config import ModelConfig
-from rayllm.model.model import IGNORED, Transformer
+from rayllm.model.config import IGNORED, ModelConfig
+from rayllm.model.model import Transformer
 from rayllm.registry.importers import builtin_gguf
 
 

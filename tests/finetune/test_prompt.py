@@ -15,9 +15,9 @@ from rayllm.errors import RayllmError
 from rayllm.eval.models import load_model
 from rayllm.finetune.config import FinetuneConfig
 from rayllm.finetune.examples import pack
-from rayllm.model.config import ModelConfig
+from rayllm.model.config import IGNORED, ModelConfig
 from rayllm.model.hf import save_hf_model
-from rayllm.model.model import IGNORED, Transformer
+from rayllm.model.model import Transformer
 from rayllm.registry.importers import import_adapter
 from rayllm.registry.merge import publish_merged
 from rayllm.registry.store import Registry

@@ -6,7 +6,7 @@ from rayllm.errors import RayllmError
 from rayllm.train.config import TrainConfig
 from rayllm.train.mesh import MeshShape, mesh_shape
 from rayllm.train.optim import lr_schedule
-from rayllm.train.trainer import resolve_model_shape
+from rayllm.train.preflight import resolve_model_shape
 
 MANIFEST = {"vocab_size": 1000, "seq_len": 64}
 

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from rayllm.bench.train import LAYOUTS, compare_strategies, layout_name, theory_mb
+from rayllm.bench.layouts import LAYOUTS, layout_name, theory_mb
+from rayllm.bench.train import compare_strategies
 from rayllm.train.checkpoint import consolidate
 from tests.conftest import overrides
 from tests.test_cli import rayllm
