@@ -106,16 +106,19 @@ for port in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
     os.environ.setdefault(port, str(free_port()))  # a Ray worker keeps the session's
 
 
-def pytest_sessionfinish() -> None:
+def pytest_sessionfinish(exitstatus: int) -> None:
     """Kill what the session's nodes leave running in its folder (HAProxy outlives them), and
-    remove the folder, cluster or not."""
+    remove the folder, cluster or not; after a failure, Ray's logs in it are kept."""
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
         if any(str(SESSION_DIR) in arg for arg in process.info["cmdline"] or []):
             with contextlib.suppress(psutil.Error):
                 process.kill()
-    shutil.rmtree(SESSION_DIR, ignore_errors=True)
+    if exitstatus == 0:
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
+    else:
+        print(f"\nthe session's Ray logs: {SESSION_DIR}/*/session_latest/logs")
 
 
 def wait_for_port(port: int, timeout_s: float = 60) -> None:
