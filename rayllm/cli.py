@@ -79,12 +79,12 @@ def train(config: ConfigOption = None, set: SetOption = None) -> None:
     from rayllm.train.preflight import preflight
 
     settings = load_config(TrainConfig, config, set or ()).with_work_paths()
-    preflight(settings)  # a bad layout, missing shards or a bad output fail before Ray starts
+    checked = preflight(settings)  # a bad layout, shards or output fail before Ray starts
     from rayllm.cluster import RayConfig, connect
     from rayllm.train.trainer import run
 
     connect(RayConfig())
-    result = run(settings)
+    result = run(settings, checked)
     console.print(f"model written to {result.model}")
 
 

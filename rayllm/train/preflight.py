@@ -1,6 +1,7 @@
 """The training stage's settings checked against its data before anything starts: the CLI
-runs these checks before it connects to Ray, and :func:`rayllm.train.trainer.run` (a library
-call, a job) runs them again. Configuration and file listings only: no torch, no Ray."""
+runs these checks before it connects to Ray and hands their result to
+:func:`rayllm.train.trainer.run`, which runs them itself for a library call or a job.
+Configuration and file listings only: no torch, no Ray."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from rayllm.paths import absolute_url, check_replaceable, filesystem
 from rayllm.train.config import TrainConfig
 from rayllm.train.mesh import MeshShape, mesh_shape
 
+Checked = tuple[TrainConfig, dict[str, Any], MeshShape]
+"""A config with absolute paths and its model's shape filled, its data's manifest, its mesh."""
 
-def preflight(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], MeshShape]:
+
+def preflight(config: TrainConfig) -> Checked:
     """``config`` with absolute paths and its model's shape filled from the data, the data's
     manifest, and the mesh: or the first user error in them."""
     config = config.with_work_paths()

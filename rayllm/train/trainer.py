@@ -28,7 +28,7 @@ from rayllm.progress import Stage, console
 from rayllm.train.checkpoint import check_resumable, consolidate, run_layout
 from rayllm.train.config import TrainConfig
 from rayllm.train.loop import STOPPED, train_loop_per_worker
-from rayllm.train.preflight import preflight
+from rayllm.train.preflight import Checked, preflight
 from rayllm.version import code_version
 
 RAY_TRAIN_MARKER = ".validate_storage_marker"
@@ -47,9 +47,11 @@ class TrainResult:
     seconds: float
 
 
-def run(config: TrainConfig) -> TrainResult:
-    """Train on ``config.data``; publish the Hugging Face-format model to ``config.output``."""
-    config, manifest, shape = preflight(config)
+def run(config: TrainConfig, checked: Checked | None = None) -> TrainResult:
+    """Train on ``config.data``; publish the Hugging Face-format model to ``config.output``.
+    ``checked``: what :func:`preflight` returned for ``config``, where the caller ran it
+    already (the CLI, before it connects to Ray); otherwise it runs here."""
+    config, manifest, shape = checked or preflight(config)
     layout = run_layout(config, manifest_sha256(config.data), manifest)
     run_folder = f"{config.storage.rstrip('/')}/{config.run_name}"
     started = time.time()
