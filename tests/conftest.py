@@ -71,6 +71,13 @@ os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 # 2 s here, and the autoscaling test's replicas follow its burst, and its end, that much sooner.
 os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
 os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
+# Each node's log monitor looks for new log files on every pass (10 a second) until a node has
+# 1,000 of them, then every 0.5 s: the session's head gathers hundreds over a run, and that
+# search took ~4 % of a core. Every 0.5 s from the start (what is written is still read).
+os.environ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] = "0"
+# vLLM's engines bind their sockets in /tmp and leave them there when a replica is killed:
+# in the session's folder instead, which its end removes.
+os.environ["VLLM_RPC_BASE_PATH"] = str(SESSION_DIR)
 
 API_KEYS = "key-one,key-two"
 """The cluster's serving keys, as the README's serving section exports them: apps built on the

@@ -23,6 +23,7 @@ from rayllm.train.lora import save_adapter
 from rayllm.train.mesh import mesh_shape
 from rayllm.train.metrics import held_bytes
 from rayllm.train.parallelize import apply_recompute
+from rayllm.train.trainer import worker_env
 from tests.conftest import free_port
 
 MODEL = {"vocab_size": 128, "dim": 64, "n_layers": 4, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 128}
@@ -147,6 +148,8 @@ def test_a_tied_head_trains_as_one_matrix_and_exports_tied(
     one_rank, tmp_path, monkeypatch, parallel
 ):
     monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed's launcher would have set it
+    for name, value in worker_env().items():  # a training worker's: DeepSpeed's ops prebuilt
+        monkeypatch.setenv(name, value)
     tied = MODEL | {"tie_embeddings": True}
     config = TrainConfig.model_validate({"num_workers": 1, "model": tied, "parallel": parallel})
     torch.manual_seed(0)
