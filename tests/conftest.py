@@ -71,10 +71,6 @@ os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 # 2 s here, and the autoscaling test's replicas follow its burst, and its end, that much sooner.
 os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
 os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
-# Serve's controller runs its control loop 10 times a second (Ray's default), reading the
-# cluster's nodes each time: ~4 % of a core for the whole session here. Twice a second: each
-# step of a deploy, rollout or scaling waits up to 0.4 s more.
-os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] = "0.5"
 # Each node's log monitor looks for new log files on every pass (10 a second) until a node has
 # 1,000 of them, then every 0.5 s: the session's head gathers hundreds over a run, and that
 # search took ~4 % of a core. Every 0.5 s from the start (what is written is still read).
