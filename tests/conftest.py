@@ -407,6 +407,17 @@ def replica_actors(app: str, deployment: str) -> dict[str, Any]:
     return {a.actor_id: a for a in actors if a.class_name == f"ServeReplica:{app}:{deployment}"}
 
 
+def engine_processes(replica: Any) -> tuple[list[Any], list[str]]:
+    """The vLLM engine-core processes under a replica actor of this host, and the command
+    lines of all its processes."""
+    import psutil
+
+    children = psutil.Process(replica.pid).children(recursive=True)
+    lines = [" ".join(p.cmdline()) for p in children]
+    engines = [p for p, line in zip(children, lines, strict=True) if "VLLM::EngineCore" in line]
+    return engines, lines
+
+
 def replica_states(app: str, deployment: str) -> dict[str, int]:
     """The replicas of one of a Serve app's deployments by state, as Serve counts them."""
     from ray import serve

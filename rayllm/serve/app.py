@@ -13,6 +13,7 @@ keys, engine-load autoscaling and CPU-aware defaults to ``ray.serve.llm``.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -197,11 +198,26 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: Nod
         deployment_config={
             "autoscaling_config": autoscaling(entry),
             "max_surge_percent": entry.max_surge_percent,
+            # The replica actor shares its engine's bundle, where ray.serve.llm would add a
+            # CPU of its own to it: a replica takes cpus_per_replica CPUs, no more.
+            "ray_actor_options": {"num_cpus": 0},
         },
         lora_config={"max_num_adapters_per_replica": entry.max_loras} if entry.max_loras else None,
         server_cls=ModelServer,
-        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": config.log_level}},
+        runtime_env={"env_vars": replica_env(entry, on_gpu, config.log_level)},
     )
+
+
+def replica_env(entry: ModelEntry, on_gpu: bool, log_level: str) -> dict[str, str]:
+    """A replica's environment, which its engine process inherits. A CPU engine computes with
+    one thread per whole CPU of the replica but one, left to its front end (vLLM's own rule
+    for the cores it binds), and at least one; Ray would set ``OMP_NUM_THREADS`` from the
+    replica actor's own CPUs (none here; one by ray.serve.llm's default), whatever
+    ``cpus_per_replica`` is."""
+    env = {"VLLM_LOGGING_LEVEL": log_level}
+    if not on_gpu:
+        env["OMP_NUM_THREADS"] = str(max(1, math.floor(entry.cpus_per_replica) - 1))
+    return env
 
 
 def engine_arguments(

@@ -94,6 +94,8 @@ class ReplicaSettings(EngineSettings):
     them); 0 stops old replicas first (Serve's default), and a model with one replica then
     stops answering until the new one has started."""
     cpus_per_replica: float = 1.0
+    """CPUs Ray reserves for each replica (each tensor-parallel rank), its front end included;
+    a CPU engine computes with a thread on each whole CPU but one (at least one)."""
     replica_resources: dict[str, float] = {}
     """Custom Ray resources each replica (each tensor-parallel rank) asks for as well, e.g.
     ``{serving: 1}``: replicas then run only on the nodes started with them (``ray start

@@ -13,7 +13,13 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from rayllm.serve.app import ENGINE_LOAD_POLICY, autoscaling
 from rayllm.serve.autoscaling import EngineLoadPolicy
 from rayllm.serve.config import ModelEntry, ServeConfig
-from tests.conftest import WORKER_NODE, overrides, replica_actors, replica_states
+from tests.conftest import (
+    WORKER_NODE,
+    engine_processes,
+    overrides,
+    replica_actors,
+    replica_states,
+)
 from tests.test_jobs import readme_job, submit, wait
 
 
@@ -105,16 +111,16 @@ def test_cpu_features_are_read_on_every_node_a_replica_may_use(worker_nodes):
 def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
     tiny_run, ray_cluster, serve_port, worker_nodes
 ):
-    """One model scaled to zero, 2 sequences per replica, short delays, its replicas only on
-    the two worker nodes (one each: ``replica_resources``), never on the driver's, each
-    resolving its version from the S3 registry. The first request starts a replica (the cold
-    start); 6 clients sending long completions then fill its engine (load 3 against a target
-    of 0.5) and Serve starts a second. Once both run, under the burst, one's node is removed
-    (its raylet and every process on it killed) and every request is answered by the replica
-    left: Serve sends again what the dead replica had not accepted, the ingress answers 503
-    for what it had, and the clients retry those. When the clients stop, every replica goes
-    (the one Serve asks for in the lost one's place has no node to start on). No request
-    fails.
+    """One model scaled to zero, 2 sequences per replica, short delays, its replicas only on the
+    two worker nodes (one each: ``replica_resources``; both of a node's CPUs, its engine
+    computing on one), never on the driver's, each resolving its version from the S3 registry.
+    The first request starts a replica (the cold start); 6 clients sending long completions then
+    fill its engine (load 3 against a target of 0.5) and Serve starts a second. Once both run,
+    under the burst, one's node is removed (its raylet and every process on it killed) and every
+    request is answered by the replica left: Serve sends again what the dead replica had not
+    accepted, the ingress answers 503 for what it had, and the clients retry those. When the
+    clients stop, every replica goes (the one Serve asks for in the lost one's place has no node
+    to start on). No request fails.
     The app is served by a Ray job (``jobs/serve.py``); stopping the job removes it."""
     import ray
     from ray import serve
@@ -137,6 +143,7 @@ def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
         "look_back_period_s": 11,
         "target_ongoing_requests": 100,  # Serve's own policy would never add a replica here
         "replica_resources": {WORKER_NODE: 1},
+        "cpus_per_replica": 2,  # all of a worker node's, the replica actor's included
     }
     entrypoint = readme_job("jobs/serve.py", "")[0]
     jobs, job = submit(ray_cluster["dashboard"], entrypoint, *overrides(settings))
@@ -171,6 +178,11 @@ def test_replicas_rise_under_a_burst_survive_a_lost_node_and_fall_to_zero(
                 placed = {replica.node_id for replica in replicas.values()}
                 assert placed == set(worker_nodes.alive().values())
                 assert ray.get_runtime_context().get_node_id() not in placed
+                threads = [
+                    [e.environ()["OMP_NUM_THREADS"] for e in engine_processes(r)[0]]
+                    for r in replicas.values()
+                ]
+                assert threads == [["1"], ["1"]]  # one of its 2 CPUs left to the front end
                 # The node lost is one without the app's ingress (Serve placed it anywhere).
                 ingress = {a.node_id for a in replica_actors("scaling", "Ingress").values()}
                 lost = next(r for r in replicas.values() if r.node_id not in ingress)

@@ -107,6 +107,22 @@ def test_tensor_parallel_needs_gpus(registry):
     assert on_gpus.engine_kwargs["tensor_parallel_size"] == 2
 
 
+def test_a_replica_takes_its_cpus_and_a_cpu_engine_computes_with_them(registry):
+    """One bundle of ``cpus_per_replica`` CPUs, which the replica actor shares with its engine
+    (ray.serve.llm adds the actor's own ``num_cpus`` to it), and a thread on each whole CPU
+    but one for a CPU engine. The session's served replica shows the placement group Serve makes of it
+    (tests/serve/test_engine.py)."""
+    config = pin(ServeConfig(registry=registry.url, model="scribe", cpus_per_replica=4.5))
+    for on_gpu, bundle, threads in (
+        (False, {"CPU": 4.5}, "3"),
+        (True, {"CPU": 4.5, "GPU": 1}, None),
+    ):
+        replica = llm_config(config.models[0], config, has_gpus=on_gpu, cpus=local_cpus())
+        assert replica.placement_group_config == {"bundles": [bundle]}
+        assert replica.deployment_config["ray_actor_options"] == {"num_cpus": 0}
+        assert replica.runtime_env["env_vars"].get("OMP_NUM_THREADS") == threads
+
+
 def test_replicas_ask_for_the_custom_resources_of_their_nodes(registry):
     settings = {"registry": registry.url, "model": "scribe", "replica_resources": {"serving": 1}}
     config = pin(ServeConfig(**settings))
