@@ -327,4 +327,13 @@ def direct_app(
     kwargs = {"key_digests": key_digests, "serve_config": serve_config}
     server = _build_direct_streaming_llm_deployment(llm_config, bind_kwargs=kwargs)
     router = _build_openai_ingress_request_router(server=server, llm_config=llm_config)
-    return server._with_ingress_request_router(router)
+    return server._with_ingress_request_router(surging(router))
+
+
+def surging(app: Application) -> Application:
+    """``app`` with its replacement started before its replica stops. A rollout
+    (``serve.run`` again) replaces every deployment of the app, the router of a direct app
+    too, and at Serve's default the old router stopped first: HAProxy then had no router to
+    send a request to until the new one ran (503 ``router_unreachable``). Adapter over the
+    ``Application`` Ray's builder returns (its private bound deployment)."""
+    return Application(app._bound_deployment.options(max_surge_percent=100))

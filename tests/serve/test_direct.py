@@ -31,6 +31,7 @@ from rayllm.serve.config import ServeConfig
 from tests.conftest import (
     API_KEYS,
     BIN,
+    TOKEN,
     overrides,
     publish_random_model,
     replica_actors,
@@ -251,8 +252,15 @@ def busy_clients(url: str, count: int):
 def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_cluster, tmp_path):
     """The README's ``rayllm serve rollout`` onto another version while a client sends
     requests without retrying: the new replicas start beside the old ones, HAProxy moves to
-    them, and the old ones drain and stop. No request fails; the answers switch to the new
+    them, and the old ones drain and stop. The app's request router is replaced too, its new
+    replica started before the old one stops. No request fails; the answers switch to the new
     weights. The stream runs until the old replicas are gone, through the whole drain."""
+    token = {"Authorization": f"Bearer {TOKEN.read_text()}"}  # the cluster's Ray token
+    details = httpx.get(f"{ray_cluster['dashboard']}/api/serve/applications/", headers=token)
+    deployments = details.json()["applications"]["direct"]["deployments"]
+    surges = {name: d["deployment_config"]["max_surge_percent"] for name, d in deployments.items()}
+    assert surges == {_deployment(): 100, "LLMRouter": 100}
+    routers = replica_actors("direct", "LLMRouter")
     other = publish_random_model(tiny_run, f"{MODEL}-direct", tmp_path / "other")
     env = ray_cluster["env"] | {"RAY_ADDRESS": ray_cluster["address"], "COLUMNS": "200"}
     with httpx.Client(base_url=f"{direct}/v1", headers={"Authorization": f"Bearer {KEY}"}) as http:
@@ -268,6 +276,7 @@ def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_
             time.sleep(1)
     assert f"{MODEL}: {MODEL}:1 -> {other} (follows {other})" in moved, moved
     assert not stream.failures, stream.failures
+    assert routers and not set(routers) & set(replica_actors("direct", "LLMRouter"))
     assert same_weights(stream.answers[0], old_answer)
     assert not same_weights(stream.answers[-1], old_answer)  # the new weights answer now
     running = running_config("direct")
