@@ -8,9 +8,6 @@ import re
 import string
 from collections import Counter
 
-import sacrebleu
-from rouge_score import rouge_scorer
-
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -37,6 +34,9 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def answer_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Means over the examples (0-1), and corpus BLEU (0-100) as sacrebleu reports it."""
+    import sacrebleu  # with rouge-score (nltk, scipy): a second of imports only answers need
+    from rouge_score import rouge_scorer
+
     count = len(predictions)
     rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return {
