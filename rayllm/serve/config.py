@@ -116,6 +116,11 @@ class ReplicaSettings(EngineSettings):
             raise ValueError("target_engine_load is a fraction: 0 < target_engine_load <= 1")
         if self.stream_batching_ms < 0:
             raise ValueError("stream_batching_ms must be 0 (no batching) or more")
+        if self.cpus_per_replica <= 0:
+            raise ValueError(
+                "cpus_per_replica must be above 0: the CPUs each replica takes, its front end "
+                "included"
+            )
         if any(
             name in ("CPU", "GPU", "memory") or amount <= 0
             for name, amount in self.replica_resources.items()
@@ -155,6 +160,12 @@ class BatchConfig(EngineSettings):
     engines: int = 1
     """Engine workers running at once (data parallel)."""
     cpus_per_engine: float = 1.0
+
+    @model_validator(mode="after")
+    def _check_engines(self) -> BatchConfig:
+        if self.engines < 1 or self.cpus_per_engine <= 0:
+            raise ValueError("need engines >= 1 and cpus_per_engine above 0")
+        return self
 
     def registry_root(self) -> str:
         return self.registry or default_registry()

@@ -17,7 +17,7 @@ from rayllm.serve.app import (
     pin,
     serve_config_file,
 )
-from rayllm.serve.config import ModelEntry, ServeConfig
+from rayllm.serve.config import BatchConfig, ModelEntry, ServeConfig
 from rayllm.serve.node_cpus import NodeCpus, common, local_cpus
 from rayllm.serve.rollout import plan
 from tests.test_cli import rayllm
@@ -121,6 +121,10 @@ def test_a_replica_takes_its_cpus_and_a_cpu_engine_computes_with_them(registry):
         assert replica.placement_group_config == {"bundles": [bundle]}
         assert replica.deployment_config["ray_actor_options"] == {"num_cpus": 0}
         assert replica.runtime_env["env_vars"].get("OMP_NUM_THREADS") == threads
+    with pytest.raises(ValueError, match="cpus_per_replica must be above 0"):
+        ServeConfig(cpus_per_replica=0)
+    with pytest.raises(ValueError, match="cpus_per_engine above 0"):
+        BatchConfig(cpus_per_engine=0)
 
 
 def test_replicas_ask_for_the_custom_resources_of_their_nodes(registry):
