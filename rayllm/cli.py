@@ -78,7 +78,7 @@ def train(config: ConfigOption = None, set: SetOption = None) -> None:
     from rayllm.train.config import TrainConfig
     from rayllm.train.preflight import preflight
 
-    settings = load_config(TrainConfig, config, set or ()).with_work_paths()
+    settings = load_config(TrainConfig, config, set or ())
     checked = preflight(settings)  # a bad layout, shards or output fail before Ray starts
     from rayllm.cluster import RayConfig, connect
     from rayllm.train.trainer import run
