@@ -114,12 +114,18 @@ for port in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
 
 
 def pytest_sessionfinish(exitstatus: int) -> None:
-    """Kill what the session's nodes leave running in its folder (HAProxy outlives them), and
-    remove the folder, cluster or not; after a failure, Ray's logs in it are kept."""
+    """Kill what outlives the session's nodes: HAProxy (its files in the session's folder)
+    and a vLLM engine whose replica the cluster's stop killed (the session's environment is
+    its own); remove the folder, cluster or not; after a failure, Ray's logs in it are kept."""
     import psutil
 
-    for process in psutil.process_iter(["cmdline"]):
-        if any(str(SESSION_DIR) in arg for arg in process.info["cmdline"] or []):
+    this = psutil.Process()
+    spared = {this.pid} | {parent.pid for parent in this.parents()}  # this run and its shell
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        in_folder = any(str(SESSION_DIR) in arg for arg in process.info["cmdline"] or [])
+        environ = process.info["environ"] or {}
+        of_session = environ.get("RAYLLM_TEST_SESSION_DIR") == str(SESSION_DIR)
+        if (in_folder or of_session) and process.pid not in spared:
             with contextlib.suppress(psutil.Error):
                 process.kill()
     if exitstatus == 0:
