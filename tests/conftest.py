@@ -413,6 +413,16 @@ def replica_actors(app: str, deployment: str) -> dict[str, Any]:
     return {a.actor_id: a for a in actors if a.class_name == f"ServeReplica:{app}:{deployment}"}
 
 
+def stored_serve_apps(ray_cluster: dict):
+    """The dashboard's Serve API answer: every app with its deployments' stored configs, read
+    with the cluster's Ray token."""
+    import httpx
+
+    token = {"Authorization": f"Bearer {TOKEN.read_text()}"}
+    url = f"{ray_cluster['dashboard']}/api/serve/applications/"
+    return httpx.get(url, headers=token, timeout=30)
+
+
 def engine_processes(replica: Any) -> tuple[list[Any], list[str]]:
     """The vLLM engine-core processes under a replica actor of this host, and the command
     lines of all its processes."""

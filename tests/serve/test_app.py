@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from rayllm.client import AsyncClient, Client, EndpointError
-from tests.conftest import API_KEYS, BIN, TOKEN
+from tests.conftest import API_KEYS, BIN, stored_serve_apps
 from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with
 
@@ -141,10 +141,7 @@ def test_the_openai_sdk_and_the_async_client_use_the_key(keyed_app):
 
 def test_the_keys_reach_neither_the_logs_nor_the_stored_config(keyed_app, ray_cluster):
     assert KEY not in keyed_app["exported"].read_text()
-    token = {"Authorization": f"Bearer {TOKEN.read_text()}"}  # the cluster's Ray token
-    stored = httpx.get(
-        f"{ray_cluster['dashboard']}/api/serve/applications/", headers=token, timeout=30
-    )
+    stored = stored_serve_apps(ray_cluster)
     assert "keyed" in stored.text and KEY not in stored.text
     logs = Path(ray_cluster["temp_dir"]) / "session_latest" / "logs"
     leaked = [path for path in logs.rglob("*") if path.is_file() and KEY in _text(path)]

@@ -110,8 +110,8 @@ def test_tensor_parallel_needs_gpus(registry):
 def test_a_replica_takes_its_cpus_and_a_cpu_engine_computes_with_them(registry):
     """One bundle of ``cpus_per_replica`` CPUs, which the replica actor shares with its engine
     (ray.serve.llm adds the actor's own ``num_cpus`` to it), and a thread on each whole CPU
-    but one for a CPU engine. The session's served replica shows the placement group Serve makes of it
-    (tests/serve/test_engine.py)."""
+    but one for a CPU engine. The session's served replica shows the placement group Serve
+    makes of it (tests/serve/test_engine.py)."""
     config = pin(ServeConfig(registry=registry.url, model="scribe", cpus_per_replica=4.5))
     for on_gpu, bundle, threads in (
         (False, {"CPU": 4.5}, "3"),

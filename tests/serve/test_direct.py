@@ -31,11 +31,11 @@ from rayllm.serve.config import ServeConfig
 from tests.conftest import (
     API_KEYS,
     BIN,
-    TOKEN,
     overrides,
     publish_random_model,
     replica_actors,
     replica_states,
+    stored_serve_apps,
 )
 from tests.serve.test_app import BAD_REQUESTS, send_bad_request
 from tests.serve.test_rollout import Stream, same_weights, steady_stream
@@ -255,9 +255,7 @@ def test_a_rollout_under_a_steady_stream_fails_no_request(direct, tiny_run, ray_
     them, and the old ones drain and stop. The app's request router is replaced too, its new
     replica started before the old one stops. No request fails; the answers switch to the new
     weights. The stream runs until the old replicas are gone, through the whole drain."""
-    token = {"Authorization": f"Bearer {TOKEN.read_text()}"}  # the cluster's Ray token
-    details = httpx.get(f"{ray_cluster['dashboard']}/api/serve/applications/", headers=token)
-    deployments = details.json()["applications"]["direct"]["deployments"]
+    deployments = stored_serve_apps(ray_cluster).json()["applications"]["direct"]["deployments"]
     surges = {name: d["deployment_config"]["max_surge_percent"] for name, d in deployments.items()}
     assert surges == {_deployment(): 100, "LLMRouter": 100}
     routers = replica_actors("direct", "LLMRouter")

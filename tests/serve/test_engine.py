@@ -1,7 +1,7 @@
 """The replica's engine (``rayllm.serve.server.ModelEngine``): what it relies on in Ray 2.60's
 internal ``VLLMEngine``, and, on the session's served model, a one-rank CPU model computed in
 vLLM's engine-core process with no worker process beside it, in one bundle of the replica's
-CPUs (the replica actor takes none of its own) with as many compute threads."""
+CPUs (the replica actor takes none of its own), its compute threads set from them."""
 
 import inspect
 
