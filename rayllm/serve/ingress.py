@@ -14,6 +14,7 @@ the served apps.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from collections.abc import Awaitable
@@ -41,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from vllm.exceptions import VLLMClientError
 
+import rayllm
 from rayllm.serve.adapters import AdapterNames, AdapterRefused
 from rayllm.serve.app import key_digest
 from rayllm.serve.config import ServeConfig
@@ -310,7 +312,7 @@ def openai_app(
     options = Ingress.get_deployment_options(llm_configs)
     options |= {"ray_actor_options": {"num_cpus": 0}, "max_surge_percent": 100}
     return serve.deployment(make_fastapi_ingress(Ingress, app=app), **options).bind(
-        llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
+        llm_deployments={c.model_id: versioned(build_llm_deployment(c), c) for c in llm_configs},
         model_cards={c.model_id: _model_card(c) for c in llm_configs},
         serve_config=serve_config,
     )
@@ -330,10 +332,35 @@ def direct_app(
     return server._with_ingress_request_router(surging(router))
 
 
+def versioned(app: Application, llm_config: LLMConfig) -> Application:
+    """``app``, one model's deployment, with a version of its own: a digest of the model's
+    ``LLMConfig`` and of rayllm's release. ``serve.run`` gives a deployment without one a random
+    version, and Serve replaces the replicas of a deployment whose version changed: every
+    redeploy of the app (``rayllm serve rollout``) replaced every model's replicas, moved or
+    not. Adapter over the ``Application`` Ray's builder returns (its private bound deployment;
+    Ray 2.60 takes a version from Serve's own code only, ``_internal``). A Serve config file
+    (``serve deploy``) versions an app's deployments together, whatever this sets."""
+    settings = json.dumps(
+        [rayllm.__version__, llm_config.model_dump()], sort_keys=True, default=_named
+    )
+    version = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    return Application(app._bound_deployment.options(version=version, _internal=True))
+
+
+def _named(value: Any) -> str:
+    """A class in an ``LLMConfig`` (its server, its callback) by its import path; anything
+    else JSON lacks by its ``repr`` (at worst one that changes from build to build, which
+    replaces the model's replicas as ``serve.run`` would)."""
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
 def surging(app: Application) -> Application:
     """``app`` with its replacement started before its replica stops. A rollout
-    (``serve.run`` again) replaces every deployment of the app, the router of a direct app
-    too, and at Serve's default the old router stopped first: HAProxy then had no router to
-    send a request to until the new one ran (503 ``router_unreachable``). Adapter over the
-    ``Application`` Ray's builder returns (its private bound deployment)."""
+    (``serve.run`` again) replaces every deployment of the app without a version of its own
+    (``versioned``), the router of a direct app too, and at Serve's default the old router
+    stopped first: HAProxy then had no router to send a request to until the new one ran
+    (503 ``router_unreachable``). Adapter over the ``Application`` Ray's builder returns (its
+    private bound deployment)."""
     return Application(app._bound_deployment.options(max_surge_percent=100))

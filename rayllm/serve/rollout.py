@@ -2,8 +2,9 @@
 
 ``rayllm registry promote`` (or ``rollback``) moves an alias; ``rollout`` reads the pinned
 ServeConfig the running app was built from, resolves each model's reference again and, when a
-version changed, redeploys the app with the new pins. Serve replaces the app's replicas (it
-versions an app's deployments together, so every model's replicas are replaced); with
+version changed, redeploys the app with the new pins. Serve replaces the replicas of the moved
+models and of the ingress (which holds the pinned config); each model's deployment is versioned
+by its own settings (``rayllm.serve.ingress.versioned``), so the others keep theirs. With
 ``max_surge_percent`` at rayllm's default of 100, each old replica keeps serving until its
 replacement is ready, so requests arriving meanwhile are answered, by the old version or
 the new. The cluster needs room for the extra replicas while both run.

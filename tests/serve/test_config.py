@@ -85,6 +85,34 @@ def test_rollouts_start_replacements_before_stopping_old_replicas(registry):
         ServeConfig(max_surge_percent=150)
 
 
+def test_a_models_deployment_keeps_its_version_until_its_config_changes(registry):
+    """``serve.run`` of the app again (a rollout) replaces the replicas of a deployment whose
+    version changed (tests/serve/test_rollout.py shows Serve keeping the others): each model's
+    deployment is versioned by its own settings, so a rollout replaces the moved model's. The
+    versions are read from the deployments Serve's builder makes of the app, as ``serve.run``
+    sends them; the ingress has none (a new one each time: it holds the pinned config)."""
+    from ray.serve._private.build_app import build_app
+
+    from rayllm.serve.ingress import openai_app
+
+    def versions(models: list[str], **settings) -> dict[str, str | None]:
+        config = pin(ServeConfig(registry=registry.url, models=models, **settings))
+        built = [llm_config(e, config, has_gpus=False, cpus=local_cpus()) for e in config.models]
+        app = openai_app(built, [], config.model_dump(mode="json"))
+        return {d.name: d.version for d in build_app(app, name="app").deployments}
+
+    served = versions(["bard@production", "scribe"])
+    assert served.pop("Ingress") is None
+    assert sorted(served) == ["ModelServer:bard", "ModelServer:scribe"] and all(served.values())
+    assert versions(["bard@production", "scribe"]) == served | {"Ingress": None}  # again: same
+    moved = versions(["bard:2", "scribe"])
+    assert moved["ModelServer:scribe"] == served["ModelServer:scribe"]
+    assert moved["ModelServer:bard"] != served["ModelServer:bard"]
+    resized = versions(["bard@production", "scribe"], max_num_seqs=3)  # every engine's setting
+    assert resized["ModelServer:bard"] != served["ModelServer:bard"]
+    assert resized["ModelServer:scribe"] != served["ModelServer:scribe"]
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

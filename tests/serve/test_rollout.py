@@ -4,7 +4,8 @@ vLLM serves with its int4 kernels; pruned instead on CPUs whose vLLM has no int4
 roll the app onto it, then roll it back, each under a
 steady stream of requests. No request fails (the client does not retry), and the answers switch
 from one version's to the other's. Whatever fails, the test leaves the app serving the version it
-found, for the tests after it."""
+found, for the tests after it. A redeploy of an app keeps the replicas of its deployments whose
+version holds: a rollout replaces the moved models' replicas alone."""
 
 import os
 import threading
@@ -13,11 +14,12 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+from ray import serve
 
 from rayllm.client import Client
 from rayllm.registry.store import Registry
 from rayllm.serve.node_cpus import local_cpus
-from tests.conftest import API_KEYS, overrides
+from tests.conftest import API_KEYS, overrides, replica_actors
 from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with, commands
 
@@ -150,3 +152,63 @@ def test_a_promoted_version_rolls_out_and_back_with_no_failed_request(
         rayllm_ok("registry", "promote", first, "production", env=env)
         rayllm_ok(*rollout, env=env)
         raise
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Weights:
+    """A model's deployment, as far as a redeploy sees it: its settings, and what it serves."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+    def __call__(self) -> str:
+        return self.ref
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Front:
+    def __init__(self, models: dict):
+        self.models = models
+
+    async def __call__(self, request) -> dict[str, str]:
+        return {name: await handle.remote() for name, handle in self.models.items()}
+
+
+def test_a_redeploy_replaces_only_the_deployments_whose_version_changed(ray_cluster, serve_port):
+    """What a rollout of a several-model app relies on (each model's deployment versioned by
+    its LLMConfig, tests/serve/test_config.py): ``serve.run`` of the app again keeps the
+    replicas of a deployment whose version holds, and the new front end reaches them. Two
+    small deployments stand in for the models' vLLM replicas: only their versions matter."""
+    from ray.serve.llm import LLMConfig
+
+    from rayllm.serve.ingress import versioned
+
+    def app(refs: dict[str, str]):
+        models = {}
+        for name, ref in refs.items():
+            config = LLMConfig(model_loading_config={"model_id": name, "model_source": ref})
+            models[name] = versioned(Weights.options(name=f"Weights:{name}").bind(ref), config)
+        return Front.bind(models)
+
+    def live(deployment: str) -> set[str]:
+        return set(replica_actors("versioned", deployment))
+
+    deployments = ("Front", "Weights:one", "Weights:two")
+    url = f"http://127.0.0.1:{serve_port}/versioned"
+    serve.run(app({"one": "one:1", "two": "two:1"}), name="versioned", route_prefix="/versioned")
+    try:
+        before = {d: live(d) for d in deployments}
+        serve.run(
+            app({"one": "one:1", "two": "two:2"}), name="versioned", route_prefix="/versioned"
+        )
+        deadline = time.time() + 60  # the replaced replicas stop (the front end drains 5 s)
+        while any(len(live(d)) > 1 for d in deployments):
+            assert time.time() < deadline, {d: live(d) for d in deployments}
+            time.sleep(0.5)
+        after = {d: live(d) for d in deployments}
+        assert after["Weights:one"] == before["Weights:one"]  # kept
+        assert after["Weights:two"].isdisjoint(before["Weights:two"])  # moved: replaced
+        assert after["Front"].isdisjoint(before["Front"])  # no version: replaced every time
+        assert httpx.get(url, timeout=60).json() == {"one": "one:1", "two": "two:2"}
+    finally:
+        serve.delete("versioned")
