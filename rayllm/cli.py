@@ -1002,7 +1002,8 @@ def bench_serve(
         list[str] | None,
         typer.Option(
             help="Engine settings to run each system with, e.g. kv_cache_gib=0.05,"
-            "prefix_caching=false (repeatable; default: the settings above)."
+            "prefix_caching=false, or replica settings (Ray Serve systems), e.g. "
+            "stream_batching_ms=10 (repeatable; default: the settings above)."
         ),
     ] = None,
     hf_requests: Annotated[int, typer.Option(help="Requests hf generate runs.")] = 8,
@@ -1010,7 +1011,7 @@ def bench_serve(
 ) -> None:
     """rayllm's app against vLLM's own OpenAI server and Hugging Face generate: output
     tokens/s, TTFT, TPOT, inter-token and end-to-end latency, on the same model and prompts,
-    under each variant of the engine's memory settings."""
+    under each variant of the engine's or the replicas' settings."""
     from rich.table import Table
 
     from rayllm.bench.load import Load

@@ -59,8 +59,12 @@ RAY_SYSTEMS = {
 starts with: Serve's HAProxy (1, as direct ingress needs it) or Python proxy (0, Ray's
 default), and the workers at the priority of every other process here, or Ray's lower
 default."""
-VARIANT_SETTINGS = ("kv_cache_gib", "prefix_caching", "max_num_seqs", "max_model_len")
+ENGINE_SETTINGS = ("kv_cache_gib", "prefix_caching", "max_num_seqs", "max_model_len")
 """The engine settings ``--variant`` may change, for rayllm's app and vLLM's server alike."""
+REPLICA_SETTINGS = ("cpus_per_replica", "stream_batching_ms")
+"""The replica settings ``--variant`` may change, for the Ray Serve systems alone: vLLM's server
+runs once per variant of the engine settings, the baseline of every variant that shares them."""
+VARIANT_SETTINGS = ENGINE_SETTINGS + REPLICA_SETTINGS
 OWN_CLUSTER = (
     "rayllm bench serve starts its own Ray cluster on this machine's CPUs, the share every "
     "other system gets"
@@ -152,21 +156,42 @@ def benchmark(
     texts = prompts(64, prompt_words, shared_prefix_words)
     base = {"registry": registry.url, "model": ref, "port": _free_port(), "max_replicas": 1}
     base |= {"log_level": "WARNING"} | settings
-    rows = []
+    rows: list[dict[str, Any]] = []
+    engines: list[str] = []  # each row's engine settings, whose vLLM row is its baseline
     for system in systems:
         if system == "hf generate":
             rows += [_hf_generate(registry, ref, texts, loads[0].output_tokens, hf_requests)]
+            engines += [""]
             continue
-        for variant in variants or [{}]:
-            served = ServeConfig.model_validate(base | variant)
-            label = ",".join(f"{key}={value}" for key, value in variant.items())
+        for variant in _variants(system, variants or [{}]):
+            changes = RAY_SYSTEMS[system][0] if system in RAY_SYSTEMS else {}
+            served = ServeConfig.model_validate(base | changes | variant)
             with _running(system, registry, served) as (url, model_id):
                 for load in loads:
-                    with Stage(f"bench: {system} {label}, {load.name}"):
+                    with Stage(f"bench: {system} {_label(variant)}, {load.name}"):
                         result = asyncio.run(run_load(url, model_id, texts, load))
-                    rows.append({"system": system, "variant": label, "load": load.name} | result)
-    _add_ratios(rows)
+                    row = {"system": system, "variant": _label(variant), "load": load.name}
+                    rows.append(row | result)
+                    engines.append(_label(_engine_part(variant)))
+    _add_ratios(rows, engines)
     return {"model": ref, "registry": registry.url, "rows": rows}
+
+
+def _variants(system: str, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The variants a system runs: all of them on Ray Serve; on vLLM's server, each distinct
+    setting of the engine once (the replica settings are not its own)."""
+    if system in RAY_SYSTEMS:
+        return variants
+    engine_parts = [_engine_part(variant) for variant in variants]
+    return [part for n, part in enumerate(engine_parts) if part not in engine_parts[:n]]
+
+
+def _engine_part(variant: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in variant.items() if key in ENGINE_SETTINGS}
+
+
+def _label(variant: dict[str, Any]) -> str:
+    return ",".join(f"{key}={value}" for key, value in variant.items())
 
 
 @contextmanager
@@ -176,25 +201,24 @@ def _running(system: str, registry: Registry, settings: ServeConfig) -> Iterator
         with _bare_vllm(registry, settings) as url:
             yield url, settings.model or ""
         return
-    with _ray_app(settings, system) as url:
+    with _ray_app(settings, RAY_SYSTEMS[system][1]) as url:
         yield url, registry.resolve(settings.model or "").name
 
 
 @contextmanager
-def _ray_app(settings: ServeConfig, system: str) -> Iterator[str]:
+def _ray_app(settings: ServeConfig, environment: dict[str, str]) -> Iterator[str]:
     """The app on a cluster of its own, started with the system's environment (the cluster's
     processes read it when they start)."""
     from ray import serve
 
     from rayllm.serve.app import deploy
 
-    changes, environment = RAY_SYSTEMS[system]
     before = {name: os.environ.get(name) for name in environment}
     os.environ.update(environment)
     try:
         with own_cluster(os.cpu_count() or 1, OWN_CLUSTER):
             try:
-                yield deploy(settings.model_copy(update=changes)).url
+                yield deploy(settings).url
             finally:
                 serve.shutdown()
     finally:
@@ -295,12 +319,12 @@ def _hf_generate(
     } | distribution("e2e", latencies)
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
+def _add_ratios(rows: list[dict[str, Any]], engines: list[str]) -> None:
     """Each row's output tokens/s and TTFT p50 against vLLM's own server under the same load
-    and engine settings."""
+    and engine settings (``engines``: each row's, as a variant label)."""
     baseline = {(r["variant"], r["load"]): r for r in rows if r["system"] == "vllm"}
-    for row in rows:
-        base = baseline.get((row.get("variant"), row["load"]))
+    for row, engine in zip(rows, engines, strict=True):
+        base = baseline.get((engine, row["load"]))
         if base and base["output_tokens_per_s"]:
             row["vs_vllm_tokens_per_s"] = row["output_tokens_per_s"] / base["output_tokens_per_s"]
             if base.get("ttft_p50_ms") and row.get("ttft_p50_ms"):

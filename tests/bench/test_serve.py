@@ -43,7 +43,28 @@ def test_prompts_have_the_asked_length_after_the_shared_prefix():
     assert len({" ".join(text.split()[:30]) for text in shared}) == 1
 
 
-def test_variants_name_engine_settings_and_bad_ones_are_refused():
+def test_replica_variants_run_on_ray_serve_against_vllm_run_once():
+    """A variant of a replica setting (``stream_batching_ms``, ``cpus_per_replica``) runs on the
+    Ray Serve systems; vLLM's server, which has no replicas, runs once per engine setting, the
+    baseline of every variant sharing it."""
+    from rayllm.bench.serve import _add_ratios, _variants
+
+    small = {"kv_cache_gib": 0.5}
+    variants = [{}, {"stream_batching_ms": 10}, small | {"cpus_per_replica": 2}]
+    assert _variants("rayllm", variants) == variants
+    assert _variants("vllm", variants) == [{}, small]
+    rows = [
+        {"system": "vllm", "variant": "", "load": "c8", "output_tokens_per_s": 100.0},
+        {"system": "vllm", "variant": "kv_cache_gib=0.5", "load": "c8", "output_tokens_per_s": 50},
+        {"system": "rayllm", "variant": "stream_batching_ms=10", "load": "c8"},
+        {"system": "rayllm", "variant": "kv_cache_gib=0.5,cpus_per_replica=2", "load": "c8"},
+    ]
+    rows[2]["output_tokens_per_s"] = rows[3]["output_tokens_per_s"] = 90.0
+    _add_ratios(rows, ["", "kv_cache_gib=0.5", "", "kv_cache_gib=0.5"])
+    assert [row["vs_vllm_tokens_per_s"] for row in rows] == [1.0, 1.0, 0.9, 1.8]
+
+
+def test_variants_name_engine_or_replica_settings_and_bad_ones_are_refused():
     assert parse_variant("kv_cache_gib=0.05,prefix_caching=false") == {
         "kv_cache_gib": 0.05,
         "prefix_caching": False,
@@ -52,6 +73,12 @@ def test_variants_name_engine_settings_and_bad_ones_are_refused():
         parse_variant("port=1")
     with pytest.raises(ValueError, match="kv_cache_gib must be above 0"):
         parse_variant("kv_cache_gib=0")
+    assert parse_variant("cpus_per_replica=2,stream_batching_ms=5") == {
+        "cpus_per_replica": 2,
+        "stream_batching_ms": 5,
+    }
+    with pytest.raises(ValueError, match="cpus_per_replica must be above 0"):
+        parse_variant("cpus_per_replica=0")
 
 
 @pytest.mark.slow
@@ -84,11 +111,12 @@ def test_bench_serve_measures_vllm_and_hf_generate_on_a_registry_version(tiny_ru
     command += ["--system", "vllm", "--system", "hf generate", "--concurrency", "2"]
     command += ["--requests", "4", "--output-tokens", "6", "--hf-requests", "2"]
     command += ["--variant", "kv_cache_gib=0.05,prefix_caching=false", "--shared-prefix-words", "8"]
+    command += ["--variant", "kv_cache_gib=0.05,prefix_caching=false,stream_batching_ms=10"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)  # stdout holds the JSON alone
     assert result["model"] == "tiny-shakespeare:1"
-    vllm, hf = result["rows"]
+    vllm, hf = result["rows"]  # the second variant differs in a replica setting: no vLLM rerun
     assert (vllm["system"], vllm["load"], vllm["failed"]) == ("vllm", "concurrency 2", 0)
     assert vllm["variant"] == "kv_cache_gib=0.05,prefix_caching=False"
     assert vllm["output_tokens"] == 4 * 6 and vllm["vs_vllm_tokens_per_s"] == 1.0
