@@ -9,7 +9,9 @@ The ingress class, its deployment options and ``make_fastapi_ingress`` are publi
 error bodies, HTTP metrics), the model cards and the direct-ingress app (Ray's "direct
 streaming") are built by ``ray.llm._internal`` helpers. This module is the only place that
 imports them; ``tests/serve/test_app.py`` and ``tests/serve/test_direct.py`` pin them through
-the served apps.
+the served apps. ``versioned`` and ``surging`` set options on the deployment an
+``Application`` binds (a private attribute; a version only through Serve's ``_internal``
+flag): ``tests/serve/test_config.py``, ``test_rollout.py`` and ``test_direct.py`` pin them.
 """
 
 from __future__ import annotations
