@@ -163,16 +163,16 @@ def benchmark(
             rows += [_hf_generate(registry, ref, texts, loads[0].output_tokens, hf_requests)]
             engines += [""]
             continue
+        changes = RAY_SYSTEMS[system][0] if system in RAY_SYSTEMS else {}
         for variant in _variants(system, variants or [{}]):
-            changes = RAY_SYSTEMS[system][0] if system in RAY_SYSTEMS else {}
             served = ServeConfig.model_validate(base | changes | variant)
+            label, engine = _label(variant), _label(_engine_part(variant))
             with _running(system, registry, served) as (url, model_id):
                 for load in loads:
-                    with Stage(f"bench: {system} {_label(variant)}, {load.name}"):
+                    with Stage(f"bench: {system} {label}, {load.name}"):
                         result = asyncio.run(run_load(url, model_id, texts, load))
-                    row = {"system": system, "variant": _label(variant), "load": load.name}
-                    rows.append(row | result)
-                    engines.append(_label(_engine_part(variant)))
+                    rows.append({"system": system, "variant": label, "load": load.name} | result)
+                    engines.append(engine)
     _add_ratios(rows, engines)
     return {"model": ref, "registry": registry.url, "rows": rows}
 
