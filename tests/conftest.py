@@ -67,6 +67,11 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
 # Ray Train starts a preemption watcher (an actor: a process of its own) for every run, to
 # drain a spot node being taken back; no node of the session is: none (~1 s of a core a run).
 os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+# The head's GCS checks each node every 3 s and marks it dead after 5 failed checks (Ray's
+# defaults): a lost node is noticed ~14 s after it goes. Every 1 s here (~6 s), and the tests
+# that remove a node (autoscaling, training resumed on the nodes left) go on ~10 s sooner. A
+# check still waits 10 s for its answer, so a busy node is not taken for a lost one.
+os.environ["RAY_health_check_period_ms"] = "1000"  # noqa: SIM112 - Ray reads this case
 # Serve's replicas and handles report their load to the controller every 10 s (Ray's default):
 # 2 s here, and the autoscaling test's replicas follow its burst, and its end, that much sooner.
 os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "2"
@@ -277,7 +282,13 @@ class WorkerNodes:
         self.cluster = cluster
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def add(self, name: str) -> None:
+    def add(self, *names: str) -> None:
+        """Start the nodes at once; return when all of them have joined."""
+        for name in names:
+            self._start(name)
+        self._wait(lambda: set(names) <= set(self.alive()), f"nodes {names} did not join")
+
+    def _start(self, name: str) -> None:
         self.processes[name] = subprocess.Popen(
             [
                 str(BIN / "ray"),
@@ -301,7 +312,6 @@ class WorkerNodes:
             # vLLM worker pinned to the core another node's worker spins on.
             process_group=0,
         )
-        self._wait(lambda: name in self.alive(), f"node {name} did not join")
 
     def alive(self) -> dict[str, str]:
         """Node id of each of these nodes that is alive."""
@@ -342,8 +352,7 @@ def worker_nodes(ray_cluster):
     """The session's cluster with two more nodes for one module: a head and two workers."""
     nodes = WorkerNodes(ray_cluster)
     try:
-        nodes.add("rayllm_test_node_a")
-        nodes.add("rayllm_test_node_b")
+        nodes.add("rayllm_test_node_a", "rayllm_test_node_b")
         yield nodes
     finally:
         nodes.close()

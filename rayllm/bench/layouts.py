@@ -88,9 +88,9 @@ def bench_model(overrides: list[str]) -> dict[str, Any]:
 def fits(layout: dict[str, Any], workers: int, global_batch: int, model: dict[str, Any]) -> bool:
     """Whether ``layout`` has a mesh for ``model`` on ``workers`` ranks that splits
     ``global_batch`` (the layouts that do not are left out of the benchmark)."""
-    parallel = ParallelConfig.model_validate(parallel_settings(layout))
-    dp = workers // (parallel.tp * parallel.pp) or 1
-    settings = {"model": model, "parallel": parallel_settings(layout), "num_workers": workers}
+    parallel = parallel_settings(layout)
+    dp = workers // (parallel.get("tp", 1) * parallel.get("pp", 1)) or 1
+    settings = {"model": model, "parallel": parallel, "num_workers": workers}
     try:
         mesh_shape(TrainConfig.model_validate(settings | {"micro_batch_size": global_batch // dp}))
     except (RayllmError, ValueError):
