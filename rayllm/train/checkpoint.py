@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from rayllm.errors import RayllmError
 from rayllm.model.config import ModelConfig
@@ -38,6 +37,10 @@ RESUMABLE = (
     "steps",
 )
 """Settings a resumed run must share with the run it continues."""
+STOPPED = "stopped.json"
+"""Written into the run folder when the loss became NaN or infinite: the run stops there, its
+last checkpoint the last good one. (Ray Train hands the driver only the metrics that came with
+a checkpoint, so the reason travels as a file.)"""
 
 
 def run_layout(config: TrainConfig, data_sha256: str, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +110,8 @@ def consolidate(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dic
     model_config = ModelConfig.model_validate(progress["layout"]["model"])
     if progress["layout"]["parallel"]["strategy"] == "zero":
         return model_config, _consolidate_zero(folder, progress), progress
+    import torch.distributed.checkpoint as dcp  # ~1 s of imports a ZeRO checkpoint never needs
+
     state = {"model": trained_model(progress["layout"]).state_dict()}
     dcp.load(state, checkpoint_id=str(folder), no_dist=True)
     return model_config, {k: v.float() for k, v in state["model"].items()}, progress

@@ -27,7 +27,7 @@ from rayllm.train.batches import (
     step_window,
     to_device,
 )
-from rayllm.train.checkpoint import read_progress, write_progress
+from rayllm.train.checkpoint import STOPPED, read_progress, write_progress
 from rayllm.train.config import TrainConfig
 from rayllm.train.engine import Engine, build_engine, compute_dtype
 from rayllm.train.mesh import MeshShape, mesh_shape
@@ -39,11 +39,6 @@ from rayllm.train.metrics import (
     step_metrics,
 )
 from rayllm.train.objectives import preference_margins, segment_logprobs
-
-STOPPED = "stopped.json"
-"""Written into the run folder when the loss became NaN or infinite: the run stops there, its
-last checkpoint the last good one. (Ray Train hands the driver only the metrics that came with
-a checkpoint, so the reason travels as a file.)"""
 
 
 def train_loop_per_worker(settings: dict[str, Any]) -> None:

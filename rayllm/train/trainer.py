@@ -1,4 +1,4 @@
-"""The training stage on Ray Train: a TorchTrainer running ``train_loop_per_worker``."""
+"""The training stage on Ray Train: a TorchTrainer running :mod:`rayllm.train.loop` on its workers."""
 
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ from rayllm.paths import (
     staged_folder,
 )
 from rayllm.progress import Stage, console
-from rayllm.train.checkpoint import check_resumable, consolidate, run_layout
+from rayllm.train.checkpoint import STOPPED, check_resumable, consolidate, run_layout
 from rayllm.train.config import TrainConfig
-from rayllm.train.loop import STOPPED, train_loop_per_worker
 from rayllm.train.preflight import Checked, preflight
 from rayllm.version import code_version
 
@@ -117,7 +116,7 @@ def _trainer(
     extra: dict[str, Any],
 ) -> TorchTrainer:
     return TorchTrainer(
-        train_loop_per_worker,
+        _worker_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "manifest": manifest,
@@ -143,6 +142,14 @@ def _trainer(
             worker_runtime_env={"env_vars": worker_env()},
         ),
     )
+
+
+def _worker_loop(settings: dict[str, Any]) -> None:
+    """A worker's entry point. The loop's engines import PyTorch's parallel packages (~2 s):
+    the workers need them, the driver, which only launches and publishes, does not."""
+    from rayllm.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(settings)
 
 
 def prepare_run_folder(run_folder: str, config: TrainConfig, layout: dict[str, Any]) -> None:
