@@ -99,21 +99,23 @@ def test_the_stages_one_at_a_time(scratch, serve_port):
     run(train + overrides(REDUCED["train"]), folder, env)
     assert (folder / "rayllm-work" / "model" / "tokenizer.json").exists()
     run(publish, folder, env)
-    scored = run(evaluate, folder, env).stdout
-    assert "bible:1: held-out perplexity" in scored, scored
 
+    # The evaluation runs while the app starts: both read the published version alone.
     serve = [a.replace("port=8000", f"port={port}") for a in serve] + overrides(REDUCED["serve"])
-    server = subprocess.Popen(
-        [RAYLLM, *serve],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    log = folder / "serve.log"  # a file, not a pipe: nothing reads it while the evaluation runs
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [RAYLLM, *serve],
+            cwd=folder,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        _wait_for_line(server, "serving bible:1 as bible at", timeout_s=400)
+        scored = run(evaluate, folder, env).stdout
+        assert "bible:1: held-out perplexity" in scored, scored
+        _wait_for_text(server, log, "serving bible:1 as bible at", timeout_s=400)
         url = f"http://127.0.0.1:{port}/readme"
         for args in (complete, chat):
             args = [url if a == "http://127.0.0.1:8000" else a for a in args]
@@ -125,17 +127,13 @@ def test_the_stages_one_at_a_time(scratch, serve_port):
         assert server.wait(timeout=120) == 0
 
 
-def _wait_for_line(process: subprocess.Popen, text: str, timeout_s: float) -> None:
+def _wait_for_text(process: subprocess.Popen, log: Path, text: str, timeout_s: float) -> None:
+    """Until ``process`` has written ``text`` to ``log``; fails if it exits or times out first."""
     deadline = time.time() + timeout_s
-    seen = []
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        seen.append(line)
-        if text in line:
-            return
-        if not line and process.poll() is not None:
-            break
-    raise AssertionError(f"no {text!r} from rayllm serve:\n{''.join(seen)[-3000:]}")
+    while text not in log.read_text():
+        if process.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"no {text!r} from rayllm serve:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def _python_snippet(url: str, folder: Path, env: dict) -> None:
