@@ -5,6 +5,7 @@ process, and, in an app with ``ingress: direct``, answers HTTP itself behind ray
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
@@ -25,7 +26,21 @@ class ModelEngine(VLLMEngine):
     vLLM runs it in process when asked (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` does the same for
     a plain vLLM). Adapter over Ray's private ``VLLMEngine._start_async_llm_engine``: the
     replica test checks the engine runs without a worker process.
+
+    It also loads a LoRA adapter once, however many of its first requests come at once. Ray's
+    ``VLLMEngine.resolve_lora`` looks for the adapter among the loaded ones and loads it across
+    an await: each request that looked before the first load ended loads it again, and vLLM
+    answers those "has already been loaded", a 500 to their clients. Adapter over that private
+    method: tests/serve/test_lora.py sends an adapter's first requests at once.
     """
+
+    def __init__(self, llm_config: LLMConfig):
+        super().__init__(llm_config)
+        self._adapter_loading = asyncio.Lock()
+
+    async def resolve_lora(self, disk_lora_model: Any) -> None:
+        async with self._adapter_loading:  # the next request in finds the adapter loaded
+            await super().resolve_lora(disk_lora_model)
 
     def _start_async_llm_engine(self, engine_args: Any, vllm_config: Any, placement_group: Any):
         parallel = vllm_config.parallel_config

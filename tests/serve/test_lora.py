@@ -1,6 +1,7 @@
 """LoRA adapters on the session's served app (the lifecycle's, served with max_loras=2): the
 README's commands publish two random adapters of the served version, and requests pick each
-by name, one at a time and in one batch, through the official SDK and rayllm's CLI."""
+by name, one at a time and in one batch, through the official SDK and rayllm's CLI; an
+adapter's first requests, sent at once, are all answered."""
 
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,20 @@ def test_adapters_are_picked_per_request_on_the_base_models_replicas(
     again = complete(f"{MODEL}:{MODEL}-lora:1")
     assert logprobs(again) == pytest.approx(logprobs(lora), abs=1e-4)
 
+    # The second adapter's first requests come at once (no retries): the replica loads it once
+    # for all of them, and every one is answered.
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": f"{MODEL}:{MODEL}-lora-b", "prompt": "KING.\n", "max_tokens": 2}
+    with ThreadPoolExecutor(4) as pool:
+        burst = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{url}/v1/completions", headers=headers, json=body, timeout=120
+                ),
+                range(4),
+            )
+        )
+    assert [answer.status_code for answer in burst] == [200] * 4, [a.text[:300] for a in burst]
     other = complete(f"{MODEL}:{MODEL}-lora-b")
     alone = [logprobs(answer)[0] for answer in (base_answer, lora, other)]
     with ThreadPoolExecutor(3) as pool:  # one batch: the base and two adapters
