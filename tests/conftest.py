@@ -191,34 +191,45 @@ def s3():
 
 @pytest.fixture(scope="session")
 def ray_head(s3):
-    """``ray start --head`` with its own temp dir, ports and token; stopped at the end."""
+    """``ray start --head`` with its own temp dir, ports and token; stopped at the end. Its
+    ports are picked free and bound by Ray moments later: where another process took one
+    meanwhile (an outgoing connection, say), the head's agent fails to start, and the head is
+    started again on other ports."""
     temp = str(SESSION_DIR / "head")
-    port, dashboard, metrics = free_port(), free_port(), free_port()
     env = os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}", "RAYLLM_API_KEYS": API_KEYS}
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={free_port()}",
-            "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true",
-            f"--metrics-export-port={metrics}",
-            f"--dashboard-agent-listen-port={free_port()}",  # not Ray's default: another
-            f"--dashboard-agent-grpc-port={free_port()}",  # cluster on this machine may hold it
-            "--num-cpus=8",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    wait_for_port(dashboard, timeout_s=120)
+    for attempt in range(3):
+        port, dashboard, metrics, agent = free_port(), free_port(), free_port(), free_port()
+        head = subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--port={port}",
+                f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={free_port()}",
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                f"--metrics-export-port={metrics}",
+                f"--dashboard-agent-listen-port={agent}",  # not Ray's default: another
+                f"--dashboard-agent-grpc-port={free_port()}",  # cluster on this machine may hold it
+                "--num-cpus=8",
+                f"--temp-dir={temp}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(dashboard, timeout_s=120)
+            wait_for_port(agent, timeout_s=60)  # the agent's last port: all of them bound
+            break
+        except TimeoutError:
+            stop(head)
+            if attempt == 2:
+                raise
     yield {
         "address": f"127.0.0.1:{port}",
         "dashboard": f"http://127.0.0.1:{dashboard}",
