@@ -115,7 +115,7 @@ def test_the_stages_one_at_a_time(scratch, serve_port):
     try:
         scored = run(evaluate, folder, env).stdout
         assert "bible:1: held-out perplexity" in scored, scored
-        _wait_for_text(server, log, "serving bible:1 as bible at", timeout_s=400)
+        wait_for_text(server, log, "serving bible:1 as bible at", timeout_s=400)
         url = f"http://127.0.0.1:{port}/readme"
         for args in (complete, chat):
             args = [url if a == "http://127.0.0.1:8000" else a for a in args]
@@ -127,7 +127,7 @@ def test_the_stages_one_at_a_time(scratch, serve_port):
         assert server.wait(timeout=120) == 0
 
 
-def _wait_for_text(process: subprocess.Popen, log: Path, text: str, timeout_s: float) -> None:
+def wait_for_text(process: subprocess.Popen, log: Path, text: str, timeout_s: float) -> None:
     """Until ``process`` has written ``text`` to ``log``; fails if it exits or times out first."""
     deadline = time.time() + timeout_s
     while text not in log.read_text():

@@ -40,7 +40,7 @@ from tests.conftest import (
 from tests.serve.test_app import BAD_REQUESTS, send_bad_request
 from tests.serve.test_rollout import Stream, same_weights, steady_stream
 from tests.test_cli import rayllm_ok
-from tests.test_readme import block_with
+from tests.test_readme import block_with, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -88,10 +88,7 @@ def direct(tiny_run, ray_cluster, serve_port, tmp_path_factory):
             start_new_session=True,
         )
     try:
-        deadline = time.time() + 400
-        while f"as {MODEL} at" not in log.read_text():
-            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+        wait_for_text(server, log, f"as {MODEL} at", timeout_s=400)
         yield f"http://127.0.0.1:{serve_port}/direct"
     finally:
         server.terminate()  # as `ray job stop` or a pod's shutdown: the app is removed
