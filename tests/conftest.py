@@ -294,10 +294,21 @@ class WorkerNodes:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def add(self, *names: str) -> None:
-        """Start the nodes at once; return when all of them have joined."""
+        """Start the nodes at once; return when all of them have joined. Their ports are picked
+        free and bound by Ray moments later: a node whose process ended before it joined
+        (another process took one of its ports meanwhile) is started again on other ports."""
         for name in names:
             self._start(name)
-        self._wait(lambda: set(names) <= set(self.alive()), f"nodes {names} did not join")
+        starts = dict.fromkeys(names, 1)
+
+        def joined() -> bool:
+            for name in names:
+                if self.processes[name].poll() is not None and starts[name] < 3:
+                    self._start(name)
+                    starts[name] += 1
+            return set(names) <= set(self.alive())
+
+        self._wait(joined, f"nodes {names} did not join")
 
     def _start(self, name: str) -> None:
         self.processes[name] = subprocess.Popen(
@@ -445,11 +456,17 @@ def stored_serve_apps(ray_cluster: dict):
 
 def engine_processes(replica: Any) -> tuple[list[Any], list[str]]:
     """The vLLM engine-core processes under a replica actor of this host, and the command
-    lines of all its processes."""
+    lines of all its processes (a short-lived child that has exited meanwhile has none)."""
     import psutil
 
+    def command_line(process: psutil.Process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.NoSuchProcess:  # a zombie too
+            return ""
+
     children = psutil.Process(replica.pid).children(recursive=True)
-    lines = [" ".join(p.cmdline()) for p in children]
+    lines = [command_line(p) for p in children]
     engines = [p for p, line in zip(children, lines, strict=True) if "VLLM::EngineCore" in line]
     return engines, lines
 
