@@ -303,12 +303,11 @@ def _service(config: K8sConfig, serve_app: Path) -> dict[str, Any]:
     served = _check_served_app(yaml.safe_load(text), serve_app)
     _check_versions(served, serve_app)
     for entry in served.models:
-        _check_fits(
-            config,
-            f"{serve_app}: a replica of {entry.model_id}",
-            entry.cpus_per_replica,
-            int(bool(entry.use_gpu)),
-        )
+        what, cpus = f"{serve_app}: a replica of {entry.model_id}", entry.cpus_per_replica
+        ranks = entry.tensor_parallel_size
+        if ranks > 1 and not entry.use_gpu:  # a CPU engine's ranks are processes of one node
+            what, cpus = f"{what} ({ranks} tensor-parallel ranks on one node)", cpus * ranks
+        _check_fits(config, what, cpus, int(bool(entry.use_gpu)))
     keys = {"secretKeyRef": {"name": config.api_keys_secret, "key": "keys"}}
     cluster = _cluster_spec(config, head_env=[{"name": API_KEYS_ENV, "valueFrom": keys}])
     for template in [cluster["headGroupSpec"]["template"]] + [

@@ -254,6 +254,12 @@ def test_requests_no_node_group_can_hold_are_refused_and_nothing_written(registr
     done = rayllm("k8s", "render", "--out", str(out), "--set", f"serve_app={app}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "a replica of bard asks for 16 CPUs and 0 GPUs, which no node group has" in done.stderr
+    app = export(
+        registry, tmp_path / "app.yaml", *keyed, "tensor_parallel_size=3", "cpus_per_replica=3"
+    )
+    done = rayllm("k8s", "render", "--out", str(out), "--set", f"serve_app={app}")
+    assert done.returncode == 2
+    assert "bard (3 tensor-parallel ranks on one node) asks for 9 CPUs and 0" in done.stderr
     settings = ["serve_app=null", 'jobs.train.set=["cpus_per_worker=12"]']
     done = rayllm("k8s", "render", "--out", str(out), *(a for s in settings for a in ("--set", s)))
     assert done.returncode == 2

@@ -185,7 +185,6 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: Nod
     on_gpu = runs_on_gpu(entry, has_gpus)
     check_servable(Registry(config.registry).resolve(entry.version), on_gpu, cpus)
     engine = engine_arguments(entry, on_gpu, entry.version or entry.model, cpus)
-    bundle = replica_bundle(entry, on_gpu)
     return LLMConfig(
         model_loading_config={"model_id": entry.model_id, "model_source": entry.version},
         engine_kwargs=engine,
@@ -193,7 +192,7 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: Nod
             "callback_class": RegistrySource,
             "callback_kwargs": {"root": config.registry, "ref": entry.version},
         },
-        placement_group_config={"bundles": [bundle] * entry.tensor_parallel_size},
+        placement_group_config=placement(entry, on_gpu),
         experimental_configs={"stream_batching_interval_ms": entry.stream_batching_ms},
         deployment_config={
             "autoscaling_config": autoscaling(entry),
@@ -208,15 +207,27 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: Nod
     )
 
 
+def placement(entry: ModelEntry, on_gpu: bool) -> dict[str, Any]:
+    """A replica's placement group: a bundle per tensor-parallel rank. A CPU engine's ranks
+    are processes of the replica's own node (vLLM's multiprocess executor), so its bundles
+    are reserved there too; GPU ranks are Ray actors placed in their bundles."""
+    bundles = [replica_bundle(entry, on_gpu)] * entry.tensor_parallel_size
+    return {"bundles": bundles, "strategy": "PACK" if on_gpu else "STRICT_PACK"}
+
+
 def replica_env(entry: ModelEntry, on_gpu: bool, log_level: str) -> dict[str, str]:
-    """A replica's environment, which its engine process inherits. A CPU engine computes with
-    one thread per whole CPU of the replica but one, left to its front end (vLLM's own rule
-    for the cores it binds), and at least one; Ray would set ``OMP_NUM_THREADS`` from the
-    replica actor's own CPUs (none here; one by ray.serve.llm's default), whatever
-    ``cpus_per_replica`` is."""
+    """A replica's environment, which its engine processes inherit. A CPU engine's rank
+    computes with one thread per whole CPU of its bundle but one, left to the front end and
+    the engine core (vLLM's own rule for the cores it binds), and at least one; Ray would set
+    ``OMP_NUM_THREADS`` from the replica actor's own CPUs (none here; one by ray.serve.llm's
+    default), whatever ``cpus_per_replica`` is. The ranks of a tensor-parallel CPU engine
+    are not bound to cores: vLLM binds each to a NUMA node's cores, all of them, where Ray
+    reserved CPUs of the node, not cores, and other replicas may compute beside it."""
     env = {"VLLM_LOGGING_LEVEL": log_level}
     if not on_gpu:
         env["OMP_NUM_THREADS"] = str(max(1, math.floor(entry.cpus_per_replica) - 1))
+        if entry.tensor_parallel_size > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env
 
 
@@ -225,19 +236,15 @@ def engine_arguments(
 ) -> dict[str, Any]:
     """vLLM's engine arguments for these settings of ``model``, on GPUs or on the CPU engine
     (a Serve replica, or a batch-inference worker) of nodes with the features ``cpus``."""
-    if entry.tensor_parallel_size > 1 and not on_gpu:
-        raise RayllmError(
-            f"{model}: tensor_parallel_size {entry.tensor_parallel_size} needs GPUs "
-            "(one per rank) and this replica has none; set tensor_parallel_size=1 on CPU"
-        )
     engine: dict[str, Any] = {
         "max_num_seqs": entry.max_num_seqs,
         "enable_prefix_caching": entry.prefix_caching,
+        "tensor_parallel_size": entry.tensor_parallel_size,
     }
     if entry.max_model_len:
         engine["max_model_len"] = entry.max_model_len
     if on_gpu:
-        engine |= {"dtype": entry.dtype, "tensor_parallel_size": entry.tensor_parallel_size}
+        engine["dtype"] = entry.dtype
         if entry.kv_offload_gib:
             engine["kv_offloading_size"] = entry.kv_offload_gib
         if entry.weight_offload_gib:
@@ -255,7 +262,8 @@ def engine_arguments(
         engine |= {
             "dtype": dtype,
             "enforce_eager": True,
-            "kv_cache_memory_bytes": int(entry.kv_cache_gib * 2**30),
+            # vLLM's size is per rank, each holding its share of the KV heads
+            "kv_cache_memory_bytes": int(entry.kv_cache_gib * 2**30 / entry.tensor_parallel_size),
         }
     if entry.max_loras:
         engine |= {

@@ -70,6 +70,12 @@ def run(config: BatchConfig) -> BatchResult:
     check_replaceable(config.output, config.overwrite, "batch.output", "output")
     registry = Registry(config.registry_root())
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0 if config.use_gpu is None else config.use_gpu
+    if config.tensor_parallel_size > 1 and not on_gpu:
+        raise RayllmError(
+            f"batch.tensor_parallel_size {config.tensor_parallel_size} needs GPUs (one per "
+            "rank): Ray Data runs a CPU engine as one rank; set tensor_parallel_size=1, and "
+            "engines or cpus_per_engine for more CPUs"
+        )
     cpus = engine_node_cpus({"CPU": config.cpus_per_engine})
     check_servable(registry.resolve(config.model), on_gpu, cpus)
     version, folder = registry.local_path(config.model)
@@ -84,7 +90,7 @@ def run(config: BatchConfig) -> BatchResult:
             batch_size=config.batch_size,
             concurrency=config.engines,
             chat_template_stage=chat,
-            runtime_env=None if on_gpu or config.tensor_parallel_size > 1 else IN_PROCESS,
+            runtime_env=None if on_gpu else IN_PROCESS,
         ),
         preprocess=_with_sampling(config.max_tokens, config.temperature),
         postprocess=_completion(version.ref),

@@ -21,16 +21,20 @@ class EngineSettings(StageConfig):
     """Run on GPUs (one per tensor-parallel rank) or on the CPU engine; default: GPUs where
     the cluster has them."""
     tensor_parallel_size: int = 1
-    """Shards one replica's weights over that many GPUs."""
+    """Shards one replica's weights over that many ranks: GPUs, or on CPUs processes of the
+    replica's node, each with its own bundle of cpus_per_replica CPUs (a multi-socket host
+    computes a model over its sockets so). Serving only: batch inference runs a CPU engine
+    as one rank."""
     max_model_len: int | None = None
     """Context length; defaults to the model's max_position_embeddings."""
     dtype: str = "auto"
     """Weights' and activations' dtype; auto: bfloat16 on GPUs and where every node that can
     host a CPU replica computes it natively (read on those nodes), else float32."""
     kv_cache_gib: float = 1.0
-    """KV-cache size per replica on CPU, in GiB (vLLM's kv_cache_memory_bytes): the tokens
-    of all running sequences must fit, or the engine queues and preempts; on GPUs vLLM sizes
-    it from gpu_memory_utilization (an engine_kwargs entry)."""
+    """KV-cache size per replica on CPU, in GiB (vLLM's kv_cache_memory_bytes, per rank: a
+    tensor-parallel replica's ranks split it): the tokens of all running sequences must fit,
+    or the engine queues and preempts; on GPUs vLLM sizes it from gpu_memory_utilization (an
+    engine_kwargs entry)."""
     prefix_caching: bool = True
     """Reuse the KV blocks of a prompt prefix seen before (vLLM's automatic prefix caching):
     prompts sharing a system prompt or a few-shot header skip its prefill."""

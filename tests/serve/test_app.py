@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from rayllm.client import AsyncClient, Client, EndpointError
-from tests.conftest import API_KEYS, BIN, stored_serve_apps
+from tests.conftest import API_KEYS, BIN, engine_processes, replica_actors, stored_serve_apps
 from tests.test_cli import rayllm_ok
 from tests.test_readme import block_with
 
@@ -48,7 +48,7 @@ def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
         "registry": tiny_run["settings"]["registry"]["root"],
         "models": [
             "tiny-shakespeare:1",
-            second | {"model": "tiny-shakespeare:1", "max_replicas": 1},
+            second | {"model": "tiny-shakespeare:1", "max_replicas": 1, "tensor_parallel_size": 2},
         ],
         "max_replicas": 1,
         "max_num_seqs": 4,
@@ -112,6 +112,15 @@ def test_requests_without_a_known_key_get_an_openai_style_401(keyed_app):
 
 
 def test_one_app_serves_both_models_from_the_same_weights(keyed_app):
+    """bible-small's replica splits the model over two tensor-parallel ranks, processes of
+    its CPU engine beside the engine core, and answers as the one-rank replica does."""
+    (replica,) = replica_actors("keyed", "ModelServer:bible-small").values()
+    engines, lines = engine_processes(replica)
+    assert len(engines) == 1, lines
+    assert sorted(line.split()[0] for line in lines if "VLLM::Worker" in line) == [
+        "VLLM::Worker_TP0",
+        "VLLM::Worker_TP1",
+    ], lines
     with Client(keyed_app["url"], "tiny-shakespeare", api_key=KEY) as bard:
         assert bard.versions() == {
             "tiny-shakespeare": "tiny-shakespeare:1",

@@ -126,13 +126,39 @@ def test_pinning_refuses_what_cannot_be_served(registry, settings, message):
         pin(ServeConfig(registry=registry.url, **settings))
 
 
-def test_tensor_parallel_needs_gpus(registry):
-    config = pin(ServeConfig(registry=registry.url, model="scribe", tensor_parallel_size=2))
-    with pytest.raises(RayllmError, match="tensor_parallel_size 2 needs GPUs"):
-        llm_config(config.models[0], config, has_gpus=False, cpus=local_cpus())
+def test_a_tensor_parallel_replica_reserves_a_bundle_per_rank(registry):
+    """On GPUs, a GPU per rank, where Ray places the engine's rank actors; on CPUs, the ranks
+    are processes of the replica's node (vLLM's multiprocess executor): all bundles there,
+    each rank's threads from its own bundle and bound to no cores, the replica's KV cache
+    split over the ranks."""
+    settings = {"model": "scribe", "tensor_parallel_size": 2, "cpus_per_replica": 3}
+    config = pin(ServeConfig(registry=registry.url, kv_cache_gib=1, **settings))
     on_gpus = llm_config(config.models[0], config, has_gpus=True, cpus=local_cpus())
-    assert on_gpus.placement_group_config["bundles"] == [{"CPU": 1.0, "GPU": 1}] * 2
+    assert on_gpus.placement_group_config == {
+        "bundles": [{"CPU": 3.0, "GPU": 1}] * 2,
+        "strategy": "PACK",
+    }
     assert on_gpus.engine_kwargs["tensor_parallel_size"] == 2
+    on_cpus = llm_config(config.models[0], config, has_gpus=False, cpus=local_cpus())
+    assert on_cpus.placement_group_config == {
+        "bundles": [{"CPU": 3.0}] * 2,
+        "strategy": "STRICT_PACK",
+    }
+    assert on_cpus.engine_kwargs["tensor_parallel_size"] == 2
+    assert on_cpus.engine_kwargs["kv_cache_memory_bytes"] == 2**29
+    env = on_cpus.runtime_env["env_vars"]
+    assert env["OMP_NUM_THREADS"] == "2" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_a_batch_engine_on_cpus_is_one_rank(registry, tmp_path):
+    """Refused before the output or the input is touched."""
+    from rayllm.serve.batch import run
+
+    settings = {"registry": registry.url, "model": "scribe", "input": str(tmp_path / "x.jsonl")}
+    config = BatchConfig(**settings, output=str(tmp_path / "out"), use_gpu=False)
+    with pytest.raises(RayllmError, match="batch.tensor_parallel_size 2 needs GPUs"):
+        run(config.model_copy(update={"tensor_parallel_size": 2}))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_replica_takes_its_cpus_and_a_cpu_engine_computes_with_them(registry):
@@ -146,7 +172,7 @@ def test_a_replica_takes_its_cpus_and_a_cpu_engine_computes_with_them(registry):
         (True, {"CPU": 4.5, "GPU": 1}, None),
     ):
         replica = llm_config(config.models[0], config, has_gpus=on_gpu, cpus=local_cpus())
-        assert replica.placement_group_config == {"bundles": [bundle]}
+        assert replica.placement_group_config["bundles"] == [bundle]
         assert replica.deployment_config["ray_actor_options"] == {"num_cpus": 0}
         assert replica.runtime_env["env_vars"].get("OMP_NUM_THREADS") == threads
     with pytest.raises(ValueError, match="cpus_per_replica must be above 0"):
@@ -160,8 +186,8 @@ def test_replicas_ask_for_the_custom_resources_of_their_nodes(registry):
     config = pin(ServeConfig(**settings))
     bundles = llm_config(
         config.models[0], config, has_gpus=False, cpus=local_cpus()
-    ).placement_group_config
-    assert bundles == {"bundles": [{"CPU": 1.0, "serving": 1}]}
+    ).placement_group_config["bundles"]
+    assert bundles == [{"CPU": 1.0, "serving": 1}]
     for wrong in ({"CPU": 2}, {"serving": 0}):
         with pytest.raises(ValueError, match="replica_resources names custom resources"):
             ServeConfig(**settings | {"replica_resources": wrong})
