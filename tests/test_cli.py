@@ -105,3 +105,28 @@ def test_a_bucket_that_does_not_exist(s3, tmp_path):
     assert done.returncode == 2
     assert "bucket 'no-such-bucket' does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_every_readme_benchmark_command_parses():
+    """The README's benchmark commands (minutes each: benchmarks, which the suite does not run)
+    name known commands and options, with values of their types and known ``--variant``
+    settings."""
+    import re
+
+    import typer
+
+    from rayllm.bench.serve import parse_variant
+    from rayllm.cli import app
+    from tests.test_readme import README, commands
+
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+    lines = [c for b in blocks for c in commands(b.replace("\\\n", " ")) if c[0] == "bench"]
+    assert len(lines) >= 7, lines
+    for args in lines:
+        command, rest, parent = typer.main.get_command(app), list(args), None
+        while hasattr(command, "resolve_command"):  # a group of commands
+            parent = command.context_class(command, info_name=command.name, parent=parent)
+            name, command, rest = command.resolve_command(parent, rest)
+        parsed = command.make_context(name, rest, parent=parent)  # a bad option raises
+        for text in parsed.params.get("variant") or []:
+            parse_variant(text)

@@ -59,7 +59,13 @@ RAY_SYSTEMS = {
 starts with: Serve's HAProxy (1, as direct ingress needs it) or Python proxy (0, Ray's
 default), and the workers at the priority of every other process here, or Ray's lower
 default."""
-ENGINE_SETTINGS = ("kv_cache_gib", "prefix_caching", "max_num_seqs", "max_model_len")
+ENGINE_SETTINGS = (
+    "kv_cache_gib",
+    "prefix_caching",
+    "max_num_seqs",
+    "max_model_len",
+    "tensor_parallel_size",
+)
 """The engine settings ``--variant`` may change, for rayllm's app and vLLM's server alike."""
 REPLICA_SETTINGS = ("cpus_per_replica", "stream_batching_ms")
 """The replica settings ``--variant`` may change, for the Ray Serve systems alone: vLLM's server
@@ -231,25 +237,32 @@ def _ray_app(settings: ServeConfig, environment: dict[str, str]) -> Iterator[str
 
 @contextmanager
 def _bare_vllm(registry: Registry, settings: ServeConfig) -> Iterator[str]:
-    """vLLM's own OpenAI server on the version's local folder, with the app's engine settings."""
+    """vLLM's own OpenAI server on the version's local folder, with the app's engine settings.
+    Its tensor-parallel ranks are bound to no cores, as a replica's are: vLLM binds a rank to
+    each NUMA node, and refuses more ranks than the host has nodes."""
     from rayllm.serve.node_cpus import local_cpus
 
     version, folder = registry.local_path(settings.model or "")
     dtype = "bfloat16" if local_cpus().has_bf16 else "float32"
+    ranks = settings.tensor_parallel_size
+    unbound = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"} if ranks > 1 else {}
     command = [
         sys.executable,
         "-m",
         "vllm.entrypoints.openai.api_server",
         *("--model", str(folder), "--served-model-name", version.ref),
         *("--dtype", dtype, "--enforce-eager", "--max-num-seqs", str(settings.max_num_seqs)),
-        *("--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 2**30))),
+        *("--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 2**30 / ranks))),
+        *("--tensor-parallel-size", str(ranks)),
         "--enable-prefix-caching" if settings.prefix_caching else "--no-enable-prefix-caching",
         *(("--max-model-len", str(settings.max_model_len)) if settings.max_model_len else ()),
         *("--host", "127.0.0.1", "--port", str(settings.port)),
     ]
     url = f"http://127.0.0.1:{settings.port}"
     with Stage("bench: starting vLLM's OpenAI server"), tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | unbound
+        )
         try:
             _wait_ready(url, server, log)
             yield url

@@ -79,6 +79,9 @@ def test_variants_name_engine_or_replica_settings_and_bad_ones_are_refused():
     }
     with pytest.raises(ValueError, match="cpus_per_replica must be above 0"):
         parse_variant("cpus_per_replica=0")
+    assert parse_variant("tensor_parallel_size=2") == {"tensor_parallel_size": 2}
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1"):
+        parse_variant("tensor_parallel_size=0")
 
 
 @pytest.mark.slow
