@@ -13,6 +13,7 @@ keys, engine-load autoscaling and CPU-aware defaults to ``ray.serve.llm``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -22,7 +23,7 @@ from typing import Any
 from rayllm.errors import RayllmError
 from rayllm.paths import filesystem
 from rayllm.progress import Stage
-from rayllm.registry.store import Registry
+from rayllm.registry.store import Registry, Version
 from rayllm.serve.config import ModelEntry, ReplicaSettings, ServeConfig
 from rayllm.serve.node_cpus import NodeCpus, engine_node_cpus, local_cpus
 
@@ -183,7 +184,10 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: Nod
     from rayllm.serve.server import ModelServer
 
     on_gpu = runs_on_gpu(entry, has_gpus)
-    check_servable(Registry(config.registry).resolve(entry.version), on_gpu, cpus)
+    registry = Registry(config.registry)
+    version = registry.resolve(entry.version)
+    check_servable(version, on_gpu, cpus)
+    check_ranks(registry, version, entry.tensor_parallel_size)
     engine = engine_arguments(entry, on_gpu, entry.version or entry.model, cpus)
     return LLMConfig(
         model_loading_config={"model_id": entry.model_id, "model_source": entry.version},
@@ -205,6 +209,31 @@ def llm_config(entry: ModelEntry, config: ServeConfig, has_gpus: bool, cpus: Nod
         server_cls=ModelServer,
         runtime_env={"env_vars": replica_env(entry, on_gpu, config.log_level)},
     )
+
+
+def check_ranks(registry: Registry, version: Version, ranks: int) -> None:
+    """vLLM splits a model's attention heads over its tensor-parallel ranks, and its KV heads
+    too or copies them to each rank: a split it refuses is refused here, before each replica
+    fails on it in turn."""
+    if ranks == 1:
+        return
+    fs, path = filesystem(f"{registry.version_url(version)}/config.json")
+    config = json.loads(fs.cat_file(path))
+    heads = config.get("num_attention_heads")
+    if heads is None:
+        return  # not a shape rayllm reads: vLLM decides
+    kv = config.get("num_key_value_heads") or heads
+
+    def splits(n: int) -> bool:
+        return heads % n == 0 and (kv % n == 0 if kv >= n else n % kv == 0)
+
+    if not splits(ranks):
+        fitting = [n for n in range(1, heads + 1) if splits(n)]
+        raise RayllmError(
+            f"{version.ref} has {heads} attention heads and {kv} KV heads, which "
+            f"tensor_parallel_size {ranks} cannot split (vLLM divides the heads, and the KV "
+            f"heads or their copies, evenly over the ranks); set it to one of {fitting}"
+        )
 
 
 def placement(entry: ModelEntry, on_gpu: bool) -> dict[str, Any]:

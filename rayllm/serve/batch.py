@@ -64,7 +64,7 @@ def run(config: BatchConfig) -> BatchResult:
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     from rayllm.compress.servable import check_servable
-    from rayllm.serve.app import engine_arguments
+    from rayllm.serve.app import check_ranks, engine_arguments
     from rayllm.serve.node_cpus import engine_node_cpus
 
     check_replaceable(config.output, config.overwrite, "batch.output", "output")
@@ -77,8 +77,10 @@ def run(config: BatchConfig) -> BatchResult:
             "engines or cpus_per_engine for more CPUs"
         )
     cpus = engine_node_cpus({"CPU": config.cpus_per_engine})
-    check_servable(registry.resolve(config.model), on_gpu, cpus)
-    version, folder = registry.local_path(config.model)
+    version = registry.resolve(config.model)
+    check_servable(version, on_gpu, cpus)
+    check_ranks(registry, version, config.tensor_parallel_size)
+    version, folder = registry.local_path(version.ref)
     prompts = read_prompts(config.input)
     chat = "messages" in prompts.columns()
     bundle = {"CPU": config.cpus_per_engine} | ({"GPU": 1} if on_gpu else {})

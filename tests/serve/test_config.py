@@ -27,7 +27,8 @@ from tests.test_cli import rayllm
 def registry(tmp_path) -> Registry:
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    shape = {"num_attention_heads": 6, "num_key_value_heads": 2}
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]} | shape))
     (folder / "model.safetensors").write_bytes(b"weights")
     registry = Registry(str(tmp_path / "registry"))
     for name in ("bard", "bard", "scribe"):
@@ -148,6 +149,15 @@ def test_a_tensor_parallel_replica_reserves_a_bundle_per_rank(registry):
     assert on_cpus.engine_kwargs["kv_cache_memory_bytes"] == 2**29
     env = on_cpus.runtime_env["env_vars"]
     assert env["OMP_NUM_THREADS"] == "2" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_ranks_that_cannot_split_the_heads_are_refused_before_a_replica_starts(registry):
+    """6 attention heads and 2 KV heads: 2 and 6 ranks split both (6 copying each KV head to
+    3 ranks); 4 splits neither, 3 the KV heads not."""
+    for ranks in (4, 3):
+        config = pin(ServeConfig(registry=registry.url, model="scribe", tensor_parallel_size=ranks))
+        with pytest.raises(RayllmError, match=rf"size {ranks} cannot split .* one of \[1, 2, 6\]"):
+            llm_config(config.models[0], config, has_gpus=True, cpus=local_cpus())
 
 
 def test_a_batch_engine_on_cpus_is_one_rank(registry, tmp_path):
