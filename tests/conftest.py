@@ -454,9 +454,10 @@ def stored_serve_apps(ray_cluster: dict):
     return httpx.get(url, headers=token, timeout=30)
 
 
-def engine_processes(replica: Any) -> tuple[list[Any], list[str]]:
-    """The vLLM engine-core processes under a replica actor of this host, and the command
-    lines of all its processes (a short-lived child that has exited meanwhile has none)."""
+def engine_processes(replica: Any, title: str = "VLLM::EngineCore") -> tuple[list[Any], list[str]]:
+    """The vLLM engine-core processes (or others of vLLM's process ``title``) under a replica
+    actor of this host, and the command lines of all its processes (a short-lived child that
+    has exited meanwhile has none)."""
     import psutil
 
     def command_line(process: psutil.Process) -> str:
@@ -467,7 +468,7 @@ def engine_processes(replica: Any) -> tuple[list[Any], list[str]]:
 
     children = psutil.Process(replica.pid).children(recursive=True)
     lines = [command_line(p) for p in children]
-    engines = [p for p, line in zip(children, lines, strict=True) if "VLLM::EngineCore" in line]
+    engines = [p for p, line in zip(children, lines, strict=True) if title in line]
     return engines, lines
 
 

@@ -41,7 +41,7 @@ from rayllm.errors import RayllmError
 from rayllm.paths import cache_dir
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry
-from rayllm.serve.app import DIRECT_INGRESS_CLUSTER, HAPROXY_MODE
+from rayllm.serve.app import CPU_THREAD_BINDING, DIRECT_INGRESS_CLUSTER, HAPROXY_MODE
 from rayllm.serve.config import ServeConfig
 
 BENCH_MODEL_NAME = "bench-28m"
@@ -245,7 +245,7 @@ def _bare_vllm(registry: Registry, settings: ServeConfig) -> Iterator[str]:
     version, folder = registry.local_path(settings.model or "")
     dtype = "bfloat16" if local_cpus().has_bf16 else "float32"
     ranks = settings.tensor_parallel_size
-    unbound = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"} if ranks > 1 else {}
+    unbound = {CPU_THREAD_BINDING: "nobind"} if ranks > 1 else {}
     command = [
         sys.executable,
         "-m",

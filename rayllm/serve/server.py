@@ -6,11 +6,13 @@ process, and, in an app with ``ingress: direct``, answers HTTP itself behind ray
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMConfig, LLMServer
 
+from rayllm.serve.app import CPU_THREAD_BINDING
 from rayllm.serve.engine_stats import engine_load
 from rayllm.serve.replica_source import RegistryAdapters
 
@@ -26,6 +28,13 @@ class ModelEngine(VLLMEngine):
     vLLM runs it in process when asked (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` does the same for
     a plain vLLM). Adapter over Ray's private ``VLLMEngine._start_async_llm_engine``: the
     replica test checks the engine runs without a worker process.
+
+    The ranks of a tensor-parallel CPU engine are bound to no cores unless the node's
+    environment (``ray start``'s) sets ``VLLM_CPU_OMP_THREADS_BIND``: vLLM would bind each rank
+    to all cores of a NUMA node of its own, where Ray reserved the replica a number of the
+    node's CPUs, not cores, other replicas may compute beside it, and a host of one NUMA node
+    has too few. A node started with ``VLLM_CPU_OMP_THREADS_BIND=auto`` that a replica has to
+    itself binds one rank to each of its sockets, as vLLM does.
 
     It also loads a LoRA adapter once, however many of its first requests come at once. Ray's
     ``VLLMEngine.resolve_lora`` looks for the adapter among the loaded ones and loads it across
@@ -44,8 +53,11 @@ class ModelEngine(VLLMEngine):
 
     def _start_async_llm_engine(self, engine_args: Any, vllm_config: Any, placement_group: Any):
         parallel = vllm_config.parallel_config
-        if vllm_config.device_config.device_type == "cpu" and parallel.world_size == 1:
-            parallel.distributed_executor_backend = "uni"
+        if vllm_config.device_config.device_type == "cpu":
+            if parallel.world_size == 1:
+                parallel.distributed_executor_backend = "uni"
+            else:  # read by the executor it starts, which its rank processes inherit
+                os.environ.setdefault(CPU_THREAD_BINDING, "nobind")
         return super()._start_async_llm_engine(engine_args, vllm_config, placement_group)
 
 
