@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -84,7 +85,11 @@ def keyed_app(tiny_run, ray_cluster, serve_port, tmp_path_factory):
     reply = _run([*chat, "--url", url, "--max-tokens", "6"], folder, env)
     assert reply.stdout.strip()
     yield {"url": url, "exported": exported}
+    (replica,) = replica_actors("keyed", "ModelServer:bible-small").values()
+    ranks, _ = engine_processes(replica, "VLLM::Worker_TP")
     serve.delete("keyed")  # its replicas' CPU goes back to the rest of the session
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"tensor-parallel ranks {alive} outlived their deleted replica"
 
 
 def _run(line: list[str], folder: Path, env: dict) -> subprocess.CompletedProcess:
