@@ -3,7 +3,6 @@ full or LoRA, with which training settings, and the name it publishes the result
 
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -137,11 +136,9 @@ class FinetuneConfig(StageConfig):
                 f"{version.ref} is an adapter; fine-tune its base {version.lineage['parent']} "
                 "(or merge the adapter into a full version first)"
             )
-        if self.untie_embeddings:
-            with registry.fs.open(f"{registry.version_url(version)}/config.json") as file:
-                if not json.load(file).get("tie_word_embeddings"):
-                    raise RayllmError(
-                        f"finetune.untie_embeddings: {version.ref} has its own output head "
-                        "already; leave untie_embeddings off"
-                    )
+        if self.untie_embeddings and not registry.hf_config(version).get("tie_word_embeddings"):
+            raise RayllmError(
+                f"finetune.untie_embeddings: {version.ref} has its own output head "
+                "already; leave untie_embeddings off"
+            )
         return version

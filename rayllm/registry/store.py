@@ -232,6 +232,11 @@ class Registry:
         """The fsspec URL of the version's folder: what processes on any node read it from."""
         return f"{self.url.rstrip('/')}/{check_name(version.name)}/versions/{version.version}"
 
+    def hf_config(self, version: Version) -> dict[str, Any]:
+        """The version's Hugging Face ``config.json``, read where the registry keeps it."""
+        folder = self._version_dir(version.name, version.version)
+        return json.loads(self.fs.cat_file(f"{folder}/config.json"))
+
     def tensor_shapes(self, version: Version) -> dict[str, list[int]]:
         """Every tensor's shape in the version's safetensors files, read from their headers
         only (an 8-byte length, then JSON), so a remote model is not downloaded for it."""

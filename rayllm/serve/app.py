@@ -13,7 +13,6 @@ keys, engine-load autoscaling and CPU-aware defaults to ``ray.serve.llm``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -220,8 +219,7 @@ def check_ranks(registry: Registry, version: Version, ranks: int) -> None:
     fails on it in turn."""
     if ranks == 1:
         return
-    fs, path = filesystem(f"{registry.version_url(version)}/config.json")
-    config = json.loads(fs.cat_file(path))
+    config = registry.hf_config(version)
     heads = config.get("num_attention_heads")
     if heads is None:
         return  # not a shape rayllm reads: vLLM decides
