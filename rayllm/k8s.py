@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 import rayllm
 from rayllm.config import StageConfig, dump_yaml, load_config
 from rayllm.errors import RayllmError
-from rayllm.serve.app import DIRECT_INGRESS_CLUSTER
-from rayllm.serve.config import ServeConfig
+from rayllm.serve.app import DIRECT_INGRESS_CLUSTER, placement
+from rayllm.serve.config import ModelEntry, ServeConfig
 
 API_KEYS_ENV = "RAYLLM_API_KEYS"
 """Where the RayService's head reads the serving keys from its Secret; the served app's
@@ -303,11 +303,7 @@ def _service(config: K8sConfig, serve_app: Path) -> dict[str, Any]:
     served = _check_served_app(yaml.safe_load(text), serve_app)
     _check_versions(served, serve_app)
     for entry in served.models:
-        what, cpus = f"{serve_app}: a replica of {entry.model_id}", entry.cpus_per_replica
-        ranks = entry.tensor_parallel_size
-        if ranks > 1 and not entry.use_gpu:  # a CPU engine's ranks are processes of one node
-            what, cpus = f"{what} ({ranks} tensor-parallel ranks on one node)", cpus * ranks
-        _check_fits(config, what, cpus, int(bool(entry.use_gpu)))
+        _check_replica_fits(config, f"{serve_app}: a replica of {entry.model_id}", entry)
     keys = {"secretKeyRef": {"name": config.api_keys_secret, "key": "keys"}}
     cluster = _cluster_spec(config, head_env=[{"name": API_KEYS_ENV, "valueFrom": keys}])
     for template in [cluster["headGroupSpec"]["template"]] + [
@@ -421,6 +417,20 @@ def _check_versions(served: ServeConfig, path: Path) -> None:
             raise RayllmError(
                 f"{path} serves {entry.version}, which the registry cannot give: {error}"
             ) from None
+
+
+def _check_replica_fits(config: K8sConfig, what: str, entry: ModelEntry) -> None:
+    """Some node group holds what the replica's placement group reserves on one node: all its
+    bundles where they are packed strictly (a CPU engine's ranks, processes of one node), one
+    bundle otherwise (each may land on a node of its own)."""
+    group = placement(entry, on_gpu=bool(entry.use_gpu))
+    bundles = group["bundles"]
+    if group["strategy"] == "STRICT_PACK" and len(bundles) > 1:
+        what = f"{what} ({len(bundles)} tensor-parallel ranks on one node)"
+    else:
+        bundles = bundles[:1]
+    cpus = sum(bundle["CPU"] for bundle in bundles)
+    _check_fits(config, what, cpus, int(sum(bundle.get("GPU", 0) for bundle in bundles)))
 
 
 def _check_fits(config: K8sConfig, what: str, cpus: float, gpus: int) -> None:
