@@ -1007,6 +1007,10 @@ def bench_serve(
         ),
     ] = None,
     hf_requests: Annotated[int, typer.Option(help="Requests hf generate runs.")] = 8,
+    gpu: Annotated[
+        bool,
+        typer.Option(help="Every system on this machine's GPUs, one per tensor-parallel rank."),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """rayllm's app against vLLM's own OpenAI server and Hugging Face generate: output
@@ -1033,6 +1037,7 @@ def bench_serve(
         hf_requests,
         [parse_variant(text) for text in variant or []],
         shared_prefix_words,
+        use_gpu=gpu,
     )
     columns = [
         "system",

@@ -8,8 +8,12 @@ Face ``generate``, on the same model, prompts and CPUs, one system at a time.
 - ``ray.serve.llm defaults``: the same app as ``rayllm`` on Ray's defaults: Serve's Python
   proxy, workers at low priority, and tokens held 50 ms and streamed in batches;
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` on the same registry version,
-  with the same engine settings (dtype, KV cache, max sequences, eager mode);
+  with the engine arguments a replica of these settings gets (dtype, KV cache, max sequences,
+  eager mode on CPUs, offloading on GPUs), as flags of its command line;
 - ``hf generate``: ``transformers`` in this process, one request at a time.
+
+Every system runs on this machine's CPUs, or with ``use_gpu`` on its GPUs (one per
+tensor-parallel rank).
 
 The model is any registry version; by default a 28 M-parameter decoder with random weights
 (the training benchmark's shape) that the benchmark publishes once to its own registry under
@@ -20,6 +24,7 @@ say does not change the work.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -41,8 +46,14 @@ from rayllm.errors import RayllmError
 from rayllm.paths import cache_dir
 from rayllm.progress import Stage
 from rayllm.registry.store import Registry
-from rayllm.serve.app import CPU_THREAD_BINDING, DIRECT_INGRESS_CLUSTER, HAPROXY_MODE
+from rayllm.serve.app import (
+    CPU_THREAD_BINDING,
+    DIRECT_INGRESS_CLUSTER,
+    HAPROXY_MODE,
+    engine_arguments,
+)
 from rayllm.serve.config import ServeConfig
+from rayllm.serve.node_cpus import local_cpus
 
 BENCH_MODEL_NAME = "bench-28m"
 SYSTEMS = ("rayllm", "rayllm direct", "ray.serve.llm defaults", "vllm", "hf generate")
@@ -65,6 +76,8 @@ ENGINE_SETTINGS = (
     "max_num_seqs",
     "max_model_len",
     "tensor_parallel_size",
+    "kv_offload_gib",
+    "weight_offload_gib",
 )
 """The engine settings ``--variant`` may change, for rayllm's app and vLLM's server alike."""
 REPLICA_SETTINGS = ("cpus_per_replica", "stream_batching_ms")
@@ -147,12 +160,21 @@ def benchmark(
     hf_requests: int,
     variants: list[dict[str, Any]] | None = None,
     shared_prefix_words: int = 0,
+    use_gpu: bool = False,
 ) -> dict[str, Any]:
     """Every system under every load, once per variant of the engine settings; one row per
-    (system, variant, load)."""
+    (system, variant, load). ``use_gpu``: on this machine's GPUs, else on its CPUs."""
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         raise RayllmError(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    variants = variants or [{}]
+    settings = settings | {"use_gpu": use_gpu}
+    named = settings | {"model": model or BENCH_MODEL_NAME}
+    each = [ServeConfig.model_validate(named | variant) for variant in variants]
+    if use_gpu:
+        _check_gpus(max(served.tensor_parallel_size for served in each))
+    for served in each:  # an engine setting the platform lacks, refused before anything starts
+        vllm_server_flags(served)
     if set(RAY_SYSTEMS) & set(systems):
         refuse_shared_cluster(OWN_CLUSTER)
         os.environ[HAPROXY_MODE] = "1"  # read once, when Serve is imported: this driver builds
@@ -166,11 +188,12 @@ def benchmark(
     engines: list[str] = []  # each row's engine settings, whose vLLM row is its baseline
     for system in systems:
         if system == "hf generate":
-            rows += [_hf_generate(registry, ref, texts, loads[0].output_tokens, hf_requests)]
+            output_tokens = loads[0].output_tokens
+            rows += [_hf_generate(registry, ref, texts, output_tokens, hf_requests, use_gpu)]
             engines += [""]
             continue
         changes = RAY_SYSTEMS[system][0] if system in RAY_SYSTEMS else {}
-        for variant in _variants(system, variants or [{}]):
+        for variant in _variants(system, variants):
             served = ServeConfig.model_validate(base | changes | variant)
             label, engine = _label(variant), _label(_engine_part(variant))
             with _running(system, registry, served) as (url, model_id):
@@ -181,6 +204,16 @@ def benchmark(
                     engines.append(engine)
     _add_ratios(rows, engines)
     return {"model": ref, "registry": registry.url, "rows": rows}
+
+
+def _check_gpus(ranks: int) -> None:
+    import torch
+
+    if torch.cuda.device_count() < ranks:
+        raise RayllmError(
+            f"--gpu needs {ranks} GPUs (one per tensor-parallel rank) but this machine has "
+            f"{torch.cuda.device_count()}; leave out --gpu"
+        )
 
 
 def _variants(system: str, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -238,26 +271,17 @@ def _ray_app(settings: ServeConfig, environment: dict[str, str]) -> Iterator[str
 @contextmanager
 def _bare_vllm(registry: Registry, settings: ServeConfig) -> Iterator[str]:
     """vLLM's own OpenAI server on the version's local folder, with the app's engine settings.
-    Its tensor-parallel ranks are bound to no cores, as a replica's are: vLLM binds a rank to
-    each NUMA node, and refuses more ranks than the host has nodes."""
-    from rayllm.serve.node_cpus import local_cpus
-
+    Its tensor-parallel CPU ranks are bound to no cores, as a replica's are: vLLM binds a rank
+    to each NUMA node, and refuses more ranks than the host has nodes."""
     version, folder = registry.local_path(settings.model or "")
-    dtype = "bfloat16" if local_cpus().has_bf16 else "float32"
-    ranks = settings.tensor_parallel_size
-    unbound = {CPU_THREAD_BINDING: "nobind"} if ranks > 1 else {}
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        *("--model", str(folder), "--served-model-name", version.ref),
-        *("--dtype", dtype, "--enforce-eager", "--max-num-seqs", str(settings.max_num_seqs)),
-        *("--kv-cache-memory-bytes", str(int(settings.kv_cache_gib * 2**30 / ranks))),
-        *("--tensor-parallel-size", str(ranks)),
-        "--enable-prefix-caching" if settings.prefix_caching else "--no-enable-prefix-caching",
-        *(("--max-model-len", str(settings.max_model_len)) if settings.max_model_len else ()),
-        *("--host", "127.0.0.1", "--port", str(settings.port)),
-    ]
+    on_cpus = not settings.use_gpu
+    unbound = (
+        {CPU_THREAD_BINDING: "nobind"} if on_cpus and settings.tensor_parallel_size > 1 else {}
+    )
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    command += ["--model", str(folder), "--served-model-name", version.ref]
+    command += vllm_server_flags(settings)
+    command += ["--host", "127.0.0.1", "--port", str(settings.port)]
     url = f"http://127.0.0.1:{settings.port}"
     with Stage("bench: starting vLLM's OpenAI server"), tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
@@ -272,6 +296,20 @@ def _bare_vllm(registry: Registry, settings: ServeConfig) -> Iterator[str]:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def vllm_server_flags(settings: ServeConfig) -> list[str]:
+    """The engine arguments a replica of these settings gets, on this machine's GPUs
+    (``use_gpu``) or CPUs, as flags of vLLM's server: the same engine, by construction."""
+    engine = engine_arguments(settings, bool(settings.use_gpu), settings.model or "", local_cpus())
+    flags = []
+    for key, value in engine.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
 
 
 def _wait_ready(url: str, server: subprocess.Popen, log, timeout_s: float = 600) -> None:
@@ -291,24 +329,25 @@ def _wait_ready(url: str, server: subprocess.Popen, log, timeout_s: float = 600)
 
 
 def _hf_generate(
-    registry: Registry, ref: str, texts: list[str], output_tokens: int, requests: int
+    registry: Registry, ref: str, texts: list[str], output_tokens: int, requests: int, on_gpu: bool
 ) -> dict[str, Any]:
-    """Hugging Face ``generate``, one request at a time, exactly ``output_tokens`` each."""
+    """Hugging Face ``generate``, one request at a time, exactly ``output_tokens`` each, in
+    bfloat16 where the GPU or CPU computes it."""
     import torch
     from transformers import AutoTokenizer
 
     from rayllm.eval.models import load_causal_lm
-    from rayllm.serve.node_cpus import local_cpus
 
     _, folder = registry.local_path(ref)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    dtype = torch.bfloat16 if local_cpus().has_bf16 else torch.float32
-    model = load_causal_lm(folder, dtype).eval()
+    dtype = torch.bfloat16 if on_gpu or local_cpus().has_bf16 else torch.float32
+    device = "cuda" if on_gpu else "cpu"
+    model = load_causal_lm(folder, dtype).eval().to(device)
     latencies, tokens = [], 0
     with Stage(f"bench: hf generate, {requests} requests one at a time"), torch.inference_mode():
         started = time.perf_counter()
         for prompt in texts[:requests]:
-            inputs = tokenizer(prompt, return_tensors="pt")
+            inputs = tokenizer(prompt, return_tensors="pt").to(device)
             begun = time.perf_counter()
             out = model.generate(
                 **inputs,

@@ -12,6 +12,8 @@ import pytest
 from rayllm.bench.load import Load, RequestTiming, run_load, summarise
 from rayllm.bench.serve import parse_variant, prompts
 from rayllm.errors import RayllmError
+from rayllm.serve.config import ServeConfig
+from tests.test_readme import block_with, commands
 
 
 def test_a_load_is_either_closed_or_open_loop():
@@ -82,6 +84,65 @@ def test_variants_name_engine_or_replica_settings_and_bad_ones_are_refused():
     assert parse_variant("tensor_parallel_size=2") == {"tensor_parallel_size": 2}
     with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1"):
         parse_variant("tensor_parallel_size=0")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"kv_cache_gib": 0.05, "prefix_caching": False, "tensor_parallel_size": 2},
+        {"max_model_len": 128, "engine_kwargs": {"max_num_batched_tokens": 512}},
+        {
+            "use_gpu": True,
+            "kv_offload_gib": 4,
+            "weight_offload_gib": 0.5,
+            "engine_kwargs": {
+                "gpu_memory_utilization": 0.5,
+                "override_generation_config": {"temperature": 0.5},
+            },
+        },
+    ],
+    ids=["cpu", "cpu-engine-kwargs", "gpu-offload"],
+)
+def test_vllms_server_gets_the_engine_arguments_of_a_replica(settings, tmp_path):
+    """The flags the benchmark starts vLLM's own server with, read back by vLLM's own parser,
+    are the engine arguments a replica of the same settings gets, on CPUs and on GPUs."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from rayllm.bench.serve import vllm_server_flags
+    from rayllm.serve.app import engine_arguments
+    from rayllm.serve.node_cpus import local_cpus
+
+    config = ServeConfig.model_validate({"model": "m:1"} | settings)
+    expected = engine_arguments(config, bool(config.use_gpu), "m:1", local_cpus())
+    parser = make_arg_parser(FlexibleArgumentParser())
+    parsed = AsyncEngineArgs.from_cli_args(
+        parser.parse_args(["--model", str(tmp_path), *vllm_server_flags(config)])
+    )
+    for key, value in expected.items():
+        assert getattr(parsed, key) == value, key
+
+
+def test_the_readme_gpu_serving_benchmark_is_refused_on_a_machine_without_gpus(tmp_path):
+    """Before any cluster starts or the benchmark's model is published; so is an offload
+    variant on CPUs."""
+    block = block_with("bench serve --gpu").replace("\\\n", " ")
+    (gpu,) = [command for command in commands(block) if "--gpu" in command]
+    offload = ["bench", "serve", "--system", "vllm", "--variant", "kv_offload_gib=2"]
+    for args, message in (
+        (gpu, "--gpu needs 1 GPUs (one per tensor-parallel rank) but this machine has 0"),
+        (offload, "bench-28m: kv_offload_gib offloads GPU memory to the CPU"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "rayllm.cli", *args],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"RAYLLM_CACHE": str(tmp_path)},
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
