@@ -90,7 +90,10 @@ def test_variants_name_engine_or_replica_settings_and_bad_ones_are_refused():
     "settings",
     [
         {"kv_cache_gib": 0.05, "prefix_caching": False, "tensor_parallel_size": 2},
-        {"max_model_len": 128, "engine_kwargs": {"max_num_batched_tokens": 512}},
+        {
+            "max_model_len": 128,
+            "engine_kwargs": {"max_num_batched_tokens": 512, "allowed_media_domains": ["a", "b"]},
+        },
         {
             "use_gpu": True,
             "kv_offload_gib": 4,
