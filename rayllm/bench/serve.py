@@ -209,10 +209,11 @@ def benchmark(
 def _check_gpus(ranks: int) -> None:
     import torch
 
-    if torch.cuda.device_count() < ranks:
+    gpus = torch.cuda.device_count()
+    if gpus < ranks:
         raise RayllmError(
             f"--gpu needs {ranks} GPUs (one per tensor-parallel rank) but this machine has "
-            f"{torch.cuda.device_count()}; leave out --gpu"
+            f"{gpus}; leave out --gpu"
         )
 
 
